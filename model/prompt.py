@@ -1,0 +1,44 @@
+"""The qwen_1_5 chat prompt with the `<image>` spot (spec 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from .errors import ModelInputError
+
+IMAGE_PLACEHOLDER = "<image>"
+SYSTEM_PROMPT = "You are a helpful assistant."
+CHAT_TEMPLATE = (
+    "<|im_start|>system\n{system}<|im_end|>\n"
+    "<|im_start|>user\n" + IMAGE_PLACEHOLDER + "\n{question}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+END_OF_TURN = "<|im_end|>"
+MAX_QUESTION_CHARS = 16_000
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """Token ids before and after the spot where the fast visual tokens go."""
+
+    before_image: list[int]
+    after_image: list[int]
+
+
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str = SYSTEM_PROMPT) -> PromptIds:
+    if not isinstance(question, str):
+        raise ModelInputError(f"question must be a string, got {type(question).__name__}")
+    if not question.strip():
+        raise ModelInputError("question is empty")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise ModelInputError(f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    if IMAGE_PLACEHOLDER in question:
+        raise ModelInputError(f"question must not contain the {IMAGE_PLACEHOLDER!r} placeholder")
+    # <image> is not a vocabulary token: tokenize the text on either side of it.
+    before, after = CHAT_TEMPLATE.format(system=system, question=question).split(IMAGE_PLACEHOLDER)
+    return PromptIds(
+        before_image=tokenizer(before, add_special_tokens=False)["input_ids"],
+        after_image=tokenizer(after, add_special_tokens=False)["input_ids"],
+    )

@@ -1,0 +1,1 @@
+"""Shared fixtures: each area keeps its fixtures in tests/support/ and they are imported here."""
