@@ -116,7 +116,10 @@ def load_weights(
             mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {expected[name]}")
             continue
         target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
-        _assign(model, name, tensor.to(device=device, dtype=target_dtype))
+        # A fresh allocation, not a view of the file buffer: owned memory, and aligned like
+        # any other tensor so kernels take the same paths as for a model built in memory.
+        owned = torch.empty(tensor.shape, dtype=target_dtype, device=device)
+        _assign(model, name, owned.copy_(tensor))
         loaded.add(name)
     if tie_word_embeddings and "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
         model.lm_head.weight = model.model.embed_tokens.weight
