@@ -53,14 +53,25 @@ def preprocess_frames(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> normalised float [T, 3, size, size] on `device`."""
-    pixels = as_frame_tensor(frames).to(device=device, non_blocking=True).permute(0, 3, 1, 2).float()
+    pixels = as_frame_tensor(frames).to(device=device, non_blocking=True).permute(0, 3, 1, 2)
     height, width = pixels.shape[-2:]
     new_h, new_w = resized_shape(height, width, size)
     if (new_h, new_w) != (height, width):
-        pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        pixels = pixels.round().clamp(0, 255)  # the PIL path returns uint8 images
+        pixels = _resize_bicubic(pixels, (new_h, new_w))
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    pixels = pixels[..., top : top + size, left : left + size]
+    pixels = pixels[..., top : top + size, left : left + size].float()
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1) * 255
     return ((pixels - mean) / std).to(dtype)
+
+
+def _resize_bicubic(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 NCHW, result rounded to uint8 like PIL's."""
+    if pixels.device.type == "cpu":
+        # torch's uint8 channels-last kernel: several times faster than float on CPU.
+        resized = F.interpolate(
+            pixels.contiguous(memory_format=torch.channels_last), size=size, mode="bicubic", antialias=True
+        )
+        return resized.contiguous()
+    resized = F.interpolate(pixels.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+    return resized.round().clamp(0, 255)
