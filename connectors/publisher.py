@@ -1,0 +1,391 @@
+"""Writing pipeline results to Redis: one MULTI/EXEC per window, idempotent, buffered offline.
+
+Each window's caption, answers and events, the latest-state hash, TTL refreshes and the
+pub/sub nudge go in one transaction. Entry ids derive from (run, window) (see
+`redis_schema.window_entry_id`), so publishing the same window twice (an actor retry, a redis-py
+retry after a lost EXEC reply) is rejected by Redis and reported as a duplicate.
+
+When Redis is unreachable, writes queue in a bounded in-memory buffer and are flushed in order
+once it answers again. When the buffer is full the oldest window is dropped; drops are counted
+per stream in `stats` and, after reconnecting, added to the stream's status hash field
+`offline_dropped`. A buffered status is superseded by a newer one of the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from redis.client import Pipeline
+
+from .redis_conn import UNREACHABLE, connect
+from .redis_schema import (
+    DEFAULT_KEYS,
+    OFFLINE_DROPPED,
+    Answer,
+    Caption,
+    Event,
+    Keys,
+    Notification,
+    NotificationKind,
+    StreamInfo,
+    StreamStatus,
+    encode_entry,
+    encode_hash,
+    window_entry_id,
+)
+
+log = logging.getLogger(__name__)
+
+CAPTION_FLAT = ("window", "start", "end", "wall_start", "wall_end", "text", "model", "latency_s", "created_at")
+STATUS_FLAT = (
+    "state",
+    "fps_in",
+    "fps_out",
+    "lag_s",
+    "frames_in",
+    "frames_dropped",
+    "windows_done",
+    "windows_skipped",
+    "reconnects",
+    "last_error",
+    "updated_at",
+)
+
+_DUPLICATE = "equal or smaller than the target stream top item"
+
+# HSET the latest-state hash unless it already holds a newer window (a late retry of an old
+# window must not turn "latest" back). Ids are compared as (ms, seq); doubles are exact here.
+_SET_STATE_IF_NEWER = """
+local cur = redis.call('HGET', KEYS[1], 'entry_id')
+if cur then
+  local cms, cseq = string.match(cur, '^(%d+)-(%d+)$')
+  local nms, nseq = string.match(ARGV[1], '^(%d+)-(%d+)$')
+  if cms and nms then
+    cms, cseq, nms, nseq = tonumber(cms), tonumber(cseq), tonumber(nms), tonumber(nseq)
+    if cms > nms or (cms == nms and cseq > nseq) then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
+class PublishResult(StrEnum):
+    PUBLISHED = "published"
+    DUPLICATE = "duplicate"  # this window was already in Redis: nothing written twice
+    OUT_OF_ORDER = "out_of_order"  # older than the stream's newest window and never published: refused
+    BUFFERED = "buffered"  # Redis unreachable: queued, flushed on reconnect
+
+
+class PublishError(RuntimeError):
+    """Redis refused a write for a reason other than being unreachable (WRONGTYPE, OOM...)."""
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    published: int = 0  # writes that reached Redis (windows, statuses, registry changes)
+    duplicates: int = 0  # windows Redis already had
+    out_of_order: int = 0  # windows refused because a newer window of the stream was already in
+    flushed: int = 0  # of `published`, those that waited in the buffer first
+    overflowed: int = 0  # writes dropped because the buffer was full
+    overflowed_by_stream: Counter[str] = field(default_factory=Counter)
+    offline_since: float | None = None  # time.time() of the first failure of the current outage
+
+    @property
+    def online(self) -> bool:
+        return self.offline_since is None
+
+
+@dataclass(slots=True)
+class _Op:
+    """One buffered write: adds its commands to a transaction; `window` ops can overflow."""
+
+    stream: str
+    kind: str  # "window" | "status" | "registry"
+    build: Callable[[Pipeline], None]
+    entry: tuple[str, str] | None = None  # (captions key, entry id) of a window op
+    waited: bool = False  # sat in the buffer during an outage
+
+
+class Publisher:
+    """The pipeline's writer. Synchronous; thread-safe (one lock: writes stay in order), so it
+    can be called from `asyncio.to_thread`. Use one per actor.
+
+    Windows of one stream must be published in window order: ids only grow, so a window older
+    than the stream's newest is refused (OUT_OF_ORDER, counted), never inserted out of place.
+
+    history_len / answers_len / events_len: approximate caps (XADD MAXLEN ~) of the
+    per-stream streams. key_ttl_s: every write refreshes a TTL on the stream's keys, so keys
+    of a stream nobody writes any more disappear (None: no TTL). removed_ttl_s: TTL given to
+    the keys of an unregistered stream. buffer_size: writes kept while Redis is unreachable.
+    reconnect_interval_s: while offline, how often a write tries Redis instead of buffering
+    straight away (so a dead Redis costs the pipeline no time per window).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        keys: Keys = DEFAULT_KEYS,
+        history_len: int = 10_000,
+        answers_len: int = 10_000,
+        events_len: int = 10_000,
+        key_ttl_s: int | None = 7 * 24 * 3600,
+        removed_ttl_s: int = 3600,
+        buffer_size: int = 1000,
+        reconnect_interval_s: float = 1.0,
+        notify: bool = True,
+        retries: int = 2,
+        socket_timeout: float = 5.0,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be >= 1")
+        self.keys = keys
+        self.history_len = history_len
+        self.answers_len = answers_len
+        self.events_len = events_len
+        self.key_ttl_s = key_ttl_s
+        self.removed_ttl_s = removed_ttl_s
+        self.buffer_size = buffer_size
+        self.reconnect_interval_s = reconnect_interval_s
+        self.notify = notify
+        self.stats = PublisherStats()
+        self.redis = connect(redis_url, retries=retries, socket_timeout=socket_timeout, client_name="sfs-publisher")
+        self._buffer: deque[_Op] = deque()
+        self._pending_drops: Counter[str] = Counter()  # overflow not yet written to status
+        self._next_try = 0.0
+        self._last_result = PublishResult.PUBLISHED
+        self._lock = threading.RLock()
+        self._set_state = self.redis.register_script(_SET_STATE_IF_NEWER)
+
+    # ------------------------------------------------------------------ public API
+
+    def publish_window(
+        self, caption: Caption, answers: Sequence[Answer] = (), events: Sequence[Event] = ()
+    ) -> PublishResult:
+        """Write one window's results in one transaction."""
+        sid = caption.stream
+        foreign = ({a.stream for a in answers} | {e.stream for e in events}) - {None, sid}
+        if foreign:
+            raise ValueError(f"answers/events of stream(s) {sorted(map(str, foreign))} in a window of {sid!r}")
+
+        def build(p: Pipeline) -> None:
+            k = self.keys
+            p.xadd(k.captions(sid), encode_entry(caption), id=caption.entry_id, maxlen=self.history_len)
+            for i, answer in enumerate(answers):
+                p.xadd(
+                    k.answers(sid),
+                    encode_entry(answer),
+                    id=window_entry_id(caption.run, caption.window, i),
+                    maxlen=self.answers_len,
+                )
+            for i, event in enumerate(events):
+                p.xadd(
+                    k.events(sid),
+                    encode_entry(event),
+                    id=window_entry_id(caption.run, caption.window, i),
+                    maxlen=self.events_len,
+                )
+            state = encode_hash(caption, CAPTION_FLAT)
+            state["caption"] = state.pop("text")
+            state["entry_id"] = caption.entry_id
+            state["answers"] = json.dumps([a.model_dump(mode="json", exclude_none=True) for a in answers])
+            state["updated_at"] = str(time.time())
+            flat = [x for pair in state.items() for x in pair]
+            self._set_state(keys=[k.state(sid)], args=[caption.entry_id, *flat], client=p)
+            self._refresh_ttl(p, sid)
+            if self.notify:
+                p.publish(
+                    k.notify(sid),
+                    Notification(
+                        kind=NotificationKind.CAPTION, stream=sid, window=caption.window, entry_id=caption.entry_id
+                    ).to_json(),
+                )
+                for i, event in enumerate(events):
+                    p.publish(
+                        k.notify(sid),
+                        Notification(
+                            kind=NotificationKind.EVENT,
+                            stream=sid,
+                            window=event.window,
+                            entry_id=window_entry_id(caption.run, caption.window, i),
+                        ).to_json(),
+                    )
+
+        return self._submit(_Op(sid, "window", build, entry=(self.keys.captions(sid), caption.entry_id)))
+
+    def publish_status(self, status: StreamStatus) -> PublishResult:
+        """Replace the stream's status hash (its `offline_dropped` counter is kept)."""
+        sid = status.stream
+
+        def build(p: Pipeline) -> None:
+            p.hset(self.keys.status(sid), mapping=encode_hash(status, STATUS_FLAT))
+            self._refresh_ttl(p, sid)
+            if self.notify:
+                p.publish(self.keys.notify(sid), Notification(kind=NotificationKind.STATUS, stream=sid).to_json())
+
+        return self._submit(_Op(sid, "status", build))
+
+    def register_stream(self, info: StreamInfo) -> StreamInfo:
+        """Add or update a stream in the registry and return it with its `run` set.
+
+        `info.run == 0` starts a new run: above the current time and above every entry id the
+        stream already has, so earlier runs' entries never block the new ones. A non-zero `run`
+        (an actor resuming its stream) is kept, which keeps re-published windows idempotent.
+        """
+        sid = info.id
+        if info.run == 0:
+            info = info.model_copy(update={"run": self._new_run(sid)})
+
+        def build(p: Pipeline) -> None:
+            p.hset(self.keys.registry, sid, info.to_json())
+            self._refresh_ttl(p, sid)
+
+        self._submit(_Op(sid, "registry", build))
+        return info
+
+    def unregister_stream(self, stream_id: str) -> PublishResult:
+        """Remove a stream from the registry; its keys expire after `removed_ttl_s`."""
+
+        def build(p: Pipeline) -> None:
+            p.hdel(self.keys.registry, stream_id)
+            for key in self.keys.per_stream(stream_id):
+                p.expire(key, self.removed_ttl_s)
+            if self.notify:
+                p.publish(
+                    self.keys.notify(stream_id), Notification(kind=NotificationKind.REMOVED, stream=stream_id).to_json()
+                )
+
+        return self._submit(_Op(stream_id, "registry", build))
+
+    def flush(self) -> bool:
+        """Try to write everything buffered now. True if the buffer is empty afterwards."""
+        with self._lock:
+            self._next_try = 0.0
+            return self._drain()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def close(self) -> None:
+        """Try a last flush, then close the connection pool."""
+        try:
+            if self._buffer:
+                self.flush()
+        finally:
+            self.redis.close()
+
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _refresh_ttl(self, p: Pipeline, sid: str) -> None:
+        for key in self.keys.per_stream(sid):
+            if self.key_ttl_s:
+                p.expire(key, self.key_ttl_s)
+            else:
+                p.persist(key)
+
+    def _new_run(self, sid: str) -> int:
+        floor = int(time.time() * 1000)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for key in (self.keys.captions(sid), self.keys.answers(sid), self.keys.events(sid)):
+                pipe.xrevrange(key, count=1)
+            for top in pipe.execute():
+                if top:
+                    floor = max(floor, int(top[0][0].split("-")[0]) + 1)
+        except UNREACHABLE:
+            pass  # offline: the clock alone; a clash is reported as duplicates, never overwritten
+        return floor
+
+    def _submit(self, op: _Op) -> PublishResult:
+        with self._lock:
+            if op.kind == "status":  # only the newest status of a stream is worth keeping
+                self._buffer = deque(o for o in self._buffer if not (o.kind == "status" and o.stream == op.stream))
+            self._buffer.append(op)
+            if not self._drain():
+                self._enforce_bound()
+                return PublishResult.BUFFERED
+            return self._last_result
+
+    def _drain(self) -> bool:
+        """Write buffered ops in order; stop at the first connection failure."""
+        if not self._buffer and not self._pending_drops:
+            return True
+        if not self.stats.online and time.monotonic() < self._next_try:
+            return False
+        try:
+            while self._buffer:
+                op = self._buffer[0]
+                try:
+                    self._last_result = self._execute(op)
+                except PublishError:
+                    self._buffer.popleft()  # can never succeed: do not let it block the rest
+                    raise
+                self._buffer.popleft()
+                self.stats.flushed += op.waited
+            if self._pending_drops:
+                self._write_drop_counts()
+        except UNREACHABLE as exc:
+            for queued in self._buffer:
+                queued.waited = True
+            if self.stats.online:
+                log.warning("Redis unreachable, buffering writes (%d queued): %s", len(self._buffer), exc)
+                self.stats.offline_since = time.time()
+            self._next_try = time.monotonic() + self.reconnect_interval_s
+            return False
+        if self.stats.offline_since is not None:
+            log.info("Redis reachable again after %.1f s; buffer flushed", time.time() - self.stats.offline_since)
+            self.stats.offline_since = None
+        return True
+
+    def _execute(self, op: _Op) -> PublishResult:
+        pipe = self.redis.pipeline(transaction=True)
+        op.build(pipe)
+        results = pipe.execute(raise_on_error=False)
+        errors = [r for r in results if isinstance(r, Exception)]
+        duplicate = any(_DUPLICATE in str(e) for e in errors)
+        real = [e for e in errors if _DUPLICATE not in str(e)]
+        if real:
+            raise PublishError(f"Redis refused a write for stream {op.stream!r}: {real[0]}")
+        self.stats.published += 1
+        if not duplicate:
+            return PublishResult.PUBLISHED
+        # Redis says "not above the top": either this very window is there already, or a newer
+        # one was published first (windows of a stream must be published in order).
+        if op.entry is None or self.redis.xrange(op.entry[0], op.entry[1], op.entry[1], count=1):
+            self.stats.duplicates += 1
+            return PublishResult.DUPLICATE
+        self.stats.out_of_order += 1
+        log.warning("window %s of %s refused: a newer window was published first", op.entry[1], op.stream)
+        return PublishResult.OUT_OF_ORDER
+
+    def _enforce_bound(self) -> None:
+        while len(self._buffer) > self.buffer_size:
+            victim = next((o for o in self._buffer if o.kind == "window"), self._buffer[0])
+            self._buffer.remove(victim)
+            self.stats.overflowed += 1
+            self.stats.overflowed_by_stream[victim.stream] += 1
+            self._pending_drops[victim.stream] += 1
+            log.warning("publish buffer full (%d): dropped the oldest write of %s", self.buffer_size, victim.stream)
+
+    def _write_drop_counts(self) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for sid, n in self._pending_drops.items():
+            pipe.hincrby(self.keys.status(sid), OFFLINE_DROPPED, n)
+            self._refresh_ttl(pipe, sid)
+        pipe.execute()
+        self._pending_drops.clear()

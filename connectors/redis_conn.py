@@ -1,0 +1,64 @@
+"""Redis connections from a URL, with the project's retry, timeout and health-check policy.
+
+The URL carries everything deployment-specific: `redis://[user:password@]host:port/db`,
+`rediss://...` for TLS (query options such as `ssl_ca_certs=/path/ca.pem`,
+`ssl_cert_reqs=required|optional|none`, `ssl_certfile`, `ssl_keyfile` are passed to redis-py),
+`unix:///path/redis.sock?db=0`. Passwords and ACL users come from the URL only.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+# Errors that mean "Redis is unreachable right now", as opposed to a command being refused.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+SOCKET_TIMEOUT_S = 5.0
+# Blocking reads (XREAD/XREADGROUP BLOCK, BLPOP) stay well below the socket timeout, otherwise
+# redis-py takes the wait for a dead socket and retries it (conventions, pitfall 1).
+MAX_BLOCK_S = 2.0
+
+
+def connect(
+    url: str,
+    *,
+    retries: int = 3,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+    connect_timeout: float = SOCKET_TIMEOUT_S,
+    health_check_interval: int = 30,
+    client_name: str | None = None,
+) -> redis.Redis:
+    """A redis-py client for `url`, returning str (not bytes) values.
+
+    Retries connection errors and timeouts `retries` times with exponential backoff and jitter
+    (10 ms up to 1 s); a command the server refuses is never retried. `health_check_interval`
+    PINGs a connection idle for that long before reuse, so a server restart is noticed before a
+    command is lost on a dead socket. Connecting is lazy: nothing is sent until the first command.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss:// or unix://")
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        # A producer may write any bytes; a decode error would make the entry unreadable and
+        # block the intake on every retry, so bad bytes become U+FFFD and fail validation.
+        encoding_errors="replace",
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.01), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=health_check_interval,
+        client_name=client_name,
+    )
+
+
+def block_ms(seconds: float) -> int:
+    """A BLOCK/timeout argument in ms, capped at MAX_BLOCK_S (never 0, which blocks forever)."""
+    return max(1, int(min(seconds, MAX_BLOCK_S) * 1000))

@@ -1,0 +1,427 @@
+"""The Redis contract: key layout, entry-id rules and message formats (pydantic v2, JSON).
+
+Everything that reads or writes Redis (publisher, intake, client, the pipeline) takes its
+key names and message shapes from here, so the layout lives in exactly one place and the
+README documents it for downstream consumers.
+
+Stream entries carry one field, `data`, holding the JSON of a model below. Hashes carry a
+`data` field with the model's JSON plus flat copies of a few fields for redis-cli users;
+`data` is authoritative. Nothing read from Redis is ever unpickled or evaluated: values are
+decoded with `json` through pydantic validation only.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .sources import redact_text, redact_uri
+
+DATA = "data"  # the one field of every stream entry, and the authoritative hash field
+# Status hash field counting writes the publisher dropped while Redis was unreachable. It is
+# HINCRBY'd by whichever process dropped them, so it lives beside `data`, not inside it.
+OFFLINE_DROPPED = "offline_dropped"
+
+# Stream ids end up inside key names between braces (Redis Cluster hash tags), so no braces,
+# colons, spaces or glob characters.
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Question ids end up inside `{...}` of reply keys.
+QUESTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,79}$")
+
+# Producers XADD requests with MAXLEN ~ this, so the intake streams stay bounded; only a
+# backlog this deep could trim an entry before a worker reads it.
+INTAKE_MAXLEN = 10_000
+MAX_QUESTION_CHARS = 2000
+MAX_MESSAGE_BYTES = 16 * 1024  # a raw question/control entry larger than this is refused
+
+
+def check_stream_id(value: str) -> str:
+    """Return `value` if it is a valid stream id, else raise ValueError naming it."""
+    if not isinstance(value, str) or not STREAM_ID_RE.match(value):
+        raise ValueError(
+            f"invalid stream id {value!r}: use 1-64 of letters, digits, '_', '.', '-' (starting with a letter or digit)"
+        )
+    return value
+
+
+StreamId = Annotated[str, AfterValidator(check_stream_id)]
+
+
+def check_message_id(value: str) -> str:
+    if not QUESTION_ID_RE.match(value):
+        raise ValueError(f"invalid message id {value!r}: 1-80 of letters, digits, '_', '.', ':', '-'")
+    return value
+
+
+MessageId = Annotated[str, AfterValidator(check_message_id)]
+
+
+def safe_stream_id(name: str) -> str:
+    """A valid stream id made from free text (e.g. a file stem): bad characters become '_'."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("_.-")[:64]
+    return cleaned or "stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names. `prefix` is `sfs` in production; tests may isolate themselves with another.
+
+    Per-stream keys carry the stream id as a hash tag (`{sid}`) so one stream's keys share a
+    Redis Cluster slot and can be written in one MULTI.
+    """
+
+    prefix: str = "sfs"
+
+    def captions(self, sid: str) -> str:
+        """Stream: caption history, capped with MAXLEN ~."""
+        return f"{self.prefix}:{{{sid}}}:captions"
+
+    def answers(self, sid: str) -> str:
+        """Stream: every answer produced on this stream's windows (standing and ad-hoc)."""
+        return f"{self.prefix}:{{{sid}}}:answers"
+
+    def events(self, sid: str) -> str:
+        """Stream: standing-question triggers."""
+        return f"{self.prefix}:{{{sid}}}:events"
+
+    def state(self, sid: str) -> str:
+        """Hash: the latest window's caption and answers."""
+        return f"{self.prefix}:{{{sid}}}:state"
+
+    def status(self, sid: str) -> str:
+        """Hash: ingest/processing status of the stream."""
+        return f"{self.prefix}:{{{sid}}}:status"
+
+    def per_stream(self, sid: str) -> tuple[str, ...]:
+        return (self.captions(sid), self.answers(sid), self.events(sid), self.state(sid), self.status(sid))
+
+    @property
+    def registry(self) -> str:
+        """Hash: stream id -> StreamInfo JSON."""
+        return f"{self.prefix}:streams"
+
+    @property
+    def questions(self) -> str:
+        """Stream with consumer group `answerers`: ad-hoc questions."""
+        return f"{self.prefix}:questions"
+
+    @property
+    def control(self) -> str:
+        """Stream with consumer group `controllers`: add/remove stream requests."""
+        return f"{self.prefix}:control"
+
+    def dead(self, intake_key: str) -> str:
+        """Stream: entries of an intake stream given up on (malformed or delivered too often)."""
+        return f"{intake_key}:dead"
+
+    def done(self, message_id: str) -> str:
+        """String, SET NX EX: the one reply to a question/control message; guards duplicates."""
+        return f"{self.prefix}:answer:{{{message_id}}}"
+
+    def reply(self, message_id: str) -> str:
+        """List: default reply_to; the reply is RPUSHed once, the asker BLPOPs."""
+        return f"{self.prefix}:reply:{{{message_id}}}"
+
+    @property
+    def reply_prefix(self) -> str:
+        """A reply_to named by an asker must start with this, so workers only write there."""
+        return f"{self.prefix}:reply:"
+
+    def notify(self, sid: str) -> str:
+        """Pub/sub channel: small Notification JSON for each caption, event and status."""
+        return f"{self.prefix}:notify:{sid}"
+
+    @property
+    def notify_pattern(self) -> str:
+        return f"{self.prefix}:notify:*"
+
+
+DEFAULT_KEYS = Keys()  # frozen, so one shared instance is safe as a default argument
+
+QUESTION_GROUP = "answerers"
+CONTROL_GROUP = "controllers"
+
+
+def window_entry_id(run: int, window: int, index: int = 0) -> str:
+    """Explicit stream entry id for the `index`-th entry of a window.
+
+    `<run + window>-<index>`: `run` is the stream run's start in ms since the epoch, so ids read
+    as (roughly) timestamps, grow with the window, and a retried publish of the same window
+    reproduces the same id, which Redis rejects instead of duplicating. A new run of a stream
+    must start above the previous run's last id (Publisher.register_stream ensures it).
+    """
+    return f"{run + window}-{index}"
+
+
+def now() -> float:
+    return time.time()
+
+
+class Model(BaseModel):
+    """Base: immutable, JSON in and out. Unknown fields are ignored, so consumers keep working
+    when a newer pipeline adds fields; requests (Question, Control) refuse them instead."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+M = TypeVar("M", bound=Model)
+
+
+class Caption(Model):
+    """The caption of one window."""
+
+    stream: StreamId
+    window: int = Field(ge=0, description="window sequence number within the run")
+    run: int = Field(ge=1, description="run start, ms since the epoch (see window_entry_id)")
+    start: float = Field(description="stream time of the first frame, seconds")
+    end: float = Field(description="stream time of the last frame, seconds")
+    wall_start: float = Field(description="wall-clock capture time of the first frame, unix s")
+    wall_end: float = Field(description="wall-clock capture time of the last frame, unix s")
+    text: str
+    model: str = ""
+    prompt: str | None = None
+    latency_s: float | None = Field(default=None, description="window closed -> result ready")
+    created_at: float = Field(default_factory=now)
+
+    @property
+    def entry_id(self) -> str:
+        return window_entry_id(self.run, self.window)
+
+
+class AnswerKind(StrEnum):
+    STANDING = "standing"
+    ADHOC = "adhoc"
+
+
+class Answer(Model):
+    """An answer to a question on one window, or the error reply to a question.
+
+    This is both the entry of `sfs:{sid}:answers` and the reply an asker receives.
+    """
+
+    question_id: str
+    stream: str | None = None  # as asked: may be the invalid id an error reply is about
+    question: str | None = None
+    kind: AnswerKind = AnswerKind.ADHOC
+    window: int | None = None
+    start: float | None = None
+    end: float | None = None
+    text: str | None = None
+    probability: float | None = Field(default=None, ge=0.0, le=1.0, description="P(yes)")
+    error: str | None = None
+    model: str | None = None
+    answered_at: float = Field(default_factory=now)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class QuestionKind(StrEnum):
+    OPEN = "open"
+    YESNO = "yesno"  # answered with the probability of "Yes" as well
+
+
+class Question(Model):
+    """An ad-hoc question, XADDed to `sfs:questions` as `data=<this JSON>`.
+
+    `id` and `reply_to` are optional on the wire: the intake fills `id` with the entry id and
+    `reply_to` with `sfs:reply:{<id>}`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: MessageId | None = None
+    stream: StreamId
+    text: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
+    kind: QuestionKind = QuestionKind.OPEN
+    reply_to: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class IngestState(StrEnum):
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    LIVE = "live"
+    RECONNECTING = "reconnecting"
+    ENDED = "ended"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+class StreamStatus(Model):
+    """Ingest and processing status of one stream (`sfs:{sid}:status`)."""
+
+    stream: StreamId
+    state: IngestState
+    fps_in: float = 0.0
+    fps_out: float = 0.0
+    lag_s: float = 0.0
+    frames_in: int = 0
+    frames_dropped: int = 0
+    windows_done: int = 0
+    windows_skipped: int = 0
+    reconnects: int = 0
+    latency_s: float | None = Field(default=None, description="latest window's end-to-end latency")
+    offline_dropped: int = Field(
+        default=0, description="writes dropped while Redis was unreachable (publisher overflow)"
+    )
+    last_error: str | None = None
+    updated_at: float = Field(default_factory=now)
+
+
+class Event(Model):
+    """A standing question whose trigger fired on a window (`sfs:{sid}:events`)."""
+
+    stream: StreamId
+    window: int = Field(ge=0)
+    run: int = Field(ge=1)
+    question_id: str
+    question: str
+    text: str
+    probability: float | None = Field(default=None, ge=0.0, le=1.0)
+    trigger: str = Field(description="the rule that fired, e.g. 'starts_with:yes' or 'p_yes>0.8'")
+    start: float
+    end: float
+    wall_end: float
+    created_at: float = Field(default_factory=now)
+
+
+def _redact_values(value: Any) -> Any:
+    """Mask credentials in every URL found in string values of a (nested) config."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_values(v) for v in value]
+    return value
+
+
+class StreamInfo(Model):
+    """Registry entry (`sfs:streams` field `<sid>`). Credentials in `source` are masked here."""
+
+    id: StreamId
+    source: Annotated[str, AfterValidator(redact_uri)] = Field(description="URI, credentials masked")
+    live: bool = True
+    config: Annotated[dict[str, Any], AfterValidator(_redact_values)] = Field(default_factory=dict)
+    run: int = Field(default=0, description="current run start (ms); set by register_stream")
+    registered_at: float = Field(default_factory=now)
+
+
+class ControlAction(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+class Control(Model):
+    """A request to add or remove a stream at runtime, XADDed to `sfs:control`.
+
+    `source` is the real URI the pipeline opens, credentials included: protect the control
+    stream with ACLs. The pipeline replies with a ControlReply on `reply_to`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: MessageId | None = None
+    action: ControlAction
+    stream: StreamId
+    source: str | None = None
+    live: bool | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    reply_to: str | None = None
+    created_at: float = Field(default_factory=now)
+
+
+class ControlReply(Model):
+    """Reply to a Control message: ok, or the error."""
+
+    request_id: str
+    stream: str | None = None
+    action: ControlAction | None = None
+    error: str | None = None
+    answered_at: float = Field(default_factory=now)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class NotificationKind(StrEnum):
+    CAPTION = "caption"
+    EVENT = "event"
+    STATUS = "status"
+    REMOVED = "removed"
+
+
+class Notification(Model):
+    """Pub/sub payload on `sfs:notify:<sid>`: a nudge only; the data is in the streams."""
+
+    kind: NotificationKind
+    stream: StreamId
+    window: int | None = None
+    entry_id: str | None = None
+
+
+class InvalidMessage(Model):
+    """A message read from an intake stream that could not be accepted, and why."""
+
+    entry_id: str
+    reason: str
+    message_id: str | None = None
+    reply_to: str | None = None
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_entry(model: Model) -> dict[str, str]:
+    """Fields of a stream entry for `model`."""
+    return {DATA: model.to_json()}
+
+
+def decode_entry(cls: type[M], fields: dict[str, str]) -> M:
+    """The model stored in a stream entry or hash (its `data` field). Raises ValueError."""
+    raw = fields.get(DATA)
+    if raw is None:
+        raise ValueError(f"entry has no {DATA!r} field")
+    try:
+        return cls.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc)) from None
+
+
+def encode_hash(model: Model, flat: tuple[str, ...]) -> dict[str, str]:
+    """Hash fields: `data` plus flat string copies of `flat` fields (missing/None -> "")."""
+    dumped = model.model_dump(mode="json")
+    out = {DATA: model.to_json()}
+    for name in flat:
+        value = dumped.get(name)
+        out[name] = "" if value is None else str(value)
+    return out
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A short, single-line reason naming the fields, without echoing the (maybe huge) input."""
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False)[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "message"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def check_reply_to(keys: Keys, value: str | None) -> str | None:
+    """Return `value` if workers may write a reply there, else raise ValueError."""
+    if value is None:
+        return None
+    if not value.startswith(keys.reply_prefix) or len(value) > 200 or any(c.isspace() for c in value):
+        raise ValueError(f"reply_to must be a key starting with {keys.reply_prefix!r} (max 200 chars)")
+    return value
