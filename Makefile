@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/slowfast demo
+	$(PY) -m pipeline.local_demo
 
 test: install
 	$(PY) -m pytest -q
