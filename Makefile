@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml | system-deps
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m pipeline.local_demo
+	$(VENV)/bin/slowfast demo
 
 test: install
 	$(PY) -m pytest -q

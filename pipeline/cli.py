@@ -1,0 +1,201 @@
+"""`slowfast`: run the pipeline, and talk to a running one through Redis."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from connectors.client import QuestionError, SlowFastClient
+from connectors.redis_schema import check_stream_id
+
+from .config import ConfigError, StreamConfig, load_config
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+streams_app = typer.Typer(help="Add or remove streams of a running pipeline.", no_args_is_help=True)
+app.add_typer(streams_app, name="streams")
+console = Console()
+
+RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="SLOWFAST_REDIS_URL", help="Redis of the running pipeline")]
+
+
+def parse_source_arg(value: str) -> tuple[str, str]:
+    """`[ID=]URI`: without ID the file stem or the camera path's last part names the stream."""
+    if "=" in value.split("://", 1)[0]:
+        sid, uri = value.split("=", 1)
+    else:
+        uri = value
+        tail = uri.split("://", 1)[-1].split("?", 1)[0].rstrip("/")
+        sid = Path(tail.rsplit("@", 1)[-1]).stem or "stream"
+    sid = "".join(c if c.isalnum() or c in "_.-" else "-" for c in sid).strip("-._") or "stream"
+    return check_stream_id(sid), uri
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config_file: Annotated[Optional[Path], typer.Option("-c", "--config", envvar="SLOWFAST_CONFIG", help="YAML config")] = None,
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="[ID=]URI, repeatable")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="Redis URL; none: start an embedded one")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto")] = None,
+    model: Annotated[Optional[str], typer.Option(help="checkpoint folder or hub id; none: tiny model")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="folder for captions.jsonl / captions.vtt of files")] = None,
+    window: Annotated[Optional[int], typer.Option()] = None,
+    stride: Annotated[Optional[int], typer.Option()] = None,
+    fps: Annotated[Optional[float], typer.Option()] = None,
+    caption_prompt: Annotated[Optional[str], typer.Option()] = None,
+    temperature: Annotated[Optional[float], typer.Option()] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
+    device: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
+    from .runner import run_pipeline, stop_on_signals
+
+    try:
+        base = load_config(config_file)
+        streams = [s.model_dump() for s in base.streams]
+        for value in source or []:
+            sid, uri = parse_source_arg(value)
+            streams.append({"id": sid, "source": uri})
+        if caption_prompt:
+            for stream in streams:
+                stream["caption_prompt"] = caption_prompt
+        generation = base.generation.model_dump() | {
+            k: v for k, v in {"temperature": temperature, "max_new_tokens": max_new_tokens}.items() if v is not None
+        }
+        config = load_config(config_file, redis_url=redis_url, ray_address=ray_address, model=model, out_dir=out,
+                             window=window, stride=stride, fps=fps, device=device, streams=streams,
+                             generation=generation)
+    except (ConfigError, ValueError) as exc:
+        fail(str(exc))
+    if not config.streams:
+        fail("no streams: give --source URI or streams in the config file")
+    logging.basicConfig(level=logging.WARNING)
+    with stop_on_signals() as stop:
+        summaries = run_pipeline(config, stop=stop, on_event=lambda line: console.print(line), show_captions=True)
+    for sid, summary in summaries.items():
+        console.print(f"{sid}: {summary.get('windows', 0)} windows, state {summary.get('state')}"
+                      + (f", error: {summary['error']}" if summary.get("error") else ""))
+
+
+@app.command()
+def ask(
+    stream: str,
+    question: str,
+    redis_url: RedisUrl,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 60.0,
+    yes_no: Annotated[bool, typer.Option("--yes-no", help="also return P(yes)")] = False,
+) -> None:
+    """Ask a question about the stream's latest window and print the answer."""
+    client = SlowFastClient(redis_url)
+    try:
+        answer = client.ask(stream, question, timeout=timeout, kind="yesno" if yes_no else "open")
+    except QuestionError as exc:
+        fail(str(exc))
+    except TimeoutError:
+        fail(f"no answer within {timeout:g} s (is the pipeline running?)")
+    suffix = f"  (P(yes)={answer.probability:.2f})" if answer.probability is not None else ""
+    console.print(f"[{answer.start:.1f}s-{answer.end:.1f}s] {answer.text}{suffix}")
+
+
+@app.command()
+def tail(
+    redis_url: RedisUrl,
+    stream: Annotated[Optional[str], typer.Argument()] = None,
+    count: Annotated[int, typer.Option(help="print this many past captions first")] = 5,
+) -> None:
+    """Print captions as they arrive (all streams, or one)."""
+    import threading
+
+    from .runner import follow_captions, format_caption
+
+    client = SlowFastClient(redis_url)
+    sids = [stream] if stream else [s.id for s in client.streams()]
+    if not sids:
+        fail("no streams registered")
+    for sid in sids:
+        for caption in client.history(sid, count=count)[-count:]:
+            console.print(format_caption(caption))
+    for line in follow_captions(redis_url, stream, threading.Event()):
+        console.print(line)
+
+
+@app.command()
+def status(redis_url: RedisUrl) -> None:
+    """A table of streams: state, fps, lag, windows done / skipped, last caption age."""
+    client = SlowFastClient(redis_url)
+    table = Table("stream", "state", "frames in", "windows", "skipped", "lag s", "latency s", "caption age s", "error")
+    for info in client.streams():
+        st = client.status(info.id)
+        latest = client.latest(info.id)
+        age = f"{time.time() - latest.created_at:.0f}" if latest else "-"
+        if st is None:
+            table.add_row(info.id, "registered", "-", "-", "-", "-", "-", age, "")
+            continue
+        table.add_row(info.id, str(st.state), str(st.frames_in), str(st.windows_done), str(st.windows_skipped),
+                      f"{st.lag_s:.1f}", f"{st.latency_s:.2f}" if st.latency_s is not None else "-", age,
+                      st.last_error or "")
+    console.print(table)
+
+
+@streams_app.command("add")
+def streams_add(
+    source: Annotated[str, typer.Argument(help="[ID=]URI")],
+    redis_url: RedisUrl,
+    live: Annotated[Optional[bool], typer.Option("--live/--file")] = None,
+    timeout: float = 30.0,
+) -> None:
+    """Add a stream to the running pipeline."""
+    sid, uri = parse_source_arg(source)
+    reply = SlowFastClient(redis_url).add_stream(sid, uri, live=live, timeout=timeout)
+    if not reply.ok:
+        fail(reply.error)
+    console.print(f"added {sid}")
+
+
+@streams_app.command("remove")
+def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> None:
+    """Remove a stream from the running pipeline."""
+    reply = SlowFastClient(redis_url).remove_stream(stream, timeout=timeout)
+    if not reply.ok:
+        fail(reply.error)
+    console.print(f"removed {stream}")
+
+
+@app.command()
+def demo(
+    model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
+    seconds: Annotated[float, typer.Option(help="how long the live camera copy runs")] = 30.0,
+    window: Annotated[int, typer.Option(help="frames per window (16 so the camera fills one in 4 s)")] = 16,
+    stride: Annotated[int, typer.Option()] = 8,
+) -> None:
+    """Generated clip -> tiny model -> embedded Redis: a file copy and a live looping copy."""
+    import threading
+
+    from .local_demo import write_clip
+    from .runner import run_pipeline, stop_on_signals
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
+        out = Path("out") / "demo"
+        config = load_config(
+            None, model=model, out_dir=out, window=window, stride=stride,
+            streams=[StreamConfig(id="file", source=str(clip), live=False),
+                     StreamConfig(id="camera", source=f"loop://{clip}", live=True)],
+            generation={"max_new_tokens": 16},
+        )
+        with stop_on_signals() as stop:
+            threading.Timer(seconds, stop.set).start()
+            summaries = run_pipeline(config, stop=stop, on_event=lambda line: console.print(line), show_captions=True)
+        console.print(f"summary: {summaries}")
+        console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")

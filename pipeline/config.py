@@ -1,0 +1,167 @@
+"""The pipeline's one configuration: YAML file < SLOWFAST_* environment < CLI flags.
+
+Validation errors name the field and the bad value (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from connectors.redis_schema import check_stream_id
+
+DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
+ENV_PREFIX = "SLOWFAST_"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names field and value."""
+
+
+class Trigger(BaseModel):
+    """When a standing question's answer raises an event."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    starts_with: str | None = Field(default=None, description="answer text starts with this (case-insensitive)")
+    p_yes_above: float | None = Field(default=None, ge=0.0, le=1.0, description="P(yes) above this threshold")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Trigger:
+        if (self.starts_with is None) == (self.p_yes_above is None):
+            raise ValueError("a trigger needs exactly one of starts_with or p_yes_above")
+        return self
+
+    def describe(self) -> str:
+        return f"starts_with:{self.starts_with}" if self.starts_with is not None else f"p_yes>{self.p_yes_above}"
+
+
+class StandingQuestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    prompt: str = Field(min_length=1, max_length=2000)
+    every_n_windows: int = Field(default=1, ge=1)
+    trigger: Trigger | None = None
+
+
+class StreamConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    source: str = Field(min_length=1)
+    live: bool | None = Field(default=None, description="None: decided by the source (cameras live, files not)")
+    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    caption_every_n_windows: int = Field(default=1, ge=1)
+    standing_questions: list[StandingQuestion] = Field(default_factory=list)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        return check_stream_id(value)
+
+
+class GenerationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=64, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    decode_cross_attention: bool = False
+
+
+class PipelineConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+
+    redis_url: str | None = Field(default=None, description="None: start an embedded Redis")
+    ray_address: str | None = Field(default=None, description="None: a local Ray; 'auto' or host:port for a cluster")
+    ray_namespace: str = "slowfast"
+    model: str | None = Field(default=None, description="checkpoint folder or hub id; None: a tiny random model")
+    device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    window: int = Field(default=64, ge=2, le=1024)
+    stride: int = Field(default=16, ge=1)
+    fps: float = Field(default=4.0, gt=0.0, le=120.0)
+    size: int | None = Field(default=None, ge=32, description="frame size; None: the model's input size")
+    batch_size: int = Field(default=8, ge=1, le=256)
+    file_windows_in_flight: int = Field(default=2, ge=1, description="file backpressure: windows queued per stream")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    streams: list[StreamConfig] = Field(default_factory=list)
+    history_len: int = Field(default=10_000, ge=10)
+    out_dir: Path = Path("out")
+    workers: int | None = Field(default=None, ge=1, description="model workers; None: one per GPU, or 1 on CPU")
+    ingest_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources for ingest actors, e.g. {ingest: 1} to pin them"
+    )
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_fits(cls, value: int, info) -> int:
+        window = info.data.get("window")
+        if window is not None and value > window:
+            raise ValueError(f"stride {value} is larger than the window {window}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_streams(self) -> PipelineConfig:
+        ids = [s.id for s in self.streams]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"stream ids must be unique, repeated: {duplicates}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # CLI flags arrive as init kwargs: they override the environment, which overrides YAML.
+        return init_settings, env_settings, YamlSource(settings_cls)
+
+
+class YamlSource(PydanticBaseSettingsSource):
+    """The YAML file named by `load_config(path)` (passed through a context variable)."""
+
+    path: Path | None = None
+
+    def get_field_value(self, field, field_name):  # required by the base class; unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if YamlSource.path is None:
+            return {}
+        try:
+            data = yaml.safe_load(YamlSource.path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {YamlSource.path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {YamlSource.path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {YamlSource.path} must hold a mapping, got {type(data).__name__}")
+        return data
+
+
+def describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        message = re.sub(r"^Value error, ", "", err["msg"])
+        parts.append(f"{field}={err.get('input')!r}: {message}" if "input" in err else f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:
+    """Build the config from an optional YAML file, SLOWFAST_* variables and explicit overrides."""
+    YamlSource.path = Path(path) if path is not None else None
+    try:
+        return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {describe(exc)}") from exc
+    finally:
+        YamlSource.path = None

@@ -1,0 +1,189 @@
+"""What a model worker does with windows, as a plain class (unit-testable without Ray).
+
+Per stream it keeps a feature ring keyed by frame seq (each frame is encoded once, then
+reused by every overlapping window) and the latest window's features for ad-hoc
+questions. Tasks of several streams' windows run in batched generate calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from connectors.publisher import Publisher
+from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, QuestionKind
+from model import SlowFastVLM, VideoQuery
+
+from .config import GenerationConfig, StandingQuestion, StreamConfig
+from .outputs import CaptionFiles
+from .window import FrameRef, Window
+
+FrameFetcher = Callable[[Sequence[FrameRef]], list[np.ndarray]]
+
+
+@dataclass
+class StreamState:
+    config: StreamConfig
+    run: int
+    files: CaptionFiles | None
+    ring: dict[int, torch.Tensor] = field(default_factory=dict)
+    latest: Window | None = None
+    latest_features: torch.Tensor | None = None
+    windows_done: int = 0
+    windows_skipped: int = 0
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    window: Window
+    prompt: str
+    kind: str  # "caption" | "standing"
+    standing: StandingQuestion | None = None
+
+
+class WindowProcessor:
+    def __init__(
+        self,
+        vlm: SlowFastVLM,
+        publisher: Publisher,
+        generation: GenerationConfig,
+        batch_size: int,
+        fetch_frames: FrameFetcher,
+        model_name: str,
+    ):
+        self.vlm = vlm
+        self.publisher = publisher
+        self.generation = generation
+        self.batch_size = batch_size
+        self.fetch_frames = fetch_frames
+        self.model_name = model_name
+        self.streams: dict[str, StreamState] = {}
+        self.frames_encoded = 0
+
+    # ---- streams ----------------------------------------------------------------
+    def add_stream(self, config: StreamConfig, run: int, files: CaptionFiles | None) -> None:
+        self.streams[config.id] = StreamState(config, run, files)
+
+    def remove_stream(self, stream: str) -> None:
+        state = self.streams.pop(stream, None)
+        if state is not None and state.files is not None:
+            state.files.close()
+
+    # ---- features -----------------------------------------------------------------
+    def window_features(self, window: Window) -> torch.Tensor:
+        """[T, tokens, hidden] for the window, encoding only frames not in the ring."""
+        state = self.streams[window.stream]
+        missing = [f for f in window.frames if f.seq not in state.ring]
+        if missing:
+            images = np.stack(self.fetch_frames(missing))
+            encoded = self.vlm.encode_frames(self.vlm.preprocess(images))
+            state.ring.update(zip((f.seq for f in missing), encoded))
+            self.frames_encoded += len(missing)
+        first = window.frames[0].seq
+        for seq in [s for s in state.ring if s < first]:
+            del state.ring[seq]  # slid out: released as the window moves
+        return torch.stack([state.ring[f.seq] for f in window.frames])
+
+    # ---- windows ----------------------------------------------------------------------
+    def tasks_for(self, window: Window) -> list[Task]:
+        config = self.streams[window.stream].config
+        tasks = []
+        if window.seq % config.caption_every_n_windows == 0:
+            tasks.append(Task(window, config.caption_prompt, "caption"))
+        for question in config.standing_questions:
+            if window.seq % question.every_n_windows == 0:
+                tasks.append(Task(window, question.prompt, "standing", question))
+        return tasks
+
+    def process(self, windows: Sequence[Window]) -> list[Caption]:
+        """Run every task due for these windows (several streams) and publish each window."""
+        windows = [w for w in windows if w.stream in self.streams]
+        features = {(w.stream, w.seq): self.window_features(w) for w in windows}
+        tasks = [t for w in windows for t in self.tasks_for(w)]
+        texts = self._generate([VideoQuery(features=features[(t.window.stream, t.window.seq)], question=t.prompt)
+                                for t in tasks])
+        captions = []
+        for window in windows:
+            state = self.streams[window.stream]
+            state.latest = window
+            state.latest_features = features[(window.stream, window.seq)]
+            own = [(t, text) for t, text in zip(tasks, texts) if t.window is window]
+            caption_text = next((text for t, text in own if t.kind == "caption"), None)
+            answers, events = self._standing_results(window, features[(window.stream, window.seq)], own)
+            latency = time.time() - window.closed_at
+            caption = Caption(
+                stream=window.stream, window=window.seq, run=state.run,
+                start=window.start, end=window.end, wall_start=window.wall_start, wall_end=window.wall_end,
+                text=caption_text if caption_text is not None else "", model=self.model_name,
+                prompt=state.config.caption_prompt if caption_text is not None else None, latency_s=latency,
+            )
+            self.publisher.publish_window(caption, answers, events)
+            if state.files is not None and caption_text is not None:
+                state.files.write(caption)
+            state.windows_done += 1
+            state.latency_s = latency
+            captions.append(caption)
+        return captions
+
+    def _standing_results(self, window: Window, features: torch.Tensor, own) -> tuple[list[Answer], list[Event]]:
+        answers, events = [], []
+        run = self.streams[window.stream].run
+        for task, text in own:
+            if task.kind != "standing":
+                continue
+            question = task.standing
+            trigger = question.trigger
+            probability = None
+            if trigger is not None and trigger.p_yes_above is not None:
+                probability = self.vlm.yes_probability(VideoQuery(features=features, question=question.prompt))
+            answers.append(Answer(
+                question_id=question.id, stream=window.stream, question=question.prompt, kind=AnswerKind.STANDING,
+                window=window.seq, start=window.start, end=window.end, text=text, probability=probability,
+                model=self.model_name,
+            ))
+            fired = trigger is not None and (
+                (trigger.starts_with is not None and text.strip().lower().startswith(trigger.starts_with.lower()))
+                or (trigger.p_yes_above is not None and probability is not None and probability > trigger.p_yes_above)
+            )
+            if fired:
+                events.append(Event(
+                    stream=window.stream, window=window.seq, run=run, question_id=question.id,
+                    question=question.prompt, text=text, probability=probability, trigger=trigger.describe(),
+                    start=window.start, end=window.end, wall_end=window.wall_end,
+                ))
+        return answers, events
+
+    # ---- ad-hoc questions ----------------------------------------------------------
+    def answer(self, question: Question) -> Answer:
+        """Answer on the stream's latest window, or an error reply saying why not."""
+        base = dict(question_id=question.id, stream=question.stream, question=question.text, kind=AnswerKind.ADHOC)
+        state = self.streams.get(question.stream)
+        if state is None or state.latest is None:
+            reason = "is not running" if state is None else "has no window yet"
+            return Answer(**base, error=f"stream {question.stream!r} {reason}")
+        window = state.latest
+        query = VideoQuery(features=state.latest_features, question=question.text)
+        try:
+            (text,) = self._generate([query])
+            probability = self.vlm.yes_probability(query) if question.kind == QuestionKind.YESNO else None
+        except ValueError as exc:  # ModelInputError: the question itself is unusable
+            return Answer(**base, window=window.seq, error=str(exc))
+        return Answer(**base, window=window.seq, start=window.start, end=window.end, text=text,
+                      probability=probability, model=self.model_name)
+
+    def _generate(self, queries: list[VideoQuery]) -> list[str]:
+        texts: list[str] = []
+        g = self.generation
+        for start in range(0, len(queries), self.batch_size):
+            outs = self.vlm.generate(
+                queries[start : start + self.batch_size], max_new_tokens=g.max_new_tokens,
+                temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
+                decode_cross_attention=g.decode_cross_attention,
+            )
+            texts += [o.text for o in outs]
+        return texts

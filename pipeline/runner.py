@@ -1,0 +1,255 @@
+"""The driver: starts Ray, Redis and the actors, routes questions and control messages,
+waits for files, and drains on Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from connectors.embedded import EmbeddedRedis
+from connectors.intake import ControlIntake, QuestionIntake
+from connectors.publisher import Publisher
+from connectors.client import SlowFastClient
+from connectors.redis_schema import Answer, Caption, ControlAction, InvalidMessage, NotificationKind, StreamInfo
+from connectors.sources.uri import Kind, parse_source
+
+from .config import PipelineConfig, StreamConfig
+from .actors import IngestActor, ModelWorker
+
+log = logging.getLogger("slowfast.pipeline")
+POLL_MS = 200
+
+
+@dataclass
+class StreamHandle:
+    config: StreamConfig
+    live: bool
+    worker: Any
+    ingest: Any
+    done_ref: Any
+    summary: dict | None = None
+
+
+@contextlib.contextmanager
+def redis_for(config: PipelineConfig) -> Iterator[str]:
+    """The configured Redis URL, or an embedded server for the run."""
+    if config.redis_url:
+        yield config.redis_url
+        return
+    with EmbeddedRedis() as redis:
+        yield redis.url
+
+
+def presumed_live(uri: str) -> bool:
+    """Cameras and looping files are live; files and HTTP files are not (an HLS playlist may be)."""
+    spec = parse_source(uri)  # raises SourceError naming the source if it can never work
+    return spec.kind in (Kind.RTSP, Kind.LOOP) or (spec.kind == Kind.HTTP and spec.target.endswith(".m3u8"))
+
+
+def resolve_model(config: PipelineConfig, workdir: Path) -> str:
+    if config.model:
+        return config.model
+    from model.tiny import write_tiny_model
+
+    return str(write_tiny_model(workdir / "tiny-model"))
+
+
+@dataclass
+class Pipeline:
+    """Streams, their ingest actors and the model workers of one run."""
+
+    config: PipelineConfig
+    model_path: str
+    on_caption: Callable[[str], None] | None = None
+    streams: dict[str, StreamHandle] = field(default_factory=dict)
+    workers: list[Any] = field(default_factory=list)
+
+    def start_workers(self) -> None:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        count = self.config.workers or max(1, gpus)
+        options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        self.workers = [ModelWorker.options(**options).remote(self.config, self.model_path) for _ in range(count)]
+        self.frame_size = ray.get(self.workers[0].frame_size.remote())
+        self.publisher = Publisher(self.config.redis_url, history_len=self.config.history_len)
+
+    def least_loaded_worker(self) -> Any:
+        loads = ray.get([w.load.remote() for w in self.workers])
+        return self.workers[loads.index(min(loads))]
+
+    def add_stream(self, stream: StreamConfig) -> None:
+        if stream.id in self.streams:
+            raise ValueError(f"stream {stream.id!r} is already running")
+        live = stream.live if stream.live is not None else presumed_live(stream.source)
+        info = self.publisher.register_stream(
+            StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"))
+        )
+        worker = self.least_loaded_worker()
+        ray.get(worker.add_stream.remote(stream, info.run, live))
+        resources = {"num_cpus": 0.5, "resources": dict(self.config.ingest_resources)}
+        stream = stream.model_copy(update={"live": live})
+        ingest = IngestActor.options(**resources).remote(stream, self.config, worker, self.frame_size)
+        self.streams[stream.id] = StreamHandle(stream, live, worker, ingest, ingest.run.remote())
+        log.info("stream %s added (%s)", stream.id, "live" if live else "file")
+
+    def remove_stream(self, stream_id: str) -> None:
+        handle = self.streams.pop(stream_id, None)
+        if handle is None:
+            raise ValueError(f"stream {stream_id!r} is not running")
+        ray.get(handle.ingest.stop.remote())
+        with contextlib.suppress(Exception):
+            ray.get(handle.done_ref, timeout=30)
+        ray.get(handle.worker.remove_stream.remote(stream_id))
+        ray.kill(handle.ingest, no_restart=True)
+        self.publisher.unregister_stream(stream_id)
+
+    def finished_files(self) -> list[str]:
+        finished = []
+        for sid, handle in self.streams.items():
+            if handle.live or handle.summary is not None:
+                continue
+            ready, _ = ray.wait([handle.done_ref], timeout=0)
+            if ready:
+                handle.summary = ray.get(handle.done_ref)
+                finished.append(sid)
+        return finished
+
+    def files_pending(self) -> bool:
+        return any(not h.live and h.summary is None for h in self.streams.values())
+
+    def drain(self) -> None:
+        """Stop ingest, let in-flight windows finish and publish final status."""
+        for handle in self.streams.values():
+            handle.ingest.stop.remote()
+        for handle in self.streams.values():
+            with contextlib.suppress(Exception):
+                handle.summary = handle.summary or ray.get(handle.done_ref, timeout=60)
+
+
+def format_caption(caption: Caption) -> str:
+    return f"{caption.stream} #{caption.window} [{caption.start:.2f}s-{caption.end:.2f}s] {caption.text}"
+
+
+def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -> Iterator[str]:
+    """Lines for captions as they are published (push notifications, then the latest state)."""
+    client = SlowFastClient(redis_url)
+    for note in client.notifications(stream, stop=stop):
+        if note.kind == NotificationKind.CAPTION:
+            caption = client.latest(note.stream)
+            if caption is not None:
+                yield format_caption(caption)
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    stop: threading.Event | None = None,
+    on_event: Callable[[str], None] = print,
+    show_captions: bool = False,
+) -> dict[str, dict]:
+    """Run until every file is done and no live stream remains, or until `stop` is set."""
+    stop = stop or threading.Event()
+    with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
+        config = config.model_copy(update={"redis_url": redis_url})
+        printer_stop = threading.Event()
+        if show_captions:
+            threading.Thread(
+                target=lambda: [on_event(line) for line in follow_captions(redis_url, None, printer_stop)],
+                daemon=True,
+            ).start()
+        if not ray.is_initialized():
+            ray.init(address=config.ray_address, namespace=config.ray_namespace,
+                     include_dashboard=False, log_to_driver=False)
+        pipeline = Pipeline(config, resolve_model(config, Path(tmp)))
+        pipeline.start_workers()
+        on_event(f"redis {redis_url}")
+        for stream in config.streams:
+            pipeline.add_stream(stream)
+        questions = QuestionIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
+        controls = ControlIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
+        pending_answers: dict[Any, tuple[str, Any]] = {}
+        try:
+            while not stop.is_set():
+                for sid in pipeline.finished_files():
+                    on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
+                if pipeline.streams and not pipeline.files_pending() and not any(h.live for h in pipeline.streams.values()):
+                    break
+                _route_questions(pipeline, questions, pending_answers)
+                _handle_controls(pipeline, controls, on_event)
+                _finish_answers(questions, pending_answers)
+                if not pipeline.streams and not config.streams:
+                    time.sleep(POLL_MS / 1000)  # nothing configured: serve control messages
+        finally:
+            pipeline.drain()
+            printer_stop.set()
+            _finish_answers(questions, pending_answers, wait=True)
+            questions.close()
+            controls.close()
+        return {sid: h.summary or {} for sid, h in pipeline.streams.items()}
+
+
+def _route_questions(pipeline: Pipeline, intake: QuestionIntake, pending: dict) -> None:
+    for entry_id, question in intake.poll(block_ms=POLL_MS, count=16) + intake.reclaim(count=16):
+        if isinstance(question, InvalidMessage):
+            continue  # the intake already replied with the error and acknowledged it
+        handle = pipeline.streams.get(question.stream)
+        if handle is None:
+            intake.complete(entry_id, question, Answer(
+                question_id=question.id, stream=question.stream, question=question.text,
+                error=f"stream {question.stream!r} is not running"))
+            continue
+        pending[handle.worker.answer.remote(question)] = (entry_id, question)
+
+
+def _finish_answers(intake: QuestionIntake, pending: dict, wait: bool = False) -> None:
+    if not pending:
+        return
+    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=30 if wait else 0)
+    for ref in ready:
+        entry_id, question = pending.pop(ref)
+        try:
+            answer = ray.get(ref)
+        except Exception as exc:  # a worker that died mid-question still owes a reply
+            answer = Answer(question_id=question.id, stream=question.stream, question=question.text,
+                            error=f"answering failed: {type(exc).__name__}: {exc}")
+        intake.complete(entry_id, question, answer)
+
+
+def _handle_controls(pipeline: Pipeline, intake: ControlIntake, on_event: Callable[[str], None]) -> None:
+    for entry_id, control in intake.poll(block_ms=0, count=8):
+        if isinstance(control, InvalidMessage):
+            continue
+        error = None
+        try:
+            if control.action == ControlAction.ADD:
+                if not control.source:
+                    raise ValueError("add needs a source")
+                stream = StreamConfig(id=control.stream, source=control.source, live=control.live, **control.config)
+                pipeline.add_stream(stream)
+            else:
+                pipeline.remove_stream(control.stream)
+            on_event(f"control: {control.action} {control.stream}")
+        except Exception as exc:  # a bad request affects only itself
+            error = str(exc)
+        intake.complete(entry_id, control, error)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGINT / SIGTERM set the event (drain and exit 0) instead of killing the run."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
