@@ -21,7 +21,7 @@ from connectors.embedded import EmbeddedRedis
 from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
 from connectors.client import SlowFastClient
-from connectors.redis_schema import Answer, Caption, ControlAction, InvalidMessage, NotificationKind, StreamInfo
+from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
 from connectors.sources.uri import Kind, parse_source
 
 from .config import PipelineConfig, StreamConfig
@@ -74,6 +74,7 @@ class Pipeline:
     on_caption: Callable[[str], None] | None = None
     streams: dict[str, StreamHandle] = field(default_factory=dict)
     workers: list[Any] = field(default_factory=list)
+    failed: dict[str, dict] = field(default_factory=dict)
 
     def start_workers(self) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -101,6 +102,10 @@ class Pipeline:
         ingest = IngestActor.options(**resources).remote(stream, self.config, worker, self.frame_size)
         self.streams[stream.id] = StreamHandle(stream, live, worker, ingest, ingest.run.remote())
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
+
+    def report_failure(self, stream_id: str, exc: Exception) -> None:
+        self.failed[stream_id] = {"stream": stream_id, "state": "failed", "error": str(exc)}
+        self.publisher.publish_status(StreamStatus(stream=stream_id, state=IngestState.FAILED, last_error=str(exc)))
 
     def remove_stream(self, stream_id: str) -> None:
         handle = self.streams.pop(stream_id, None)
@@ -173,7 +178,11 @@ def run_pipeline(
         pipeline.start_workers()
         on_event(f"redis {redis_url}")
         for stream in config.streams:
-            pipeline.add_stream(stream)
+            try:
+                pipeline.add_stream(stream)
+            except Exception as exc:  # a stream that cannot start affects only itself
+                pipeline.report_failure(stream.id, exc)
+                on_event(f"stream {stream.id} failed: {exc}")
         questions = QuestionIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         controls = ControlIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         pending_answers: dict[Any, tuple[str, Any]] = {}
@@ -181,7 +190,7 @@ def run_pipeline(
             while not stop.is_set():
                 for sid in pipeline.finished_files():
                     on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
-                if pipeline.streams and not pipeline.files_pending() and not any(h.live for h in pipeline.streams.values()):
+                if (pipeline.streams or pipeline.failed) and not pipeline.files_pending() and not any(h.live for h in pipeline.streams.values()):
                     break
                 _route_questions(pipeline, questions, pending_answers)
                 _handle_controls(pipeline, controls, on_event)
@@ -194,7 +203,7 @@ def run_pipeline(
             _finish_answers(questions, pending_answers, wait=True)
             questions.close()
             controls.close()
-        return {sid: h.summary or {} for sid, h in pipeline.streams.items()}
+        return pipeline.failed | {sid: h.summary or {} for sid, h in pipeline.streams.items()}
 
 
 def _route_questions(pipeline: Pipeline, intake: QuestionIntake, pending: dict) -> None:

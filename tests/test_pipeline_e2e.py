@@ -1,0 +1,111 @@
+"""End to end on real Ray, real Redis, PyAV-generated clips and the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from connectors.client import QuestionError, SlowFastClient
+from connectors.sources import open_source
+from model import VideoQuery
+from pipeline.config import load_config
+from pipeline.runner import run_pipeline
+from pipeline.window import expected_windows
+from tests.support.media import cfr_times, make_clip
+
+WINDOW, STRIDE, FPS = 8, 4, 4.0
+PROMPT = "Please describe this video in detail."
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clips") / "indexed.mp4", cfr_times(8, 10.0)).path
+
+
+def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
+    return load_config(
+        None, redis_url=redis_url, model=str(model_dir), out_dir=out_dir, window=WINDOW, stride=STRIDE,
+        fps=FPS, streams=streams, generation={"max_new_tokens": 6}, **extra,
+    )
+
+
+def test_file_windows_captions_and_outputs_are_exact(ray_session, redis_url, tiny_model_dir, tiny_vlm, clip, tmp_path):
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "clip", "source": str(clip)}],
+                             file_windows_in_flight=1)
+    summaries = run_pipeline(config, on_event=lambda line: None)
+    assert summaries["clip"]["state"] == "ended"
+
+    with open_source(str(clip), fps=FPS, size=576) as source:
+        frames = list(source)
+    count = expected_windows(len(frames), WINDOW, STRIDE)
+    assert count == 9 and summaries["clip"]["windows"] == count
+
+    history = SlowFastClient(redis_url).history("clip", count=100)
+    assert [c.window for c in history] == list(range(count))
+    for caption in history:
+        first = caption.window * STRIDE
+        window_frames = frames[first : first + WINDOW]
+        assert (caption.start, caption.end) == (window_frames[0].pts, window_frames[-1].pts)
+        assert caption.start == pytest.approx(caption.window * STRIDE / FPS)
+        expected = tiny_vlm.generate(
+            [VideoQuery(frames=np.stack([f.image for f in window_frames]), question=PROMPT)], max_new_tokens=6
+        )[0].text
+        assert caption.text == expected
+
+    lines = [json.loads(line) for line in (tmp_path / "clip" / "captions.jsonl").read_text().splitlines()]
+    assert [(r["window"], r["start"], r["end"], r["caption"]) for r in lines] == [
+        (c.window, c.start, c.end, c.text) for c in history
+    ]
+    vtt = (tmp_path / "clip" / "captions.vtt").read_text()
+    assert vtt.startswith("WEBVTT\n\n0\n00:00:00.000 --> 00:00:02.000\n")
+    assert vtt.count("-->") == count
+
+    status = SlowFastClient(redis_url).status("clip")
+    assert status.windows_done == count and status.windows_skipped == 0 and status.state == "ended"
+
+
+def test_a_broken_stream_does_not_stop_the_others(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [
+        {"id": "missing", "source": str(tmp_path / "nope.mp4")},
+        {"id": "good", "source": str(clip)},
+    ])
+    summaries = run_pipeline(config, on_event=lambda line: None)
+    assert summaries["missing"]["state"] == "failed" and "file not found" in summaries["missing"]["error"]
+    assert summaries["good"]["state"] == "ended" and summaries["good"]["windows"] == 9
+    assert "file not found" in SlowFastClient(redis_url).status("missing").last_error
+
+
+def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+    streams = [{
+        "id": "cam", "source": f"loop://{clip}", "live": True,
+        "standing_questions": [{"id": "anyone", "prompt": "Is anyone there?", "every_n_windows": 1,
+                                "trigger": {"p_yes_above": 0.0}}],
+    }]
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams)
+    stop = threading.Event()
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not client.events("cam"):
+            time.sleep(0.5)
+        events = client.events("cam")
+        assert events and events[0].question_id == "anyone" and events[0].trigger == "p_yes>0.0"
+        answer = client.ask("cam", "What is happening?", timeout=30)
+        assert answer.ok and answer.window is not None and answer.text is not None
+        yes_no = client.ask("cam", "Is anyone there?", timeout=30, kind="yesno")
+        assert 0.0 <= yes_no.probability <= 1.0
+        with pytest.raises(QuestionError, match="not running|unknown"):
+            client.ask("ghost", "Anything?", timeout=30)
+    finally:
+        stop.set()
+        runner.join(timeout=90)
+    assert not runner.is_alive()
+    assert result["cam"]["state"] == "stopped"
+    assert client.status("cam").windows_done >= 1

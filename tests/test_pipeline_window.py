@@ -1,0 +1,86 @@
+"""Sliding windows and the pipeline config (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.window import FrameRef, SlidingWindow, expected_windows
+
+
+def push_all(windows: SlidingWindow, count: int) -> list:
+    emitted = [windows.push(FrameRef(i, i * 0.25, 1000 + i * 0.25, ref=i)) for i in range(count)]
+    return [w for w in emitted if w is not None]
+
+
+@pytest.mark.parametrize("count", [64, 65, 80, 90, 100, 200])
+def test_windows_of_64_every_16_with_a_tail(count):
+    windows = SlidingWindow("s", 64, 16, live=False)
+    emitted = push_all(windows, count)
+    tail = windows.finish()
+    all_windows = emitted + ([tail] if tail else [])
+    assert len(all_windows) == expected_windows(count, 64, 16)
+    assert [w.seq for w in all_windows] == list(range(len(all_windows)))
+    for w in emitted:
+        assert len(w.frames) == 64
+        assert w.frames[-1].seq - w.frames[0].seq == 63
+    assert emitted[0].frames[0].seq == 0 and emitted[0].end == 63 * 0.25
+    for a, b in zip(emitted, emitted[1:]):
+        assert b.frames[0].seq - a.frames[0].seq == 16
+    assert all_windows[-1].frames[-1].seq == count - 1  # the tail is covered
+
+
+def test_short_file_gives_one_window_and_nothing_before_full():
+    windows = SlidingWindow("s", 64, 16, live=False)
+    assert push_all(windows, 10) == []
+    tail = windows.finish()
+    assert tail is not None and len(tail.frames) == 10
+    assert SlidingWindow("s", 64, 16, live=False).finish() is None
+
+
+def test_stride_larger_than_window_is_rejected():
+    with pytest.raises(ValueError, match="stride 65 must be between 1 and the window size 64"):
+        SlidingWindow("s", 64, 65, live=False)
+
+
+def test_config_sources_precedence(tmp_path, monkeypatch):
+    path = tmp_path / "slowfast.yaml"
+    path.write_text("window: 32\nstride: 8\nfps: 2\nstreams:\n  - id: cam1\n    source: rtsp://cam/1\n")
+    monkeypatch.setenv("SLOWFAST_STRIDE", "4")
+    monkeypatch.setenv("SLOWFAST_GENERATION__MAX_NEW_TOKENS", "12")
+    config = load_config(path, fps=8.0)
+    assert (config.window, config.stride, config.fps) == (32, 4, 8.0)  # yaml < env < flags
+    assert config.generation.max_new_tokens == 12
+    assert config.streams[0].id == "cam1" and config.streams[0].caption_prompt
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"window": "big"}, r"window='big'"),
+        ({"stride": 100, "window": 64}, r"stride=100: stride 100 is larger than the window 64"),
+        ({"fps": -1}, r"fps=-1"),
+        ({"streams": [{"id": "a b", "source": "x.mp4"}]}, r"streams.0.id='a b': invalid stream id"),
+        ({"streams": [{"id": "a", "source": "x"}, {"id": "a", "source": "y"}]}, r"repeated: \['a'\]"),
+        ({"streams": [{"id": "a", "source": "x", "colour": 1}]}, r"streams.0.colour"),
+        ({"generation": {"top_p": 0}}, r"generation.top_p=0"),
+        ({"streams": [{"id": "a", "source": "x", "standing_questions": [
+            {"id": "q", "prompt": "anyone?", "trigger": {}}]}]}, r"exactly one of starts_with or p_yes_above"),
+    ],
+)
+def test_bad_config_values_name_field_and_value(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, **overrides)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("window: [1,\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping, got list"):
+        load_config(listing)
