@@ -198,11 +198,12 @@ class ModelWorker:
         async with self.lock:
             return await asyncio.to_thread(self.processor.answer, question)
 
-    async def stats(self) -> dict:
+    async def stats(self) -> dict[str, dict]:
+        """Per stream: frames encoded (each once), feature-ring size, windows done/skipped/queued."""
         return {
-            "frames_encoded": self.processor.frames_encoded,
-            "ring_sizes": {s: len(st.ring) for s, st in self.processor.streams.items()},
-            "queued": {s: len(q) for s, q in self.queues.items()},
+            sid: {"frames_encoded": st.frames_encoded, "ring_size": len(st.ring), "windows_done": st.windows_done,
+                  "windows_skipped": st.windows_skipped, "queued": len(self.queues.get(sid, ()))}
+            for sid, st in self.processor.streams.items()
         }
 
     async def _loop(self) -> None:

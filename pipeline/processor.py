@@ -35,6 +35,7 @@ class StreamState:
     latest_features: torch.Tensor | None = None
     windows_done: int = 0
     windows_skipped: int = 0
+    frames_encoded: int = 0
     latency_s: float | None = None
 
 
@@ -84,6 +85,7 @@ class WindowProcessor:
             encoded = self.vlm.encode_frames(self.vlm.preprocess(images))
             state.ring.update(zip((f.seq for f in missing), encoded))
             self.frames_encoded += len(missing)
+            state.frames_encoded += len(missing)
         first = window.frames[0].seq
         for seq in [s for s in state.ring if s < first]:
             del state.ring[seq]  # slid out: released as the window moves

@@ -133,12 +133,16 @@ class Pipeline:
         return any(not h.live and h.summary is None for h in self.streams.values())
 
     def drain(self) -> None:
-        """Stop ingest, let in-flight windows finish and publish final status."""
+        """Stop ingest, let in-flight windows finish, then add the workers' counts to the summaries."""
         for handle in self.streams.values():
             handle.ingest.stop.remote()
         for handle in self.streams.values():
             with contextlib.suppress(Exception):
                 handle.summary = handle.summary or ray.get(handle.done_ref, timeout=60)
+        for stats in ray.get([w.stats.remote() for w in self.workers]):
+            for sid, counts in stats.items():
+                if sid in self.streams and self.streams[sid].summary is not None:
+                    self.streams[sid].summary |= counts
 
 
 def format_caption(caption: Caption) -> str:
@@ -190,7 +194,8 @@ def run_pipeline(
             while not stop.is_set():
                 for sid in pipeline.finished_files():
                     on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
-                if (pipeline.streams or pipeline.failed) and not pipeline.files_pending() and not any(h.live for h in pipeline.streams.values()):
+                live = any(h.live for h in pipeline.streams.values())
+                if (pipeline.streams or pipeline.failed) and not pipeline.files_pending() and not live:
                     break
                 _route_questions(pipeline, questions, pending_answers)
                 _handle_controls(pipeline, controls, on_event)

@@ -43,6 +43,9 @@ def test_file_windows_captions_and_outputs_are_exact(ray_session, redis_url, tin
         frames = list(source)
     count = expected_windows(len(frames), WINDOW, STRIDE)
     assert count == 9 and summaries["clip"]["windows"] == count
+    # 9 windows of 8 frames over 40 frames: each frame encoded once, the ring bounded by the window
+    assert summaries["clip"]["frames_encoded"] == len(frames) == 40
+    assert summaries["clip"]["ring_size"] <= WINDOW
 
     history = SlowFastClient(redis_url).history("clip", count=100)
     assert [c.window for c in history] == list(range(count))
@@ -109,3 +112,20 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
     assert not runner.is_alive()
     assert result["cam"]["state"] == "stopped"
     assert client.status("cam").windows_done >= 1
+
+
+def test_live_stream_that_outruns_the_worker_skips_stale_windows(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+    """16 fps with stride 1 closes a window every 62 ms, faster than the worker: newest wins."""
+    config = load_config(
+        None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path, window=WINDOW, stride=1, fps=16.0,
+        streams=[{"id": "fast", "source": f"loop://{clip}", "live": True}], generation={"max_new_tokens": 48},
+    )
+    stop = threading.Event()
+    threading.Timer(8.0, stop.set).start()
+    summary = run_pipeline(config, stop=stop, on_event=lambda line: None)["fast"]
+    assert summary["windows_skipped"] > 0 and summary["windows_done"] > 0
+    assert summary["windows_done"] + summary["windows_skipped"] <= summary["windows"]
+    assert summary["ring_size"] <= WINDOW  # features of frames that slid out are released
+    windows = [c.window for c in SlowFastClient(redis_url).history("fast", count=1000)]
+    assert windows == sorted(windows) and len(windows) == summary["windows_done"]
+    assert SlowFastClient(redis_url).status("fast").windows_skipped == summary["windows_skipped"]
