@@ -38,7 +38,8 @@ def parse_source_arg(value: str) -> tuple[str, str]:
 
 
 def fail(message: str) -> None:
-    console.print(f"[red]error:[/red] {message}")
+    # soft_wrap: keep the message on one line; markup off: values may contain [brackets].
+    console.print(f"error: {message}", style="red", soft_wrap=True, markup=False, highlight=False)
     raise typer.Exit(2)
 
 

@@ -1,0 +1,67 @@
+"""The `slowfast` CLI, in-process with Typer's runner, on real Ray/Redis and the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app, parse_source_arg
+from tests.support.media import cfr_times, make_clip
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("/data/lobby cam.mp4", ("lobby-cam", "/data/lobby cam.mp4")),
+        ("rtsp://user:secret@10.0.0.5:554/stream1", ("stream1", "rtsp://user:secret@10.0.0.5:554/stream1")),
+        ("door=rtsp://cam/live?token=x", ("door", "rtsp://cam/live?token=x")),
+        ("loop:///tmp/clip.mp4", ("clip", "loop:///tmp/clip.mp4")),
+    ],
+)
+def test_source_arguments_name_streams(value, expected):
+    assert parse_source_arg(value) == expected
+
+
+def test_run_a_file_writes_outputs_and_status(ray_session, redis_url, tiny_model_dir, tmp_path):
+    clip = make_clip(tmp_path / "yard.mp4", cfr_times(8, 6.0)).path
+    out = tmp_path / "out"
+    result = runner.invoke(app, [
+        "run", "--source", str(clip), "--redis-url", redis_url, "--model", str(tiny_model_dir),
+        "--out", str(out), "--window", "8", "--stride", "4", "--max-new-tokens", "4",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "yard: 5 windows, state ended" in result.output
+    lines = (out / "yard" / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["window"] for line in lines] == [0, 1, 2, 3, 4]
+    assert (out / "yard" / "captions.vtt").read_text().startswith("WEBVTT")
+
+    status = runner.invoke(app, ["status", "--redis-url", redis_url])
+    assert status.exit_code == 0 and "yard" in status.output and "ended" in status.output
+    asked = runner.invoke(app, ["ask", "yard", "What happens?", "--redis-url", redis_url, "--timeout", "1"])
+    assert asked.exit_code == 2 and "no answer within 1 s" in asked.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run"], "no streams"),
+        (["run", "--source", "x.mp4", "--stride", "100"], "stride 100 is larger than the window 64"),
+        (["run", "--source", "x.mp4", "--fps", "0"], "fps=0.0"),
+        (["run", "-c", "/nonexistent/slowfast.yaml"], "cannot read config file"),
+        (["run", "--window", "abc"], "Invalid value"),
+    ],
+)
+def test_bad_run_arguments_exit_2_with_the_reason(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_every_command_has_help():
+    for command in (["run"], ["ask"], ["tail"], ["status"], ["demo"], ["streams", "add"], ["streams", "remove"]):
+        result = runner.invoke(app, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage" in result.output
