@@ -43,14 +43,27 @@ class IngestActor:
         self.done = False
         self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
         self.source = None
+        # A restarted actor (max_restarts) resumes by itself: live streams continue their
+        # window numbering, files start over and their already-published windows are
+        # recognised as duplicates by the publisher.
+        self.first_window_seq = ray.get(worker.resume_point.remote(stream.id))
+        self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
+        self.thread.start()
 
     async def run(self) -> dict:
-        """Ingest until the source ends, fails or stop() is called; returns a summary."""
+        """Wait until the source ends, fails or stop() is called; returns a summary."""
+        while self.thread.is_alive():
+            await asyncio.sleep(0.2)
+        return self.summary()
+
+    def _ingest_and_finish(self) -> None:
         try:
-            await asyncio.to_thread(self._ingest)
+            self._ingest()
+        except Exception as exc:  # keep the reason; the summary and status carry it
+            self.state, self.error = IngestState.FAILED, f"{type(exc).__name__}: {exc}"
+            log.exception("ingest of %s crashed", self.stream.id)
         finally:
             self.done = True
-        return self.summary()
 
     def summary(self) -> dict:
         return {"stream": self.stream.id, "state": str(self.state), "frames_in": self.frames_in,
@@ -69,7 +82,8 @@ class IngestActor:
                              live=self.stream.live, retry_connect=True) as source:
                 self.source = source
                 self.live = source.is_live
-                windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live)
+                windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
+                                        first_seq=self.first_window_seq if self.live else 0)
                 for frame in source:
                     if self.stop_event.is_set():
                         break
@@ -170,6 +184,15 @@ class ModelWorker:
             self.processor.remove_stream(stream)
             self.ingest.pop(stream, None)
 
+    async def resume_point(self, stream: str) -> int:
+        """For a (re)starting ingest actor: clear the stream's feature ring (frame numbering
+        restarts with the source) and return the next window number to use."""
+        state = self.processor.streams.get(stream)
+        if state is None:
+            return 0
+        state.ring.clear()
+        return state.next_window_seq
+
     async def load(self) -> int:
         return len(self.queues)
 
@@ -179,10 +202,12 @@ class ModelWorker:
         if queue is None:
             return "removed"
         future = asyncio.get_running_loop().create_future()
+        state = self.processor.streams[window.stream]
+        state.next_window_seq = max(state.next_window_seq, window.seq + 1)
         if window.live:
             while queue:  # newest wins: an older window that was not started is skipped
                 stale, stale_future = queue.popleft()
-                self.processor.streams[window.stream].windows_skipped += 1
+                state.windows_skipped += 1
                 self.windows_skipped.inc(tags={"stream": window.stream})
                 stale_future.set_result("skipped")
         queue.append((window, future))

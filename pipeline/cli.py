@@ -158,18 +158,24 @@ def streams_add(
 ) -> None:
     """Add a stream to the running pipeline."""
     sid, uri = parse_source_arg(source)
-    reply = SlowFastClient(redis_url).add_stream(sid, uri, live=live, timeout=timeout)
-    if not reply.ok:
-        fail(reply.error)
+    try:
+        SlowFastClient(redis_url).add_stream(sid, uri, live=live, timeout=timeout)
+    except QuestionError as exc:
+        fail(str(exc))
+    except TimeoutError:
+        fail(f"no reply within {timeout:g} s (is the pipeline running?)")
     console.print(f"added {sid}")
 
 
 @streams_app.command("remove")
 def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> None:
     """Remove a stream from the running pipeline."""
-    reply = SlowFastClient(redis_url).remove_stream(stream, timeout=timeout)
-    if not reply.ok:
-        fail(reply.error)
+    try:
+        SlowFastClient(redis_url).remove_stream(stream, timeout=timeout)
+    except QuestionError as exc:
+        fail(str(exc))
+    except TimeoutError:
+        fail(f"no reply within {timeout:g} s (is the pipeline running?)")
     console.print(f"removed {stream}")
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from connectors.publisher import Publisher
+from connectors.publisher import Publisher, PublishResult
 from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, QuestionKind
 from model import SlowFastVLM, VideoQuery
 
@@ -36,6 +36,7 @@ class StreamState:
     windows_done: int = 0
     windows_skipped: int = 0
     frames_encoded: int = 0
+    next_window_seq: int = 0
     latency_s: float | None = None
 
 
@@ -124,8 +125,9 @@ class WindowProcessor:
                 text=caption_text if caption_text is not None else "", model=self.model_name,
                 prompt=state.config.caption_prompt if caption_text is not None else None, latency_s=latency,
             )
-            self.publisher.publish_window(caption, answers, events)
-            if state.files is not None and caption_text is not None:
+            result = self.publisher.publish_window(caption, answers, events)
+            # A window re-sent after an ingest restart is a duplicate: it is in the files already.
+            if state.files is not None and caption_text is not None and result != PublishResult.DUPLICATE:
                 state.files.write(caption)
             state.windows_done += 1
             state.latency_s = latency

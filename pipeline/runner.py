@@ -9,7 +9,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +98,9 @@ class Pipeline:
         ray.get(worker.add_stream.remote(stream, info.run, live))
         resources = {"num_cpus": 0.5, "resources": dict(self.config.ingest_resources)}
         stream = stream.model_copy(update={"live": live})
-        ingest = IngestActor.options(**resources).remote(stream, self.config, worker, self.frame_size)
+        ingest = IngestActor.options(name=f"ingest:{stream.id}", **resources).remote(
+            stream, self.config, worker, self.frame_size
+        )
         self.streams[stream.id] = StreamHandle(stream, live, worker, ingest, ingest.run.remote())
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
 
@@ -125,7 +126,11 @@ class Pipeline:
                 continue
             ready, _ = ray.wait([handle.done_ref], timeout=0)
             if ready:
-                handle.summary = ray.get(handle.done_ref)
+                try:
+                    handle.summary = ray.get(handle.done_ref)
+                except ray.exceptions.RayActorError:  # died mid-run: Ray restarts it, wait again
+                    handle.done_ref = handle.ingest.run.remote()
+                    continue
                 finished.append(sid)
         return finished
 
@@ -187,6 +192,9 @@ def run_pipeline(
             except Exception as exc:  # a stream that cannot start affects only itself
                 pipeline.report_failure(stream.id, exc)
                 on_event(f"stream {stream.id} failed: {exc}")
+        # A run of files only ends when they are done; with a live stream (or none configured,
+        # waiting for control messages) it runs until stopped.
+        files_only = bool(config.streams) and not any(h.live for h in pipeline.streams.values())
         questions = QuestionIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         controls = ControlIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         pending_answers: dict[Any, tuple[str, Any]] = {}
@@ -194,14 +202,11 @@ def run_pipeline(
             while not stop.is_set():
                 for sid in pipeline.finished_files():
                     on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
-                live = any(h.live for h in pipeline.streams.values())
-                if (pipeline.streams or pipeline.failed) and not pipeline.files_pending() and not live:
+                if files_only and not pipeline.files_pending():
                     break
                 _route_questions(pipeline, questions, pending_answers)
                 _handle_controls(pipeline, controls, on_event)
                 _finish_answers(questions, pending_answers)
-                if not pipeline.streams and not config.streams:
-                    time.sleep(POLL_MS / 1000)  # nothing configured: serve control messages
         finally:
             pipeline.drain()
             printer_stop.set()

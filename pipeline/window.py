@@ -50,13 +50,13 @@ class SlidingWindow:
     last window (a file's tail), or the frames so far if the stream never filled a window.
     """
 
-    def __init__(self, stream: str, size: int, stride: int, live: bool):
+    def __init__(self, stream: str, size: int, stride: int, live: bool, first_seq: int = 0):
         if not 1 <= stride <= size:
             raise ValueError(f"stride {stride} must be between 1 and the window size {size}")
         self.stream, self.size, self.stride, self.live = stream, size, stride, live
         self.frames: deque[FrameRef] = deque(maxlen=size)
         self.since_last = 0
-        self.next_seq = 0
+        self.next_seq = first_seq
         self.emitted = False
 
     def push(self, frame: FrameRef) -> Window | None:

@@ -129,3 +129,48 @@ def test_live_stream_that_outruns_the_worker_skips_stale_windows(ray_session, re
     windows = [c.window for c in SlowFastClient(redis_url).history("fast", count=1000)]
     assert windows == sorted(windows) and len(windows) == summary["windows_done"]
     assert SlowFastClient(redis_url).status("fast").windows_skipped == summary["windows_skipped"]
+
+
+def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+    import ray
+
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "cam", "source": f"loop://{clip}"}])
+    stop = threading.Event()
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+
+    def windows_of(sid: str) -> list[int]:
+        return [c.window for c in client.history(sid, count=1000)]
+
+    def wait_for(predicate, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not predicate():
+            time.sleep(0.3)
+        assert predicate()
+
+    try:
+        wait_for(lambda: len(windows_of("cam")) >= 2)
+        # an ingest actor that dies is restarted by Ray and its stream resumes, numbering on
+        before = max(windows_of("cam"))
+        ray.kill(ray.get_actor("ingest:cam"), no_restart=False)
+        wait_for(lambda: max(windows_of("cam")) >= before + 3)
+        assert windows_of("cam") == sorted(set(windows_of("cam")))
+
+        client.add_stream("yard", str(clip), live=False, timeout=30)
+        wait_for(lambda: len(windows_of("yard")) == 9)
+        with pytest.raises(QuestionError, match="already running"):
+            client.add_stream("yard", str(clip), live=False, timeout=30)
+        with pytest.raises(QuestionError, match="file not found"):
+            client.add_stream("bad", str(tmp_path / "missing.mp4"), timeout=30)
+
+        client.remove_stream("cam", timeout=60)
+        assert "cam" not in {s.id for s in client.streams()}
+        with pytest.raises(QuestionError, match="not running"):
+            client.remove_stream("cam", timeout=30)
+    finally:
+        stop.set()
+        runner.join(timeout=90)
+    assert not runner.is_alive()
+    assert result["yard"]["windows"] == 9 and "cam" not in result
