@@ -189,7 +189,7 @@ def demo(
     """Generated clip -> tiny model -> embedded Redis: a file copy and a live looping copy."""
     import threading
 
-    from .local_demo import write_clip
+    from .demo_clip import write_clip
     from .runner import run_pipeline, stop_on_signals
 
     with tempfile.TemporaryDirectory() as tmp:
