@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .window import FrameRef, SlidingWindow, Window
 
 log = logging.getLogger("slowfast.pipeline")
 STATUS_INTERVAL_S = 1.0
+RESUBMIT_WAIT_S = 1.0
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -109,20 +111,38 @@ class IngestActor:
             self.state, self.error = IngestState.FAILED, str(exc)
             log.error("stream %s failed: %s", self.stream.id, exc)
         # Wait for the file's windows, so "ended" means "every window captioned".
-        if in_flight:
-            ray.get(list(in_flight))
+        while in_flight and not self.live:
+            self._wait_oldest(in_flight)
         self.worker.ingest_status.remote(self.stream.id, self._status(None, final=True))
 
     def _submit(self, window: Window, in_flight: deque) -> None:
-        in_flight.append(self.worker.submit.remote(window))
+        in_flight.append((window, self.worker.submit.remote(window)))
         self.windows_emitted += 1
-        limit = self.config.file_windows_in_flight
         if not self.live:
-            while len(in_flight) > limit:  # backpressure: decoding waits for the worker
-                ray.get(in_flight.popleft())
+            while len(in_flight) > self.config.file_windows_in_flight:  # backpressure: decoding waits
+                self._wait_oldest(in_flight)
         else:
-            while in_flight and ray.wait([in_flight[0]], timeout=0)[0]:
+            while in_flight and ray.wait([in_flight[0][1]], timeout=0)[0]:
                 in_flight.popleft()
+
+    def _wait_oldest(self, in_flight: deque) -> None:
+        """Wait for the oldest window of a file. If the worker died, restarted or was not
+        ready ("retry"), re-send it and every later window in order, so none is lost and
+        Redis still gets them in order."""
+        window, ref = in_flight[0]
+        while not self.stop_event.is_set():
+            try:
+                if ray.get(ref) in ("done", "skipped"):
+                    in_flight.popleft()
+                    return
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                pass
+            time.sleep(RESUBMIT_WAIT_S)
+            resent = [(w, self.worker.submit.remote(w)) for w, _ in in_flight]
+            in_flight.clear()
+            in_flight.extend(resent)
+            window, ref = in_flight[0]
+        in_flight.popleft()
 
     def _status(self, source, final: bool = False) -> dict:
         stats = source.stats if source is not None else None
@@ -152,6 +172,7 @@ class ModelWorker:
             self.vlm, self.publisher, config.generation, config.batch_size,
             fetch_frames=lambda refs: ray.get([f.ref for f in refs]), model_name=Path(str(model_path)).name,
         )
+        self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor (state lost)
         self.queues: dict[str, deque[tuple[Window, asyncio.Future]]] = {}
         self.ingest: dict[str, dict] = {}
         self.wakeup = asyncio.Event()
@@ -168,11 +189,13 @@ class ModelWorker:
     def frame_size(self) -> int:
         return self.config.size or self.vlm.config.image_size
 
-    async def add_stream(self, stream: StreamConfig, run: int, live: bool) -> None:
+    async def add_stream(self, stream: StreamConfig, run: int, live: bool, next_window: int = 0) -> None:
+        """Take a stream; `next_window` > 0 when re-adding it after a restart (files append)."""
         files = None
         if not live:
-            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps)
+            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, append=next_window > 0)
         self.processor.add_stream(stream, run, files)
+        self.processor.streams[stream.id].next_window_seq = next_window
         self.queues[stream.id] = deque()
         if self.loop_task is None:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
@@ -193,6 +216,10 @@ class ModelWorker:
         state.ring.clear()
         return state.next_window_seq
 
+    async def health(self) -> tuple[str, int]:
+        """(incarnation, streams): a new incarnation tells the driver to re-add its streams."""
+        return self.incarnation, len(self.queues)
+
     async def load(self) -> int:
         return len(self.queues)
 
@@ -201,8 +228,15 @@ class ModelWorker:
         queue = self.queues.get(window.stream)
         if queue is None:
             return "removed"
-        future = asyncio.get_running_loop().create_future()
         state = self.processor.streams[window.stream]
+        if not window.live:
+            # Files are captioned in order, exactly once: an already accepted window is done,
+            # one beyond the next expected (a gap after a restart) must be re-sent in order.
+            if window.seq < state.next_window_seq:
+                return "done"
+            if window.seq > state.next_window_seq:
+                return "retry"
+        future = asyncio.get_running_loop().create_future()
         state.next_window_seq = max(state.next_window_seq, window.seq + 1)
         if window.live:
             while queue:  # newest wins: an older window that was not started is skipped

@@ -97,8 +97,12 @@ class PipelineConfig(BaseSettings):
     history_len: int = Field(default=10_000, ge=10)
     out_dir: Path = Path("out")
     workers: int | None = Field(default=None, ge=1, description="model workers; None: one per GPU, or 1 on CPU")
-    ingest_resources: dict[str, float] = Field(
-        default_factory=dict, description="extra Ray resources for ingest actors, e.g. {ingest: 1} to pin them"
+    ingest_node_resource: str | None = Field(
+        default=None, description="prefer nodes that have this Ray resource for ingest actors (soft: "
+        "if none is alive they run elsewhere)",
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources each model worker requires (hard)"
     )
 
     @field_validator("stride")

@@ -19,15 +19,17 @@ def vtt_timestamp(seconds: float) -> str:
 class CaptionFiles:
     """Appends one JSON line and one WebVTT cue per window, flushed as they come."""
 
-    def __init__(self, folder: Path, frame_interval: float):
+    def __init__(self, folder: Path, frame_interval: float, append: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = folder / "captions.jsonl"
         self.vtt_path = folder / "captions.vtt"
         # A cue ends when its last frame's display interval ends, so cues never have zero length.
         self.frame_interval = frame_interval
-        self._jsonl = self.jsonl_path.open("w", encoding="utf-8")
-        self._vtt = self.vtt_path.open("w", encoding="utf-8")
-        self._vtt.write("WEBVTT\n\n")
+        mode = "a" if append and self.vtt_path.exists() else "w"
+        self._jsonl = self.jsonl_path.open(mode, encoding="utf-8")
+        self._vtt = self.vtt_path.open(mode, encoding="utf-8")
+        if mode == "w":
+            self._vtt.write("WEBVTT\n\n")
 
     def write(self, caption: Caption) -> None:
         record = {

@@ -9,12 +9,14 @@ import signal
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from connectors.embedded import EmbeddedRedis
 from connectors.intake import ControlIntake, QuestionIntake
@@ -28,11 +30,15 @@ from .actors import IngestActor, ModelWorker
 
 log = logging.getLogger("slowfast.pipeline")
 POLL_MS = 200
+INGEST_CPUS = 0.5
+WORKER_CHECK_INTERVAL_S = 2.0
+WORKER_HEALTH_TIMEOUT_S = 5.0
 
 
 @dataclass
 class StreamHandle:
     config: StreamConfig
+    run: int
     live: bool
     worker: Any
     ingest: Any
@@ -74,14 +80,48 @@ class Pipeline:
     streams: dict[str, StreamHandle] = field(default_factory=dict)
     workers: list[Any] = field(default_factory=list)
     failed: dict[str, dict] = field(default_factory=dict)
+    incarnations: dict[int, str] = field(default_factory=dict)
 
     def start_workers(self) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = self.config.workers or max(1, gpus)
         options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        self.workers = [ModelWorker.options(**options).remote(self.config, self.model_path) for _ in range(count)]
+        options["resources"] = dict(self.config.worker_resources)
+        self.workers = [
+            ModelWorker.options(name=f"worker:{i}", **options).remote(self.config, self.model_path) for i in range(count)
+        ]
         self.frame_size = ray.get(self.workers[0].frame_size.remote())
+        self.check_workers()
         self.publisher = Publisher(self.config.redis_url, history_len=self.config.history_len)
+        self.client = SlowFastClient(self.config.redis_url)
+
+    def ingest_options(self) -> dict[str, Any]:
+        """Ingest actors are light (decode threads); with `ingest_node_resource` they prefer
+        the nodes that have it, softly, so they still run (or restart) elsewhere."""
+        options: dict[str, Any] = {"num_cpus": INGEST_CPUS}
+        wanted = self.config.ingest_node_resource
+        if wanted:
+            nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(wanted, 0) > 0)
+            if nodes:
+                node = nodes[len(self.streams) % len(nodes)]
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        return options
+
+    def check_workers(self) -> None:
+        """Re-add streams to a worker that Ray restarted (a restart loses its state)."""
+        for index, worker in enumerate(self.workers):
+            try:
+                incarnation, stream_count = ray.get(worker.health.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                continue  # restarting: look again next round
+            if self.incarnations.get(index) not in (None, incarnation):
+                for sid, handle in self.streams.items():
+                    if handle.worker is worker:
+                        latest = self.client.latest(sid)
+                        next_window = latest.window + 1 if latest is not None and latest.run == handle.run else 0
+                        ray.get(worker.add_stream.remote(handle.config, handle.run, handle.live, next_window))
+                log.warning("model worker %d restarted; %d streams re-added", index, stream_count)
+            self.incarnations[index] = incarnation
 
     def least_loaded_worker(self) -> Any:
         loads = ray.get([w.load.remote() for w in self.workers])
@@ -96,12 +136,11 @@ class Pipeline:
         )
         worker = self.least_loaded_worker()
         ray.get(worker.add_stream.remote(stream, info.run, live))
-        resources = {"num_cpus": 0.5, "resources": dict(self.config.ingest_resources)}
         stream = stream.model_copy(update={"live": live})
-        ingest = IngestActor.options(name=f"ingest:{stream.id}", **resources).remote(
+        ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
             stream, self.config, worker, self.frame_size
         )
-        self.streams[stream.id] = StreamHandle(stream, live, worker, ingest, ingest.run.remote())
+        self.streams[stream.id] = StreamHandle(stream, info.run, live, worker, ingest, ingest.run.remote())
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
 
     def report_failure(self, stream_id: str, exc: Exception) -> None:
@@ -198,6 +237,7 @@ def run_pipeline(
         questions = QuestionIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         controls = ControlIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         pending_answers: dict[Any, tuple[str, Any]] = {}
+        last_check = time.monotonic()
         try:
             while not stop.is_set():
                 for sid in pipeline.finished_files():
@@ -207,6 +247,9 @@ def run_pipeline(
                 _route_questions(pipeline, questions, pending_answers)
                 _handle_controls(pipeline, controls, on_event)
                 _finish_answers(questions, pending_answers)
+                if time.monotonic() - last_check >= WORKER_CHECK_INTERVAL_S:
+                    last_check = time.monotonic()
+                    pipeline.check_workers()
         finally:
             pipeline.drain()
             printer_stop.set()

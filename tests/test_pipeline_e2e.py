@@ -174,3 +174,25 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
         runner.join(timeout=90)
     assert not runner.is_alive()
     assert result["yard"]["windows"] == 9 and "cam" not in result
+
+
+def test_a_restarted_model_worker_loses_no_file_window(ray_session, redis_url, tiny_model_dir, tmp_path):
+    import ray
+
+    long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "long", "source": str(long_clip)}],
+                             file_windows_in_flight=1)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, on_event=lambda l: None)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(client.history("long", count=100)) < 3:
+        time.sleep(0.2)
+    ray.kill(ray.get_actor("worker:0"), no_restart=False)
+    runner.join(timeout=180)
+    assert not runner.is_alive()
+    windows = [c.window for c in client.history("long", count=100)]
+    assert windows == list(range(19))
+    lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["window"] for line in lines][-1] == 18
