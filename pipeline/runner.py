@@ -33,6 +33,7 @@ POLL_MS = 200
 INGEST_CPUS = 0.5
 WORKER_CHECK_INTERVAL_S = 2.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
+ACTOR_EXIT_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -147,6 +148,18 @@ class Pipeline:
         self.failed[stream_id] = {"stream": stream_id, "state": "failed", "error": str(exc)}
         self.publisher.publish_status(StreamStatus(stream=stream_id, state=IngestState.FAILED, last_error=str(exc)))
 
+    def shutdown(self) -> None:
+        """Kill this run's actors and wait until their names are free for the next run."""
+        actors = [h.ingest for h in self.streams.values()] + self.workers
+        for actor in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        names = [f"ingest:{sid}" for sid in self.streams] + [f"worker:{i}" for i in range(len(self.workers))]
+        deadline = time.monotonic() + ACTOR_EXIT_TIMEOUT_S
+        while names and time.monotonic() < deadline:
+            names = [n for n in names if _actor_exists(n)]
+            time.sleep(0.1)
+
     def remove_stream(self, stream_id: str) -> None:
         handle = self.streams.pop(stream_id, None)
         if handle is None:
@@ -203,6 +216,14 @@ def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -
                 yield format_caption(caption)
 
 
+def _actor_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return False
+    return True
+
+
 def run_pipeline(
     config: PipelineConfig,
     stop: threading.Event | None = None,
@@ -256,6 +277,7 @@ def run_pipeline(
             _finish_answers(questions, pending_answers, wait=True)
             questions.close()
             controls.close()
+            pipeline.shutdown()
         return pipeline.failed | {sid: h.summary or {} for sid, h in pipeline.streams.items()}
 
 
