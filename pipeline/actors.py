@@ -71,6 +71,9 @@ class IngestActor:
         return {"stream": self.stream.id, "state": str(self.state), "frames_in": self.frames_in,
                 "windows": self.windows_emitted, "error": self.error, "live": self.live}
 
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     async def stop(self) -> None:
         self.stop_event.set()
         if self.source is not None:
@@ -113,7 +116,10 @@ class IngestActor:
         # Wait for the file's windows, so "ended" means "every window captioned".
         while in_flight and not self.live:
             self._wait_oldest(in_flight)
-        self.worker.ingest_status.remote(self.stream.id, self._status(None, final=True))
+        try:  # the final status is published before run() returns, so a drain sees it
+            ray.get(self.worker.ingest_status.remote(self.stream.id, self._status(None, final=True)), timeout=30)
+        except Exception as exc:  # the worker may be gone too; the summary still says it
+            log.warning("final status of %s not published: %s", self.stream.id, exc)
 
     def _submit(self, window: Window, in_flight: deque) -> None:
         in_flight.append((window, self.worker.submit.remote(window)))
@@ -215,6 +221,9 @@ class ModelWorker:
             return 0
         state.ring.clear()
         return state.next_window_seq
+
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     async def health(self) -> tuple[str, int]:
         """(incarnation, streams): a new incarnation tells the driver to re-add its streams."""
