@@ -102,3 +102,18 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck():
     assert text.count("\nFROM ") >= 2
     assert "USER slowfast" in text and "HEALTHCHECK" in text and "HF_HOME=/models" in text
     assert "[gpu]" in text
+
+
+def test_configmap_config_validates_against_the_pipeline_config(monkeypatch):
+    from pipeline.config import PipelineConfig
+
+    (configmap,) = by_kind("ConfigMap")
+    data = yaml.safe_load(configmap["data"]["slowfast.yaml"])
+    monkeypatch.setenv("SLOWFAST_REDIS_URL", "redis://:pw@slowfast-redis:6379/0")  # from the Secret
+    config = PipelineConfig.model_validate(data)
+    assert config.streams and config.ingest_node_resource == "ingest"
+    assert "redis_url" not in data  # the URL and its password come from the Secret only
+    # the resource the config prefers for ingest is the one the ingest group provides
+    (cluster,) = by_kind("RayCluster")
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert config.ingest_node_resource in groups["ingest"]["rayStartParams"]["resources"]
