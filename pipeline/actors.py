@@ -182,6 +182,7 @@ class ModelWorker:
         self.queues: dict[str, deque[tuple[Window, asyncio.Future]]] = {}
         self.ingest: dict[str, dict] = {}
         self.wakeup = asyncio.Event()
+        self.batch_running = False
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
         self.windows_done = Counter("slowfast_windows_done", "windows captioned", tag_keys=("stream",))
@@ -266,8 +267,11 @@ class ModelWorker:
         async with self.lock:
             return await asyncio.to_thread(self.processor.answer, question)
 
-    async def stats(self) -> dict[str, dict]:
-        """Per stream: frames encoded (each once), feature-ring size, windows done/skipped/queued."""
+    async def stats(self, drain: bool = False) -> dict[str, dict]:
+        """Per stream: frames encoded (each once), feature-ring size, windows done/skipped/queued.
+        With `drain`, first let every queued and running window finish (a clean stop)."""
+        while drain and (self.batch_running or any(self.queues.values())):
+            await asyncio.sleep(0.05)
         return {
             sid: {"frames_encoded": st.frames_encoded, "ring_size": len(st.ring), "windows_done": st.windows_done,
                   "windows_skipped": st.windows_skipped, "queued": len(self.queues.get(sid, ()))}
@@ -280,6 +284,7 @@ class ModelWorker:
             self.wakeup.clear()
             while any(self.queues.values()):
                 batch = self._take_batch()
+                self.batch_running = True
                 async with self.lock:
                     try:
                         await asyncio.to_thread(self.processor.process, [w for w, _ in batch])
@@ -294,6 +299,7 @@ class ModelWorker:
                         future.set_result(outcome)
                     await asyncio.to_thread(self._publish_status, window.stream)
                 self.batch_windows.observe(len(batch))
+                self.batch_running = False
 
     def _take_batch(self) -> list[tuple[Window, asyncio.Future]]:
         """Round-robin over streams so one busy file cannot starve the cameras."""

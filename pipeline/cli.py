@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
+import av
+
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
-from connectors.redis_schema import check_stream_id
+from connectors.redis_schema import Caption, check_stream_id
 
-from .config import ConfigError, StreamConfig, load_config
+from .config import ConfigError, PipelineConfig, StreamConfig, load_config
+from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
+from .window import expected_windows
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 streams_app = typer.Typer(help="Add or remove streams of a running pipeline.", no_args_is_help=True)
@@ -35,6 +43,34 @@ def parse_source_arg(value: str) -> tuple[str, str]:
         sid = Path(tail.rsplit("@", 1)[-1]).stem or "stream"
     sid = "".join(c if c.isalnum() or c in "_.-" else "-" for c in sid).strip("-._") or "stream"
     return check_stream_id(sid), uri
+
+
+def estimated_windows(source: str, config: PipelineConfig) -> int | None:
+    """Windows a file will give, from its duration (None if it cannot be read here)."""
+    try:
+        with av.open(source) as container:
+            stream = container.streams.video[0]
+            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+    except Exception:  # the run itself reports unreadable sources
+        return None
+    return expected_windows(round(seconds * config.fps), config.window, config.stride)
+
+
+@contextlib.contextmanager
+def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]:
+    """Print captions as they arrive, with a progress bar (windows done / total) per file."""
+    files = {s.id: estimated_windows(s.source, config) for s in config.streams if s.live is False
+             or (s.live is None and "://" not in s.source)}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False, disable=not files) as progress:
+        tasks = {sid: progress.add_task(sid, total=total) for sid, total in files.items()}
+
+        def on_caption(caption: Caption) -> None:
+            progress.console.print(format_caption(caption), markup=False, highlight=False)
+            if caption.stream in tasks:
+                progress.advance(tasks[caption.stream])
+
+        yield on_caption
 
 
 def fail(message: str) -> None:
@@ -60,8 +96,6 @@ def run(
     device: Annotated[Optional[str], typer.Option()] = None,
 ) -> None:
     """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
-    from .runner import run_pipeline, stop_on_signals
-
     try:
         base = load_config(config_file)
         streams = [s.model_dump() for s in base.streams]
@@ -82,8 +116,8 @@ def run(
     if not config.streams:
         fail("no streams: give --source URI or streams in the config file")
     logging.basicConfig(level=logging.WARNING)
-    with stop_on_signals() as stop:
-        summaries = run_pipeline(config, stop=stop, on_event=lambda line: console.print(line), show_captions=True)
+    with stop_on_signals() as stop, file_progress(config) as on_caption:
+        summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
     for sid, summary in summaries.items():
         console.print(f"{sid}: {summary.get('windows', 0)} windows, state {summary.get('state')}"
                       + (f", error: {summary['error']}" if summary.get("error") else ""))
@@ -116,9 +150,6 @@ def tail(
     count: Annotated[int, typer.Option(help="print this many past captions first")] = 5,
 ) -> None:
     """Print captions as they arrive (all streams, or one)."""
-    import threading
-
-    from .runner import follow_captions, format_caption
 
     client = SlowFastClient(redis_url)
     sids = [stream] if stream else [s.id for s in client.streams()]
@@ -126,9 +157,9 @@ def tail(
         fail("no streams registered")
     for sid in sids:
         for caption in client.history(sid, count=count)[-count:]:
-            console.print(format_caption(caption))
-    for line in follow_captions(redis_url, stream, threading.Event()):
-        console.print(line)
+            console.print(format_caption(caption), markup=False, highlight=False)
+    for caption in follow_captions(redis_url, stream, threading.Event()):
+        console.print(format_caption(caption), markup=False, highlight=False)
 
 
 @app.command()
@@ -187,11 +218,7 @@ def demo(
     stride: Annotated[int, typer.Option()] = 8,
 ) -> None:
     """Generated clip -> tiny model -> embedded Redis: a file copy and a live looping copy."""
-    import threading
-
     from .demo_clip import write_clip
-    from .runner import run_pipeline, stop_on_signals
-
     with tempfile.TemporaryDirectory() as tmp:
         clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
         out = Path("out") / "demo"
@@ -203,6 +230,7 @@ def demo(
         )
         with stop_on_signals() as stop:
             threading.Timer(seconds, stop.set).start()
-            summaries = run_pipeline(config, stop=stop, on_event=lambda line: console.print(line), show_captions=True)
+            with file_progress(config) as on_caption:
+                summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
         console.print(f"summary: {summaries}")
         console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")

@@ -34,6 +34,7 @@ INGEST_CPUS = 0.5
 WORKER_CHECK_INTERVAL_S = 2.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
 ACTOR_EXIT_TIMEOUT_S = 10.0
+DRAIN_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -196,7 +197,12 @@ class Pipeline:
         for handle in self.streams.values():
             with contextlib.suppress(Exception):
                 handle.summary = handle.summary or ray.get(handle.done_ref, timeout=60)
-        for stats in ray.get([w.stats.remote() for w in self.workers]):
+        try:
+            worker_stats = ray.get([w.stats.remote(drain=True) for w in self.workers], timeout=DRAIN_TIMEOUT_S)
+        except Exception as exc:  # a stuck or dead worker: the summaries keep the ingest counts
+            log.warning("workers did not drain: %s", exc)
+            worker_stats = []
+        for stats in worker_stats:
             for sid, counts in stats.items():
                 if sid in self.streams and self.streams[sid].summary is not None:
                     self.streams[sid].summary |= counts
@@ -206,14 +212,14 @@ def format_caption(caption: Caption) -> str:
     return f"{caption.stream} #{caption.window} [{caption.start:.2f}s-{caption.end:.2f}s] {caption.text}"
 
 
-def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -> Iterator[str]:
-    """Lines for captions as they are published (push notifications, then the latest state)."""
+def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -> Iterator[Caption]:
+    """Captions as they are published (push notifications, then the latest state)."""
     client = SlowFastClient(redis_url)
     for note in client.notifications(stream, stop=stop):
         if note.kind == NotificationKind.CAPTION:
             caption = client.latest(note.stream)
             if caption is not None:
-                yield format_caption(caption)
+                yield caption
 
 
 def _actor_exists(name: str) -> bool:
@@ -228,17 +234,16 @@ def run_pipeline(
     config: PipelineConfig,
     stop: threading.Event | None = None,
     on_event: Callable[[str], None] = print,
-    show_captions: bool = False,
+    on_caption: Callable[[Caption], None] | None = None,
 ) -> dict[str, dict]:
     """Run until every file is done and no live stream remains, or until `stop` is set."""
     stop = stop or threading.Event()
     with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()
-        if show_captions:
+        if on_caption is not None:
             threading.Thread(
-                target=lambda: [on_event(line) for line in follow_captions(redis_url, None, printer_stop)],
-                daemon=True,
+                target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
             ).start()
         if not ray.is_initialized():
             ray.init(address=config.ray_address, namespace=config.ray_namespace,

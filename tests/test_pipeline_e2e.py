@@ -12,6 +12,9 @@ import pytest
 from connectors.client import QuestionError, SlowFastClient
 from connectors.sources import open_source
 from model import VideoQuery
+from typer.testing import CliRunner
+
+from pipeline.cli import app as cli_app
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
@@ -26,6 +29,12 @@ def clip(tmp_path_factory):
     return make_clip(tmp_path_factory.mktemp("clips") / "indexed.mp4", cfr_times(8, 10.0)).path
 
 
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    """24 s: 96 frames at 4 fps -> three 64-frame windows at stride 16."""
+    return make_clip(tmp_path_factory.mktemp("clips") / "long.mp4", cfr_times(8, 24.0)).path
+
+
 def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
     return load_config(
         None, redis_url=redis_url, model=str(model_dir), out_dir=out_dir, window=WINDOW, stride=STRIDE,
@@ -33,27 +42,35 @@ def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
     )
 
 
-def test_file_windows_captions_and_outputs_are_exact(ray_session, redis_url, tiny_model_dir, tiny_vlm, clip, tmp_path):
-    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "clip", "source": str(clip)}],
-                             file_windows_in_flight=1)
+def test_file_windows_captions_and_outputs_are_exact(
+    ray_session, redis_url, tiny_model_dir, tiny_vlm, long_clip, tmp_path
+):
+    """Released shape: 64-frame windows every 16 frames at 4 fps."""
+    window, stride = 64, 16
+    config = load_config(
+        None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path, window=window, stride=stride,
+        fps=FPS, streams=[{"id": "clip", "source": str(long_clip)}], generation={"max_new_tokens": 6},
+        file_windows_in_flight=1,
+    )
     summaries = run_pipeline(config, on_event=lambda line: None)
     assert summaries["clip"]["state"] == "ended"
 
-    with open_source(str(clip), fps=FPS, size=576) as source:
+    with open_source(str(long_clip), fps=FPS, size=576) as source:
         frames = list(source)
-    count = expected_windows(len(frames), WINDOW, STRIDE)
-    assert count == 9 and summaries["clip"]["windows"] == count
-    # 9 windows of 8 frames over 40 frames: each frame encoded once, the ring bounded by the window
-    assert summaries["clip"]["frames_encoded"] == len(frames) == 40
-    assert summaries["clip"]["ring_size"] <= WINDOW
+    count = expected_windows(len(frames), window, stride)
+    assert len(frames) == 96 and count == 3 and summaries["clip"]["windows"] == count
+    # 3 windows of 64 frames over 96 frames: each frame encoded once, the ring bounded by the window
+    assert summaries["clip"]["frames_encoded"] == 96
+    assert summaries["clip"]["ring_size"] <= window
 
     history = SlowFastClient(redis_url).history("clip", count=100)
     assert [c.window for c in history] == list(range(count))
     for caption in history:
-        first = caption.window * STRIDE
-        window_frames = frames[first : first + WINDOW]
+        first = caption.window * stride
+        window_frames = frames[first : first + window]
         assert (caption.start, caption.end) == (window_frames[0].pts, window_frames[-1].pts)
-        assert caption.start == pytest.approx(caption.window * STRIDE / FPS)
+        assert caption.start == pytest.approx(caption.window * stride / FPS)
+        assert caption.end == pytest.approx(caption.start + (window - 1) / FPS)
         expected = tiny_vlm.generate(
             [VideoQuery(frames=np.stack([f.image for f in window_frames]), question=PROMPT)], max_new_tokens=6
         )[0].text
@@ -64,7 +81,7 @@ def test_file_windows_captions_and_outputs_are_exact(ray_session, redis_url, tin
         (c.window, c.start, c.end, c.text) for c in history
     ]
     vtt = (tmp_path / "clip" / "captions.vtt").read_text()
-    assert vtt.startswith("WEBVTT\n\n0\n00:00:00.000 --> 00:00:02.000\n")
+    assert vtt.startswith("WEBVTT\n\n0\n00:00:00.000 --> 00:00:16.000\n")
     assert vtt.count("-->") == count
 
     status = SlowFastClient(redis_url).status("clip")
@@ -102,6 +119,12 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
         assert events and events[0].question_id == "anyone" and events[0].trigger == "p_yes>0.0"
         answer = client.ask("cam", "What is happening?", timeout=30)
         assert answer.ok and answer.window is not None and answer.text is not None
+        latest_window = client.latest("cam").window
+        asked = CliRunner().invoke(cli_app, ["ask", "cam", "What is happening?", "--redis-url", redis_url])
+        assert asked.exit_code == 0 and asked.output.startswith("[")
+        assert client.answers("cam")[-1].window >= latest_window  # answered from the latest window
+        unknown = CliRunner().invoke(cli_app, ["ask", "ghost", "Anything?", "--redis-url", redis_url])
+        assert unknown.exit_code == 2 and "'ghost'" in unknown.output
         yes_no = client.ask("cam", "Is anyone there?", timeout=30, kind="yesno")
         assert 0.0 <= yes_no.probability <= 1.0
         with pytest.raises(QuestionError, match="not running|unknown"):
@@ -128,7 +151,9 @@ def test_live_stream_that_outruns_the_worker_skips_stale_windows(ray_session, re
     assert summary["ring_size"] <= WINDOW  # features of frames that slid out are released
     windows = [c.window for c in SlowFastClient(redis_url).history("fast", count=1000)]
     assert windows == sorted(windows) and len(windows) == summary["windows_done"]
-    assert SlowFastClient(redis_url).status("fast").windows_skipped == summary["windows_skipped"]
+    status = SlowFastClient(redis_url).status("fast")
+    assert status.windows_skipped == summary["windows_skipped"]
+    assert status.latency_s is not None and status.latency_s < 5.0  # newest wins keeps latency bounded
 
 
 def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
@@ -196,3 +221,24 @@ def test_a_restarted_model_worker_loses_no_file_window(ray_session, redis_url, t
     assert windows == list(range(19))
     lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines][-1] == 18
+
+
+def test_a_restarted_ingest_actor_captions_every_file_window_once(ray_session, redis_url, tiny_model_dir, tmp_path):
+    import ray
+
+    long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "long", "source": str(long_clip)}],
+                             file_windows_in_flight=1)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, on_event=lambda l: None)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(client.history("long", count=100)) < 3:
+        time.sleep(0.2)
+    ray.kill(ray.get_actor("ingest:long"), no_restart=False)
+    runner.join(timeout=180)
+    assert not runner.is_alive()
+    assert [c.window for c in client.history("long", count=100)] == list(range(19))
+    lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
