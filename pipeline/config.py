@@ -97,6 +97,10 @@ class PipelineConfig(BaseSettings):
     history_len: int = Field(default=10_000, ge=10)
     out_dir: Path = Path("out")
     workers: int | None = Field(default=None, ge=1, description="model workers; None: one per GPU, or 1 on CPU")
+    ingest_cpus: float = Field(
+        default=0.25, gt=0.0, description="Ray CPUs each ingest actor reserves (scheduling only; a 4 fps "
+        "stream decodes in a fraction of a core): streams per node = free CPUs / ingest_cpus",
+    )
     ingest_node_resource: str | None = Field(
         default=None, description="prefer nodes that have this Ray resource for ingest actors (soft: "
         "if none is alive they run elsewhere)",

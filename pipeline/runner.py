@@ -30,11 +30,11 @@ from .actors import IngestActor, ModelWorker
 
 log = logging.getLogger("slowfast.pipeline")
 POLL_MS = 200
-INGEST_CPUS = 0.5
 WORKER_CHECK_INTERVAL_S = 2.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
 ACTOR_EXIT_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
+PLACEMENT_WARN_S = 15.0
 
 
 @dataclass
@@ -45,6 +45,9 @@ class StreamHandle:
     worker: Any
     ingest: Any
     done_ref: Any
+    placed_ref: Any  # resolves once Ray has placed the ingest actor
+    added_at: float = field(default_factory=time.monotonic)
+    unplaced_reported: bool = False
     summary: dict | None = None
 
 
@@ -100,7 +103,7 @@ class Pipeline:
     def ingest_options(self) -> dict[str, Any]:
         """Ingest actors are light (decode threads); with `ingest_node_resource` they prefer
         the nodes that have it, softly, so they still run (or restart) elsewhere."""
-        options: dict[str, Any] = {"num_cpus": INGEST_CPUS}
+        options: dict[str, Any] = {"num_cpus": self.config.ingest_cpus}
         wanted = self.config.ingest_node_resource
         if wanted:
             nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(wanted, 0) > 0)
@@ -125,6 +128,23 @@ class Pipeline:
                 log.warning("model worker %d restarted; %d streams re-added", index, stream_count)
             self.incarnations[index] = incarnation
 
+    def check_placement(self) -> list[str]:
+        """Streams whose ingest actor Ray has not placed for a while (the cluster lacks the CPUs):
+        say so once, in the log and the stream's status, instead of waiting silently."""
+        messages = []
+        for sid, handle in self.streams.items():
+            if handle.unplaced_reported or time.monotonic() - handle.added_at < PLACEMENT_WARN_S:
+                continue
+            if ray.wait([handle.placed_ref], timeout=0)[0]:
+                continue
+            handle.unplaced_reported = True
+            reason = (f"ingest actor not placed after {PLACEMENT_WARN_S:.0f} s: the Ray cluster has no free "
+                      f"num_cpus={self.config.ingest_cpus} (lower ingest_cpus or add nodes)")
+            self.publisher.publish_status(StreamStatus(stream=sid, state=IngestState.STARTING, last_error=reason))
+            log.warning("stream %s: %s", sid, reason)
+            messages.append(f"stream {sid}: {reason}")
+        return messages
+
     def least_loaded_worker(self) -> Any:
         loads = ray.get([w.load.remote() for w in self.workers])
         return self.workers[loads.index(min(loads))]
@@ -142,7 +162,9 @@ class Pipeline:
         ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
             stream, self.config, worker, self.frame_size
         )
-        self.streams[stream.id] = StreamHandle(stream, info.run, live, worker, ingest, ingest.run.remote())
+        self.streams[stream.id] = StreamHandle(
+            stream, info.run, live, worker, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote()
+        )
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
 
     def report_failure(self, stream_id: str, exc: Exception) -> None:
@@ -194,9 +216,16 @@ class Pipeline:
         """Stop ingest, let in-flight windows finish, then add the workers' counts to the summaries."""
         for handle in self.streams.values():
             handle.ingest.stop.remote()
-        for handle in self.streams.values():
+        placed_refs = [h.placed_ref for h in self.streams.values()]
+        placed = set(ray.wait(placed_refs, num_returns=len(placed_refs), timeout=0)[0]) if placed_refs else set()
+        running = {h.done_ref: h for h in self.streams.values() if h.summary is None and h.placed_ref in placed}
+        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=DRAIN_TIMEOUT_S) if running else ([], [])
+        for ref in ready:
             with contextlib.suppress(Exception):
-                handle.summary = handle.summary or ray.get(handle.done_ref, timeout=60)
+                running[ref].summary = ray.get(ref)
+        for sid, handle in self.streams.items():  # never placed, or stuck: say so
+            if handle.summary is None:
+                handle.summary = {"stream": sid, "state": "not finished", "live": handle.live}
         try:
             worker_stats = ray.get([w.stats.remote(drain=True) for w in self.workers], timeout=DRAIN_TIMEOUT_S)
         except Exception as exc:  # a stuck or dead worker: the summaries keep the ingest counts
@@ -241,10 +270,11 @@ def run_pipeline(
     with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()
+        printer = threading.Thread(
+            target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
+        )
         if on_caption is not None:
-            threading.Thread(
-                target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
-            ).start()
+            printer.start()
         if not ray.is_initialized():
             ray.init(address=config.ray_address, namespace=config.ray_namespace,
                      include_dashboard=False, log_to_driver=False)
@@ -276,6 +306,8 @@ def run_pipeline(
                 if time.monotonic() - last_check >= WORKER_CHECK_INTERVAL_S:
                     last_check = time.monotonic()
                     pipeline.check_workers()
+                    for message in pipeline.check_placement():
+                        on_event(message)
         finally:
             pipeline.drain()
             printer_stop.set()
@@ -283,6 +315,8 @@ def run_pipeline(
             questions.close()
             controls.close()
             pipeline.shutdown()
+            if printer.is_alive():  # before an embedded Redis stops under it
+                printer.join(timeout=5)
         return pipeline.failed | {sid: h.summary or {} for sid, h in pipeline.streams.items()}
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +246,75 @@ def test_a_restarted_ingest_actor_captions_every_file_window_once(ray_session, r
     assert [c.window for c in client.history("long", count=100)] == list(range(19))
     lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
+
+
+def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
+    ray_session, redis_url, tiny_model_dir, clip, tmp_path, monkeypatch
+):
+    """2 CPUs: the CPU model worker takes 1 and the first camera 0.75; the second camera cannot
+    be placed. It is reported in its status, the first camera is captioned, and stop is prompt."""
+    import pipeline.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "PLACEMENT_WARN_S", 1.0)
+    streams = [{"id": "placed", "source": f"loop://{clip}"}, {"id": "unplaced", "source": f"loop://{clip}"}]
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams, ingest_cpus=0.75)
+    stop, events = threading.Event(), []
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=events.append)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (client.latest("placed") and any("not placed" in e for e in events)):
+            time.sleep(0.3)
+        status = client.status("unplaced")
+        assert status.state == "starting" and "no free num_cpus=0.75" in status.last_error
+        assert client.latest("placed") is not None and client.latest("unplaced") is None
+    finally:
+        stopped_at = time.time()
+        stop.set()
+        runner.join(timeout=120)
+    assert not runner.is_alive() and time.time() - stopped_at < 30
+    assert result["placed"]["state"] == "stopped" and result["unplaced"]["state"] == "not finished"
+
+
+def plasma_usage(gcs_address: str) -> tuple[int, int]:
+    """(MiB, objects) in the object store, from Ray's own `ray memory --stats-only`."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "memory", "--stats-only", "--address", gcs_address],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    match = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", out)
+    assert match, out
+    return int(match[1]), int(match[2])
+
+
+def test_object_store_stays_flat_over_a_long_looping_run(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+    """A looping camera at 8 fps puts ~1 MB per frame; frames that slid out of the window must be
+    released, so usage after 120 more frames is what it was (a leak would add ~120 objects)."""
+    import ray
+
+    config = load_config(
+        None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path, window=WINDOW, stride=STRIDE,
+        fps=8.0, streams=[{"id": "loop", "source": f"loop://{clip}", "live": True}], generation={"max_new_tokens": 4},
+    )
+    stop = threading.Event()
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
+    runner.start()
+    client, gcs = SlowFastClient(redis_url), ray.get_runtime_context().gcs_address
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and client.latest("loop") is None:
+            time.sleep(0.3)
+        time.sleep(3)
+        frames_before = client.status("loop").frames_in
+        mib_before, objects_before = plasma_usage(gcs)
+        time.sleep(15)
+        frames_after = client.status("loop").frames_in
+        mib_after, objects_after = plasma_usage(gcs)
+    finally:
+        stop.set()
+        runner.join(timeout=90)
+    assert frames_after - frames_before >= 100  # the camera kept running meanwhile
+    assert objects_after <= objects_before + 2 * WINDOW, (objects_before, objects_after)
+    assert mib_after <= mib_before + 2 * WINDOW, (mib_before, mib_after)
+    assert result["loop"]["ring_size"] <= WINDOW
