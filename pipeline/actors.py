@@ -25,6 +25,7 @@ from .window import FrameRef, SlidingWindow, Window
 log = logging.getLogger("slowfast.pipeline")
 STATUS_INTERVAL_S = 1.0
 RESUBMIT_WAIT_S = 1.0
+ATTACH_TIMEOUT_S = 5.0
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -33,8 +34,11 @@ class IngestActor:
     of references go to the stream's model worker. Files wait when too many windows are in
     flight (nothing skipped); live streams never wait (the worker keeps the newest)."""
 
-    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker: Any, frame_size: int):
-        self.stream, self.config, self.worker, self.frame_size = stream, config, worker, frame_size
+    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int):
+        # The worker goes by name, not handle: a handle argument would sit in the object store
+        # and break restarts (ray#53727), and the driver may move the stream (retarget()).
+        self.stream, self.config, self.worker_name, self.frame_size = stream, config, worker_name, frame_size
+        self.worker: Any = None
         self.stop_event = threading.Event()
         self.state = IngestState.STARTING
         self.error: str | None = None
@@ -45,10 +49,6 @@ class IngestActor:
         self.done = False
         self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
         self.source = None
-        # A restarted actor (max_restarts) resumes by itself: live streams continue their
-        # window numbering, files start over and their already-published windows are
-        # recognised as duplicates by the publisher.
-        self.first_window_seq = ray.get(worker.resume_point.remote(stream.id))
         self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
         self.thread.start()
 
@@ -74,6 +74,31 @@ class IngestActor:
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    async def retarget(self, worker_name: str) -> None:
+        """Send windows to another model worker from now on (the driver moved the stream)."""
+        if worker_name != self.worker_name:
+            self.worker_name = worker_name
+            self.worker = await asyncio.to_thread(ray.get_actor, worker_name)
+
+    def _attach(self) -> int:
+        """Wait until the assigned worker holds this stream; return the next window number.
+        A restarted actor (max_restarts) resumes by itself: live streams continue their
+        window numbering, files start over and their already-published windows are
+        recognised as duplicates by the publisher."""
+        while not self.stop_event.is_set():
+            name = self.worker_name
+            try:
+                worker = ray.get_actor(name)
+                next_window = ray.get(worker.resume_point.remote(self.stream.id), timeout=ATTACH_TIMEOUT_S)
+                if next_window is not None and name == self.worker_name:
+                    self.worker = worker
+                    return next_window
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                    ray.exceptions.ActorUnavailableError):
+                pass  # worker gone or restarting: the driver re-adds or moves the stream
+            time.sleep(RESUBMIT_WAIT_S)
+        return 0
+
     async def stop(self) -> None:
         self.stop_event.set()
         if self.source is not None:
@@ -82,13 +107,14 @@ class IngestActor:
     def _ingest(self) -> None:
         in_flight: deque = deque()
         last_status = 0.0
+        first_window_seq = self._attach()
         try:
             with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size,
                              live=self.stream.live, retry_connect=True) as source:
                 self.source = source
                 self.live = source.is_live
                 windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
-                                        first_seq=self.first_window_seq if self.live else 0)
+                                        first_seq=first_window_seq if self.live else 0)
                 for frame in source:
                     if self.stop_event.is_set():
                         break
@@ -116,6 +142,8 @@ class IngestActor:
         # Wait for the file's windows, so "ended" means "every window captioned".
         while in_flight and not self.live:
             self._wait_oldest(in_flight)
+        if self.worker is None:  # stopped before a worker took the stream
+            return
         try:  # the final status is published before run() returns, so a drain sees it
             ray.get(self.worker.ingest_status.remote(self.stream.id, self._status(None, final=True)), timeout=30)
         except Exception as exc:  # the worker may be gone too; the summary still says it
@@ -214,12 +242,12 @@ class ModelWorker:
             self.processor.remove_stream(stream)
             self.ingest.pop(stream, None)
 
-    async def resume_point(self, stream: str) -> int:
+    async def resume_point(self, stream: str) -> int | None:
         """For a (re)starting ingest actor: clear the stream's feature ring (frame numbering
         restarts with the source) and return the next window number to use."""
         state = self.processor.streams.get(stream)
         if state is None:
-            return 0
+            return None  # not (yet, or no longer) this worker's stream
         state.ring.clear()
         return state.next_window_seq
 

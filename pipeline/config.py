@@ -97,6 +97,13 @@ class PipelineConfig(BaseSettings):
     history_len: int = Field(default=10_000, ge=10)
     out_dir: Path = Path("out")
     workers: int | None = Field(default=None, ge=1, description="model workers; None: one per GPU, or 1 on CPU")
+    worker_cpus: float = Field(
+        default=1.0, gt=0.0, description="Ray CPUs a model worker reserves when the cluster has no GPU",
+    )
+    worker_failover_s: float = Field(
+        default=30.0, gt=0.0, description="a model worker unreachable this long (e.g. its node died and no GPU is "
+        "free for its restart) hands its streams to the other workers; one that died for good does at once",
+    )
     ingest_cpus: float = Field(
         default=0.25, gt=0.0, description="Ray CPUs each ingest actor reserves (scheduling only; a 4 fps "
         "stream decodes in a fraction of a core): streams per node = free CPUs / ingest_cpus",

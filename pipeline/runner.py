@@ -42,12 +42,14 @@ class StreamHandle:
     config: StreamConfig
     run: int
     live: bool
+    worker_index: int
     worker: Any
     ingest: Any
     done_ref: Any
     placed_ref: Any  # resolves once Ray has placed the ingest actor
     added_at: float = field(default_factory=time.monotonic)
     unplaced_reported: bool = False
+    moved: bool = False  # now on another worker than its ingest actor was created with
     summary: dict | None = None
 
 
@@ -86,11 +88,13 @@ class Pipeline:
     workers: list[Any] = field(default_factory=list)
     failed: dict[str, dict] = field(default_factory=dict)
     incarnations: dict[int, str] = field(default_factory=dict)
+    unreachable_since: dict[int, float] = field(default_factory=dict)  # worker index -> monotonic time
+    dead: set[int] = field(default_factory=set)  # workers that died for good
 
     def start_workers(self) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         count = self.config.workers or max(1, gpus)
-        options = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+        options = {"num_gpus": 1} if gpus else {"num_cpus": self.config.worker_cpus}
         options["resources"] = dict(self.config.worker_resources)
         self.workers = [
             ModelWorker.options(name=f"worker:{i}", **options).remote(self.config, self.model_path) for i in range(count)
@@ -112,21 +116,57 @@ class Pipeline:
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
         return options
 
-    def check_workers(self) -> None:
-        """Re-add streams to a worker that Ray restarted (a restart loses its state)."""
+    def check_workers(self) -> list[str]:
+        """Re-add streams to a worker that Ray restarted (a restart loses its state); move the
+        streams of a worker that died for good, or stayed unreachable for `worker_failover_s`,
+        to the others."""
+        messages = []
         for index, worker in enumerate(self.workers):
+            if index in self.dead:
+                continue
             try:
                 incarnation, stream_count = ray.get(worker.health.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
+            except ray.exceptions.ActorDiedError:
+                self.dead.add(index)
+                messages += self.move_streams(index, "died")
+                continue
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                since = self.unreachable_since.setdefault(index, time.monotonic())
+                if time.monotonic() - since >= self.config.worker_failover_s:
+                    messages += self.move_streams(index, f"unreachable for {self.config.worker_failover_s:.0f} s")
                 continue  # restarting: look again next round
+            self.unreachable_since.pop(index, None)
             if self.incarnations.get(index) not in (None, incarnation):
                 for sid, handle in self.streams.items():
-                    if handle.worker is worker:
-                        latest = self.client.latest(sid)
-                        next_window = latest.window + 1 if latest is not None and latest.run == handle.run else 0
-                        ray.get(worker.add_stream.remote(handle.config, handle.run, handle.live, next_window))
+                    if handle.worker_index == index:
+                        self.attach(handle, index)
                 log.warning("model worker %d restarted; %d streams re-added", index, stream_count)
             self.incarnations[index] = incarnation
+        for handle in self.streams.values():  # an ingest actor restarted after a move asks its first worker
+            if handle.moved:
+                handle.ingest.retarget.remote(f"worker:{handle.worker_index}")
+        return messages
+
+    def attach(self, handle: StreamHandle, index: int) -> None:
+        """Give a running stream to worker `index`, continuing its window numbering."""
+        latest = self.client.latest(handle.config.id)
+        next_window = latest.window + 1 if latest is not None and latest.run == handle.run else 0
+        ray.get(self.workers[index].add_stream.remote(handle.config, handle.run, handle.live, next_window))
+
+    def move_streams(self, index: int, reason: str) -> list[str]:
+        messages = []
+        for sid, handle in self.streams.items():
+            if handle.worker_index != index:
+                continue
+            target = self.least_loaded_worker()
+            if target is None:
+                return [f"model worker {index} {reason} and no other worker is reachable; its streams wait"]
+            self.attach(handle, target)
+            handle.worker_index, handle.worker, handle.moved = target, self.workers[target], True
+            ray.get(handle.ingest.retarget.remote(f"worker:{target}"))
+            messages.append(f"stream {sid} moved from model worker {index} ({reason}) to worker {target}")
+            log.warning(messages[-1])
+        return messages
 
     def check_placement(self) -> list[str]:
         """Streams whose ingest actor Ray has not placed for a while (the cluster lacks the CPUs):
@@ -145,9 +185,15 @@ class Pipeline:
             messages.append(f"stream {sid}: {reason}")
         return messages
 
-    def least_loaded_worker(self) -> Any:
-        loads = ray.get([w.load.remote() for w in self.workers])
-        return self.workers[loads.index(min(loads))]
+    def least_loaded_worker(self) -> int | None:
+        """Index of the reachable worker with the fewest streams (None if none is reachable)."""
+        candidates = [i for i in range(len(self.workers)) if i not in self.dead and i not in self.unreachable_since]
+        loads = {}
+        for index in candidates:
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
+                                     ray.exceptions.ActorUnavailableError):
+                loads[index] = ray.get(self.workers[index].load.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
+        return min(loads, key=loads.get) if loads else None
 
     def add_stream(self, stream: StreamConfig) -> None:
         if stream.id in self.streams:
@@ -156,14 +202,17 @@ class Pipeline:
         info = self.publisher.register_stream(
             StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"))
         )
-        worker = self.least_loaded_worker()
-        ray.get(worker.add_stream.remote(stream, info.run, live))
+        index = self.least_loaded_worker()
+        if index is None:
+            raise RuntimeError("no model worker is reachable")
+        ray.get(self.workers[index].add_stream.remote(stream, info.run, live))
         stream = stream.model_copy(update={"live": live})
         ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
-            stream, self.config, worker, self.frame_size
+            stream, self.config, f"worker:{index}", self.frame_size
         )
         self.streams[stream.id] = StreamHandle(
-            stream, info.run, live, worker, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote()
+            stream, info.run, live, index, self.workers[index], ingest,
+            done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote(),
         )
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
 
@@ -226,11 +275,14 @@ class Pipeline:
         for sid, handle in self.streams.items():  # never placed, or stuck: say so
             if handle.summary is None:
                 handle.summary = {"stream": sid, "state": "not finished", "live": handle.live}
-        try:
-            worker_stats = ray.get([w.stats.remote(drain=True) for w in self.workers], timeout=DRAIN_TIMEOUT_S)
-        except Exception as exc:  # a stuck or dead worker: the summaries keep the ingest counts
-            log.warning("workers did not drain: %s", exc)
-            worker_stats = []
+        stats_refs = [w.stats.remote(drain=True) for i, w in enumerate(self.workers) if i not in self.dead]
+        ready, not_ready = ray.wait(stats_refs, num_returns=len(stats_refs), timeout=DRAIN_TIMEOUT_S)
+        if not_ready:
+            log.warning("%d model workers did not drain in %.0f s", len(not_ready), DRAIN_TIMEOUT_S)
+        worker_stats = []
+        for ref in ready:  # a dead or stuck worker: the summaries keep the ingest counts
+            with contextlib.suppress(ray.exceptions.RayError):
+                worker_stats.append(ray.get(ref))
         for stats in worker_stats:
             for sid, counts in stats.items():
                 if sid in self.streams and self.streams[sid].summary is not None:
@@ -305,8 +357,7 @@ def run_pipeline(
                 _finish_answers(questions, pending_answers)
                 if time.monotonic() - last_check >= WORKER_CHECK_INTERVAL_S:
                     last_check = time.monotonic()
-                    pipeline.check_workers()
-                    for message in pipeline.check_placement():
+                    for message in pipeline.check_workers() + pipeline.check_placement():
                         on_event(message)
         finally:
             pipeline.drain()

@@ -227,6 +227,42 @@ def test_a_restarted_model_worker_loses_no_file_window(ray_session, redis_url, t
     assert [json.loads(line)["window"] for line in lines][-1] == 18
 
 
+def test_streams_of_a_worker_that_dies_for_good_move_to_another(ray_session, redis_url, tiny_model_dir, tmp_path, clip):
+    """Two workers; the file's worker dies and is not restarted (its node is gone): the file and
+    its in-flight windows move to the other worker, every window is captioned once, the camera
+    on the other worker goes on."""
+    import ray
+
+    long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
+    streams = [{"id": "long", "source": str(long_clip)}, {"id": "cam", "source": f"loop://{clip}"}]
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams, file_windows_in_flight=1,
+                             workers=2, worker_cpus=0.5, ingest_cpus=0.25)
+    stop, events = threading.Event(), []
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=events.append)))
+    runner.start()
+    client = SlowFastClient(redis_url)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(client.history("long", count=100)) < 3:
+            time.sleep(0.2)
+        ray.kill(ray.get_actor("worker:0"), no_restart=True)  # the least loaded at start took the file
+        deadline = time.time() + 120
+        while time.time() < deadline and len(client.history("long", count=100)) < 19:
+            time.sleep(0.3)
+        cam_windows = len(client.history("cam", count=1000))
+        time.sleep(3)
+        assert len(client.history("cam", count=1000)) > cam_windows  # the camera never stopped
+    finally:
+        stop.set()
+        runner.join(timeout=120)
+    assert not runner.is_alive()
+    assert [c.window for c in client.history("long", count=100)] == list(range(19))
+    lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["window"] for line in lines] == list(range(19))
+    assert any("stream long moved from model worker 0 (died) to worker 1" in e for e in events), events
+
+
 def test_a_restarted_ingest_actor_captions_every_file_window_once(ray_session, redis_url, tiny_model_dir, tmp_path):
     import ray
 
