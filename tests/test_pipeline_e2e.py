@@ -46,6 +46,31 @@ def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
     )
 
 
+class BackgroundRun:
+    """run_pipeline in a thread, as `slowfast run` does in its main thread; collects its events."""
+
+    def __init__(self, config):
+        self.stop, self.events, self.result = threading.Event(), [], {}
+        self.thread = threading.Thread(target=lambda: self.result.update(
+            run_pipeline(config, stop=self.stop, on_event=self.events.append)))
+        self.thread.start()
+
+    def finish(self, stop: bool = True, timeout: float = 120) -> dict:
+        """Stop it (or, for files, let it end) and return the summaries."""
+        if stop:
+            self.stop.set()
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive()
+        return self.result
+
+
+def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.3)
+    assert predicate()
+
+
 def test_file_windows_captions_and_outputs_are_exact(
     ray_session, redis_url, tiny_model_dir, tiny_vlm, long_clip, tmp_path
 ):
@@ -110,15 +135,10 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
                                 "trigger": {"p_yes_above": 0.0}}],
     }]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams)
-    stop = threading.Event()
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
-    runner.start()
+    run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not client.events("cam"):
-            time.sleep(0.5)
+        wait_until(lambda: client.events("cam"))
         events = client.events("cam")
         assert events and events[0].question_id == "anyone" and events[0].trigger == "p_yes>0.0"
         answer = client.ask("cam", "What is happening?", timeout=30)
@@ -134,9 +154,7 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
         with pytest.raises(QuestionError, match="not running|unknown"):
             client.ask("ghost", "Anything?", timeout=30)
     finally:
-        stop.set()
-        runner.join(timeout=90)
-    assert not runner.is_alive()
+        result = run.finish()
     assert result["cam"]["state"] == "stopped"
     assert client.status("cam").windows_done >= 1
 
@@ -164,31 +182,22 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
     import ray
 
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "cam", "source": f"loop://{clip}"}])
-    stop = threading.Event()
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
-    runner.start()
+    run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
 
     def windows_of(sid: str) -> list[int]:
         return [c.window for c in client.history(sid, count=1000)]
 
-    def wait_for(predicate, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline and not predicate():
-            time.sleep(0.3)
-        assert predicate()
-
     try:
-        wait_for(lambda: len(windows_of("cam")) >= 2)
+        wait_until(lambda: len(windows_of("cam")) >= 2)
         # an ingest actor that dies is restarted by Ray and its stream resumes, numbering on
         before = max(windows_of("cam"))
         ray.kill(ray.get_actor("ingest:cam"), no_restart=False)
-        wait_for(lambda: max(windows_of("cam")) >= before + 3)
+        wait_until(lambda: max(windows_of("cam")) >= before + 3)
         assert windows_of("cam") == sorted(set(windows_of("cam")))
 
         client.add_stream("yard", str(clip), live=False, timeout=30)
-        wait_for(lambda: len(windows_of("yard")) == 9)
+        wait_until(lambda: len(windows_of("yard")) == 9)
         with pytest.raises(QuestionError, match="already running"):
             client.add_stream("yard", str(clip), live=False, timeout=30)
         with pytest.raises(QuestionError, match="file not found"):
@@ -199,32 +208,27 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
         with pytest.raises(QuestionError, match="not running"):
             client.remove_stream("cam", timeout=30)
     finally:
-        stop.set()
-        runner.join(timeout=90)
-    assert not runner.is_alive()
+        result = run.finish()
     assert result["yard"]["windows"] == 9 and "cam" not in result
 
 
-def test_a_restarted_model_worker_loses_no_file_window(ray_session, redis_url, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("actor", ["worker:0", "ingest:long"])
+def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
+    ray_session, redis_url, tiny_model_dir, tmp_path, actor
+):
     import ray
 
     long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "long", "source": str(long_clip)}],
                              file_windows_in_flight=1)
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, on_event=lambda l: None)))
-    runner.start()
+    run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(client.history("long", count=100)) < 3:
-        time.sleep(0.2)
-    ray.kill(ray.get_actor("worker:0"), no_restart=False)
-    runner.join(timeout=180)
-    assert not runner.is_alive()
-    windows = [c.window for c in client.history("long", count=100)]
-    assert windows == list(range(19))
+    wait_until(lambda: len(client.history("long", count=100)) >= 3)
+    ray.kill(ray.get_actor(actor), no_restart=False)  # Ray restarts it (max_restarts)
+    run.finish(stop=False, timeout=180)
+    assert [c.window for c in client.history("long", count=100)] == list(range(19))
     lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["window"] for line in lines][-1] == 18
+    assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
 
 
 def test_streams_of_a_worker_that_dies_for_good_move_to_another(ray_session, redis_url, tiny_model_dir, tmp_path, clip):
@@ -237,51 +241,21 @@ def test_streams_of_a_worker_that_dies_for_good_move_to_another(ray_session, red
     streams = [{"id": "long", "source": str(long_clip)}, {"id": "cam", "source": f"loop://{clip}"}]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams, file_windows_in_flight=1,
                              workers=2, worker_cpus=0.5, ingest_cpus=0.25)
-    stop, events = threading.Event(), []
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=events.append)))
-    runner.start()
+    run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(client.history("long", count=100)) < 3:
-            time.sleep(0.2)
+        wait_until(lambda: len(client.history("long", count=100)) >= 3)
         ray.kill(ray.get_actor("worker:0"), no_restart=True)  # the least loaded at start took the file
-        deadline = time.time() + 120
-        while time.time() < deadline and len(client.history("long", count=100)) < 19:
-            time.sleep(0.3)
+        wait_until(lambda: len(client.history("long", count=100)) >= 19, timeout=120)
         cam_windows = len(client.history("cam", count=1000))
         time.sleep(3)
         assert len(client.history("cam", count=1000)) > cam_windows  # the camera never stopped
     finally:
-        stop.set()
-        runner.join(timeout=120)
-    assert not runner.is_alive()
+        run.finish()
     assert [c.window for c in client.history("long", count=100)] == list(range(19))
     lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines] == list(range(19))
-    assert any("stream long moved from model worker 0 (died) to worker 1" in e for e in events), events
-
-
-def test_a_restarted_ingest_actor_captions_every_file_window_once(ray_session, redis_url, tiny_model_dir, tmp_path):
-    import ray
-
-    long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
-    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "long", "source": str(long_clip)}],
-                             file_windows_in_flight=1)
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, on_event=lambda l: None)))
-    runner.start()
-    client = SlowFastClient(redis_url)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(client.history("long", count=100)) < 3:
-        time.sleep(0.2)
-    ray.kill(ray.get_actor("ingest:long"), no_restart=False)
-    runner.join(timeout=180)
-    assert not runner.is_alive()
-    assert [c.window for c in client.history("long", count=100)] == list(range(19))
-    lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
+    assert any("stream long moved from model worker 0 (died) to worker 1" in e for e in run.events), run.events
 
 
 def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
@@ -294,23 +268,17 @@ def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
     monkeypatch.setattr(runner_module, "PLACEMENT_WARN_S", 1.0)
     streams = [{"id": "placed", "source": f"loop://{clip}"}, {"id": "unplaced", "source": f"loop://{clip}"}]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams, ingest_cpus=0.75)
-    stop, events = threading.Event(), []
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=events.append)))
-    runner.start()
+    run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and not (client.latest("placed") and any("not placed" in e for e in events)):
-            time.sleep(0.3)
+        wait_until(lambda: client.latest("placed") and any("not placed" in e for e in run.events))
         status = client.status("unplaced")
         assert status.state == "starting" and "no free num_cpus=0.75" in status.last_error
         assert client.latest("placed") is not None and client.latest("unplaced") is None
     finally:
         stopped_at = time.time()
-        stop.set()
-        runner.join(timeout=120)
-    assert not runner.is_alive() and time.time() - stopped_at < 30
+        result = run.finish()
+    assert time.time() - stopped_at < 30
     assert result["placed"]["state"] == "stopped" and result["unplaced"]["state"] == "not finished"
 
 
@@ -332,15 +300,10 @@ def test_object_store_stays_flat_over_a_long_looping_run(ray_session, redis_url,
         None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path, window=WINDOW, stride=STRIDE,
         fps=8.0, streams=[{"id": "loop", "source": f"loop://{clip}", "live": True}], generation={"max_new_tokens": 4},
     )
-    stop = threading.Event()
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop, on_event=lambda l: None)))
-    runner.start()
+    run = BackgroundRun(config)
     client, gcs = SlowFastClient(redis_url), ray.get_runtime_context().gcs_address
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and client.latest("loop") is None:
-            time.sleep(0.3)
+        wait_until(lambda: client.latest("loop") is not None)
         time.sleep(3)
         frames_before = client.status("loop").frames_in
         mib_before, objects_before = plasma_usage(gcs)
@@ -348,8 +311,7 @@ def test_object_store_stays_flat_over_a_long_looping_run(ray_session, redis_url,
         frames_after = client.status("loop").frames_in
         mib_after, objects_after = plasma_usage(gcs)
     finally:
-        stop.set()
-        runner.join(timeout=90)
+        result = run.finish()
     assert frames_after - frames_before >= 100  # the camera kept running meanwhile
     assert objects_after <= objects_before + 2 * WINDOW, (objects_before, objects_after)
     assert mib_after <= mib_before + 2 * WINDOW, (mib_before, mib_after)
