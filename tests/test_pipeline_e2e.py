@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -291,9 +292,26 @@ def plasma_usage(gcs_address: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def test_object_store_stays_flat_over_a_long_looping_run(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+def exported_metrics(stream: str) -> dict[str, float]:
+    """The pipeline's samples for one stream as Ray's Prometheus endpoint serves them."""
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples: dict[str, float] = {}
+    for line in body.splitlines():
+        match = re.match(r"ray_(slowfast_\w+)\{[^}]*stream=\"" + stream + r"\"[^}]*\} (\S+)$", line)
+        if match and "_bucket" not in match[1]:
+            samples[match[1]] = samples.get(match[1], 0.0) + float(match[2])
+    return samples
+
+
+def test_long_looping_run_keeps_object_store_flat_and_exports_metrics(
+    ray_session, redis_url, tiny_model_dir, clip, tmp_path
+):
     """A looping camera at 8 fps puts ~1 MB per frame; frames that slid out of the window must be
-    released, so usage after 120 more frames is what it was (a leak would add ~120 objects)."""
+    released, so usage after 120 more frames is what it was (a leak would add ~120 objects).
+    Meanwhile its counters reach Prometheus through Ray's metrics export."""
     import ray
 
     config = load_config(
@@ -310,9 +328,13 @@ def test_object_store_stays_flat_over_a_long_looping_run(ray_session, redis_url,
         time.sleep(15)
         frames_after = client.status("loop").frames_in
         mib_after, objects_after = plasma_usage(gcs)
+        metrics = exported_metrics("loop")
     finally:
         result = run.finish()
     assert frames_after - frames_before >= 100  # the camera kept running meanwhile
     assert objects_after <= objects_before + 2 * WINDOW, (objects_before, objects_after)
     assert mib_after <= mib_before + 2 * WINDOW, (mib_before, mib_after)
     assert result["loop"]["ring_size"] <= WINDOW
+    assert metrics["slowfast_frames_in_total"] >= frames_before
+    assert metrics["slowfast_windows_done_total"] >= 1
+    assert metrics["slowfast_window_latency_s_count"] >= 1 and "slowfast_queue_depth" in metrics
