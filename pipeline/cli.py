@@ -118,9 +118,17 @@ def run(
     logging.basicConfig(level=logging.WARNING)
     with stop_on_signals() as stop, file_progress(config) as on_caption:
         summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+    print_summaries(summaries)
+
+
+def print_summaries(summaries: dict[str, dict]) -> None:
+    """One row per stream of what a run did."""
+    table = Table("stream", "state", "frames in", "windows", "captioned", "skipped", "frames encoded", "error",
+                  title="run summary")
     for sid, summary in summaries.items():
-        console.print(f"{sid}: {summary.get('windows', 0)} windows, state {summary.get('state')}"
-                      + (f", error: {summary['error']}" if summary.get("error") else ""))
+        table.add_row(sid, str(summary.get("state", "")), *(str(summary.get(key, "")) for key in (
+            "frames_in", "windows", "windows_done", "windows_skipped", "frames_encoded")), summary.get("error") or "")
+    console.print(table)
 
 
 @app.command()
@@ -232,5 +240,5 @@ def demo(
             threading.Timer(seconds, stop.set).start()
             with file_progress(config) as on_caption:
                 summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
-        console.print(f"summary: {summaries}")
+        print_summaries(summaries)
         console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -34,7 +35,8 @@ def test_run_a_file_writes_outputs_and_status(ray_session, redis_url, tiny_model
         "--out", str(out), "--window", "8", "--stride", "4", "--max-new-tokens", "4",
     ])
     assert result.exit_code == 0, result.output
-    assert "yard: 5 windows, state ended" in result.output
+    # summary table: stream, state, frames in, windows, captioned, skipped
+    assert re.search(r"yard\s*│\s*ended\s*│\s*24\s*│\s*5\s*│\s*5\s*│\s*0\s*│", result.output), result.output
     lines = (out / "yard" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines] == [0, 1, 2, 3, 4]
     assert (out / "yard" / "captions.vtt").read_text().startswith("WEBVTT")
