@@ -108,6 +108,9 @@ class IngestActor:
         in_flight: deque = deque()
         last_status = 0.0
         first_window_seq = self._attach()
+        if self.stop_event.is_set():  # stopped while waiting for a worker: never open the source
+            self.state = IngestState.STOPPED
+            return
         try:
             with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size,
                              live=self.stream.live, retry_connect=True) as source:
