@@ -179,20 +179,10 @@ class Publisher:
         def build(p: Pipeline) -> None:
             k = self.keys
             p.xadd(k.captions(sid), encode_entry(caption), id=caption.entry_id, maxlen=self.history_len)
-            for i, answer in enumerate(answers):
-                p.xadd(
-                    k.answers(sid),
-                    encode_entry(answer),
-                    id=window_entry_id(caption.run, caption.window, i),
-                    maxlen=self.answers_len,
-                )
-            for i, event in enumerate(events):
-                p.xadd(
-                    k.events(sid),
-                    encode_entry(event),
-                    id=window_entry_id(caption.run, caption.window, i),
-                    maxlen=self.events_len,
-                )
+            for key, entries, maxlen in ((k.answers(sid), answers, self.answers_len),
+                                         (k.events(sid), events, self.events_len)):
+                for i, entry in enumerate(entries):
+                    p.xadd(key, encode_entry(entry), id=window_entry_id(caption.run, caption.window, i), maxlen=maxlen)
             state = encode_hash(caption, CAPTION_FLAT)
             state["caption"] = state.pop("text")
             state["entry_id"] = caption.entry_id
