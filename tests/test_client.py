@@ -12,9 +12,7 @@ from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
 from connectors.redis_schema import (
     Answer,
-    Caption,
     Control,
-    Event,
     IngestState,
     InvalidMessage,
     Question,
@@ -22,19 +20,7 @@ from connectors.redis_schema import (
     StreamStatus,
 )
 
-
-def caption(run: int, window: int, sid: str = "cam1") -> Caption:
-    return Caption(
-        stream=sid,
-        window=window,
-        run=run,
-        start=4.0 * window,
-        end=4.0 * window + 15.75,
-        wall_start=1.7e9,
-        wall_end=1.7e9 + 15.75,
-        text=f"window {window}",
-        model="tiny",
-    )
+from tests.support.records import make_caption, make_event
 
 
 @pytest.fixture
@@ -67,21 +53,10 @@ def test_reading_results(setup) -> None:
     assert [s.id for s in client.streams()] == ["cam1", "clip"]
     assert client.stream("cam1").source == "rtsp://admin:***@cam/1"
     assert client.latest("cam1") is None and client.status("cam1") is None
-    ev = Event(
-        stream="cam1",
-        window=3,
-        run=run,
-        question_id="bay",
-        question="anyone?",
-        text="Yes",
-        trigger="starts_with:yes",
-        start=12.0,
-        end=27.75,
-        wall_end=1.7e9,
-    )
+    ev = make_event(3, run=run, trigger="starts_with:yes", probability=None)
     for w in range(5):
         answers = [Answer(question_id="bay", stream="cam1", window=w, text="Yes" if w == 3 else "No")]
-        pub.publish_window(caption(run, w), answers, [ev] if w == 3 else [])
+        pub.publish_window(make_caption(w, run=run), answers, [ev] if w == 3 else [])
     pub.publish_status(StreamStatus(stream="cam1", state=IngestState.LIVE, fps_in=4.0, windows_skipped=1))
 
     assert client.latest("cam1").text == "window 4"
@@ -98,13 +73,13 @@ def test_reading_results(setup) -> None:
 
 def test_follow_sees_new_captions_in_order(setup, redis_url: str) -> None:
     pub, client, run = setup
-    pub.publish_window(caption(run, 0))
+    pub.publish_window(make_caption(0, run=run))
     stop = threading.Event()
     seen: list[int] = []
 
     def consume() -> None:
         with SlowFastClient(redis_url) as c:
-            for cap in c.follow("cam1", since=caption(run, 0).entry_id, stop=stop, poll_s=0.1):
+            for cap in c.follow("cam1", since=make_caption(0, run=run).entry_id, stop=stop, poll_s=0.1):
                 seen.append(cap.window)
                 if len(seen) == 5:
                     stop.set()
@@ -112,13 +87,13 @@ def test_follow_sees_new_captions_in_order(setup, redis_url: str) -> None:
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     for w in range(1, 6):
-        pub.publish_window(caption(run, w))
+        pub.publish_window(make_caption(w, run=run))
     thread.join(10)
     assert seen == [1, 2, 3, 4, 5]
 
     # without `since`, follow starts after the newest caption at the time of the call
     tail = client.follow("cam1", poll_s=0.1)
-    pub.publish_window(caption(run, 6))
+    pub.publish_window(make_caption(6, run=run))
     assert next(tail).window == 6
 
 
@@ -137,7 +112,7 @@ def test_notifications_push(setup, redis_url: str) -> None:
 
         thread = threading.Thread(target=listen, daemon=True)
         thread.start()
-        pub.publish_window(caption(run, 0))
+        pub.publish_window(make_caption(0, run=run))
         pub.publish_status(StreamStatus(stream="clip", state=IngestState.ENDED))
         pub.unregister_stream("clip")
         thread.join(5)

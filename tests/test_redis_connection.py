@@ -15,20 +15,16 @@ from connectors.embedded import EmbeddedRedis, EmbeddedRedisError, find_server_b
 from connectors.intake import QuestionIntake
 from connectors.publisher import Publisher, PublishResult
 from connectors.redis_conn import connect
-from connectors.redis_schema import Caption, StreamInfo
+from connectors.redis_schema import StreamInfo
 
-RUN = 1_700_000_000_000
-
-
-def caption(window: int) -> Caption:
-    return Caption(stream="cam1", window=window, run=RUN, start=0, end=16, wall_start=1, wall_end=2, text="hi")
+from tests.support.records import RUN, make_caption
 
 
 def roundtrip(url: str) -> None:
     """Publisher, intake and client all work through `url`."""
     with Publisher(url) as pub:
         pub.register_stream(StreamInfo(id="cam1", source="file:///x.mp4", run=RUN))
-        assert pub.publish_window(caption(0)) is PublishResult.PUBLISHED
+        assert pub.publish_window(make_caption(0, text="hi")) is PublishResult.PUBLISHED
     QuestionIntake(url, "w").close()  # creates the group, loads nothing unsafe
     with SlowFastClient(url) as client:
         assert [s.id for s in client.streams()] == ["cam1"]

@@ -13,7 +13,6 @@ from connectors.redis_schema import (
     Answer,
     AnswerKind,
     Caption,
-    Event,
     IngestState,
     Keys,
     StreamInfo,
@@ -21,23 +20,9 @@ from connectors.redis_schema import (
     decode_entry,
 )
 
+from tests.support.records import RUN, make_caption, make_event
+
 K = Keys()
-RUN = 1_700_000_000_000
-
-
-def caption(window: int, sid: str = "cam1", run: int = RUN) -> Caption:
-    return Caption(
-        stream=sid,
-        window=window,
-        run=run,
-        start=4.0 * window,
-        end=4.0 * window + 15.75,
-        wall_start=1.7e9 + 4 * window,
-        wall_end=1.7e9 + 4 * window + 15.75,
-        text=f"window {window}",
-        model="tiny",
-        latency_s=0.1,
-    )
 
 
 def answer(window: int, qid: str = "bay") -> Answer:
@@ -52,22 +37,6 @@ def answer(window: int, qid: str = "bay") -> Answer:
     )
 
 
-def event(window: int) -> Event:
-    return Event(
-        stream="cam1",
-        window=window,
-        run=RUN,
-        question_id="bay",
-        question="anyone?",
-        text="Yes",
-        probability=0.9,
-        trigger="p_yes>0.8",
-        start=4.0 * window,
-        end=4.0 * window + 15.75,
-        wall_end=1.7e9,
-    )
-
-
 def windows_in(r, sid: str = "cam1") -> list[int]:
     return [decode_entry(Caption, f).window for _, f in r.xrange(K.captions(sid))]
 
@@ -77,8 +46,8 @@ def test_window_is_one_transaction(redis_url: str) -> None:
     with Publisher(redis_url) as pub:
         pub.redis.ping()  # connect before counting commands
         r.config_resetstat()
-        c = caption(0)
-        assert pub.publish_window(c, [answer(0), answer(0, "door")], [event(0)]) is PublishResult.PUBLISHED
+        c = make_caption(0)
+        assert pub.publish_window(c, [answer(0), answer(0, "door")], [make_event(0)]) is PublishResult.PUBLISHED
         stats = r.info("commandstats")
     assert stats["cmdstat_multi"]["calls"] == 1 and stats["cmdstat_exec"]["calls"] == 1
     assert stats["cmdstat_xadd"]["calls"] == 4  # caption, two answers, one event
@@ -95,11 +64,11 @@ def test_window_is_one_transaction(redis_url: str) -> None:
 def test_retried_publish_is_not_duplicated(redis_url: str) -> None:
     r = connect(redis_url)
     with Publisher(redis_url) as pub:
-        assert pub.publish_window(caption(0), [answer(0)], [event(0)]) is PublishResult.PUBLISHED
-        assert pub.publish_window(caption(1), [answer(1)]) is PublishResult.PUBLISHED
+        assert pub.publish_window(make_caption(0), [answer(0)], [make_event(0)]) is PublishResult.PUBLISHED
+        assert pub.publish_window(make_caption(1), [answer(1)]) is PublishResult.PUBLISHED
         # an actor retry of window 1, and a late retry of window 0
-        assert pub.publish_window(caption(1), [answer(1)]) is PublishResult.DUPLICATE
-        assert pub.publish_window(caption(0), [answer(0)], [event(0)]) is PublishResult.DUPLICATE
+        assert pub.publish_window(make_caption(1), [answer(1)]) is PublishResult.DUPLICATE
+        assert pub.publish_window(make_caption(0), [answer(0)], [make_event(0)]) is PublishResult.DUPLICATE
         assert pub.stats.duplicates == 2
     assert windows_in(r) == [0, 1]
     assert r.xlen(K.answers("cam1")) == 2 and r.xlen(K.events("cam1")) == 1
@@ -110,7 +79,7 @@ def test_history_is_capped(redis_url: str) -> None:
     r = connect(redis_url)
     with Publisher(redis_url, history_len=50, answers_len=50) as pub:
         for w in range(600):
-            pub.publish_window(caption(w), [answer(w)])
+            pub.publish_window(make_caption(w), [answer(w)])
     # MAXLEN ~ trims whole radix-tree nodes (100 entries by default): bounded, not exact
     assert 50 <= r.xlen(K.captions("cam1")) <= 150
     assert 50 <= r.xlen(K.answers("cam1")) <= 150
@@ -122,7 +91,7 @@ def test_status_and_registry(redis_url: str) -> None:
     with Publisher(redis_url, removed_ttl_s=120) as pub:
         info = pub.register_stream(StreamInfo(id="cam1", source="rtsp://u:secret@cam/1", config={"fps": 4}))
         assert info.run >= int(time.time() * 1000) - 5000
-        pub.publish_window(caption(0, run=info.run))
+        pub.publish_window(make_caption(0, run=info.run))
         # a new run starts above everything the stream already has
         again = pub.register_stream(StreamInfo(id="cam1", source="rtsp://cam/1"))
         assert again.run > info.run
@@ -146,8 +115,8 @@ def test_refused_write_raises_and_does_not_block(redis_url: str) -> None:
     r.set(K.captions("bad"), "not a stream")
     with Publisher(redis_url) as pub:
         with pytest.raises(PublishError, match="bad"):
-            pub.publish_window(caption(0, sid="bad"))
-        assert pub.publish_window(caption(0)) is PublishResult.PUBLISHED
+            pub.publish_window(make_caption(0, stream="bad"))
+        assert pub.publish_window(make_caption(0)) is PublishResult.PUBLISHED
         assert pub.buffered == 0
 
 
@@ -156,11 +125,11 @@ def test_offline_buffer_flushes_in_order_and_counts_overflow() -> None:
         r = connect(server.url)
         pub = Publisher(server.url, buffer_size=5, reconnect_interval_s=0.0, retries=1)
         for w in range(3):
-            assert pub.publish_window(caption(w)) is PublishResult.PUBLISHED
+            assert pub.publish_window(make_caption(w)) is PublishResult.PUBLISHED
 
         server.stop()
         t0 = time.monotonic()
-        results = [pub.publish_window(caption(w)) for w in range(3, 10)]  # 7 writes, room for 5
+        results = [pub.publish_window(make_caption(w)) for w in range(3, 10)]  # 7 writes, room for 5
         pub.publish_status(StreamStatus(stream="cam1", state=IngestState.RECONNECTING))
         pub.publish_status(StreamStatus(stream="cam1", state=IngestState.LIVE))  # supersedes the one above
         assert time.monotonic() - t0 < 5, "an unreachable Redis must not stall the publisher"
@@ -169,7 +138,7 @@ def test_offline_buffer_flushes_in_order_and_counts_overflow() -> None:
         assert pub.stats.overflowed == 3 and pub.stats.overflowed_by_stream["cam1"] == 3  # 8 ops, 5 slots
 
         server.start()  # same port
-        assert pub.publish_window(caption(10)) is PublishResult.PUBLISHED
+        assert pub.publish_window(make_caption(10)) is PublishResult.PUBLISHED
         assert pub.stats.online and pub.buffered == 0
         assert pub.stats.flushed == 5
 
@@ -187,7 +156,7 @@ def test_publisher_is_safe_across_threads(redis_url: str) -> None:
     r = connect(redis_url)
 
     def run_stream(sid: str) -> list[PublishResult]:
-        return [pub.publish_window(caption(w, sid=sid)) for w in range(50)]
+        return [pub.publish_window(make_caption(w, stream=sid)) for w in range(50)]
 
     with Publisher(redis_url) as pub, ThreadPoolExecutor(4) as pool:
         results = [x for res in pool.map(run_stream, ["s0", "s1", "s2", "s3"]) for x in res]
@@ -198,8 +167,8 @@ def test_publisher_is_safe_across_threads(redis_url: str) -> None:
 def test_out_of_order_window_is_refused_and_counted(redis_url: str) -> None:
     r = connect(redis_url)
     with Publisher(redis_url) as pub:
-        pub.publish_window(caption(5))
-        assert pub.publish_window(caption(4)) is PublishResult.OUT_OF_ORDER
-        assert pub.publish_window(caption(5)) is PublishResult.DUPLICATE
+        pub.publish_window(make_caption(5))
+        assert pub.publish_window(make_caption(4)) is PublishResult.OUT_OF_ORDER
+        assert pub.publish_window(make_caption(5)) is PublishResult.DUPLICATE
         assert pub.stats.out_of_order == 1 and pub.stats.duplicates == 1
     assert windows_in(r) == [5]

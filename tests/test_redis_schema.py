@@ -10,7 +10,6 @@ from connectors.redis_schema import (
     Caption,
     Control,
     ControlReply,
-    Event,
     IngestState,
     Keys,
     Notification,
@@ -25,26 +24,11 @@ from connectors.redis_schema import (
     window_entry_id,
 )
 
-RUN = 1_700_000_000_000
-
-
-def caption(window: int = 0, **kw: object) -> Caption:
-    base = dict(
-        stream="cam1",
-        window=window,
-        run=RUN,
-        start=4.0 * window,
-        end=4.0 * window + 15.75,
-        wall_start=1.7e9 + window,
-        wall_end=1.7e9 + window + 15.75,
-        text="a person walks",
-        model="tiny",
-    )
-    return Caption(**{**base, **kw})  # type: ignore[arg-type]
+from tests.support.records import RUN, make_caption, make_event
 
 
 SAMPLES = [
-    caption(3, latency_s=0.25),
+    make_caption(3, latency_s=0.25),
     Answer(question_id="q1", stream="cam1", question="anyone?", window=3, text="Yes", probability=0.93),
     Answer(question_id="q2", error="unknown stream 'nope'"),
     Question(id="q1", stream="cam1", text="Is anyone in the loading bay?", kind="yesno", reply_to="sfs:reply:{q1}"),
@@ -56,19 +40,7 @@ SAMPLES = [
         windows_skipped=2,
         last_error="connection refused",
     ),
-    Event(
-        stream="cam1",
-        window=3,
-        run=RUN,
-        question_id="bay",
-        question="anyone?",
-        text="Yes",
-        probability=0.9,
-        trigger="p_yes>0.8",
-        start=12.0,
-        end=27.75,
-        wall_end=1.7e9,
-    ),
+    make_event(3),
     StreamInfo(id="cam1", source="rtsp://cam/1", live=True, config={"fps": 4}, run=RUN),
     Control(action="add", stream="cam2", source="rtsp://u:p@cam/2", live=True, config={"stride": 8}),
     ControlReply(request_id="r1", stream="cam2", action="add"),
@@ -84,7 +56,7 @@ def test_entry_round_trip(msg) -> None:
 
 
 def test_hash_has_data_and_flat_copies() -> None:
-    c = caption(2)
+    c = make_caption(2, text="a person walks")
     fields = encode_hash(c, ("window", "text", "latency_s"))
     assert fields["window"] == "2" and fields["text"] == "a person walks" and fields["latency_s"] == ""
     assert decode_entry(Caption, fields) == c
@@ -100,7 +72,7 @@ def test_keys_share_a_hash_tag_per_stream() -> None:
 
 
 def test_entry_ids_follow_run_and_window() -> None:
-    assert caption(5).entry_id == window_entry_id(RUN, 5) == f"{RUN + 5}-0"
+    assert make_caption(5).entry_id == window_entry_id(RUN, 5) == f"{RUN + 5}-0"
     assert window_entry_id(RUN, 5, 2) == f"{RUN + 5}-2"
 
 
