@@ -43,7 +43,6 @@ class StreamHandle:
     run: int
     live: bool
     worker_index: int
-    worker: Any
     ingest: Any
     done_ref: Any
     placed_ref: Any  # resolves once Ray has placed the ingest actor
@@ -83,7 +82,6 @@ class Pipeline:
 
     config: PipelineConfig
     model_path: str
-    on_caption: Callable[[str], None] | None = None
     streams: dict[str, StreamHandle] = field(default_factory=dict)
     workers: list[Any] = field(default_factory=list)
     failed: dict[str, dict] = field(default_factory=dict)
@@ -162,7 +160,7 @@ class Pipeline:
             if target is None:
                 return [f"model worker {index} {reason} and no other worker is reachable; its streams wait"]
             self.attach(handle, target)
-            handle.worker_index, handle.worker, handle.moved = target, self.workers[target], True
+            handle.worker_index, handle.moved = target, True
             ray.get(handle.ingest.retarget.remote(f"worker:{target}"))
             messages.append(f"stream {sid} moved from model worker {index} ({reason}) to worker {target}")
             log.warning(messages[-1])
@@ -211,8 +209,7 @@ class Pipeline:
             stream, self.config, f"worker:{index}", self.frame_size
         )
         self.streams[stream.id] = StreamHandle(
-            stream, info.run, live, index, self.workers[index], ingest,
-            done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote(),
+            stream, info.run, live, index, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote()
         )
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
 
@@ -239,7 +236,7 @@ class Pipeline:
         ray.get(handle.ingest.stop.remote())
         with contextlib.suppress(Exception):
             ray.get(handle.done_ref, timeout=30)
-        ray.get(handle.worker.remove_stream.remote(stream_id))
+        ray.get(self.workers[handle.worker_index].remove_stream.remote(stream_id))
         ray.kill(handle.ingest, no_restart=True)
         self.publisher.unregister_stream(stream_id)
 
@@ -268,22 +265,14 @@ class Pipeline:
         placed_refs = [h.placed_ref for h in self.streams.values()]
         placed = set(ray.wait(placed_refs, num_returns=len(placed_refs), timeout=0)[0]) if placed_refs else set()
         running = {h.done_ref: h for h in self.streams.values() if h.summary is None and h.placed_ref in placed}
-        ready, _ = ray.wait(list(running), num_returns=len(running), timeout=DRAIN_TIMEOUT_S) if running else ([], [])
-        for ref in ready:
-            with contextlib.suppress(Exception):
-                running[ref].summary = ray.get(ref)
+        for ref, summary in _results_within(list(running), DRAIN_TIMEOUT_S).items():
+            running[ref].summary = summary
         for sid, handle in self.streams.items():  # never placed, or stuck: say so
             if handle.summary is None:
                 handle.summary = {"stream": sid, "state": "not finished", "live": handle.live}
         stats_refs = [w.stats.remote(drain=True) for i, w in enumerate(self.workers) if i not in self.dead]
-        ready, not_ready = ray.wait(stats_refs, num_returns=len(stats_refs), timeout=DRAIN_TIMEOUT_S)
-        if not_ready:
-            log.warning("%d model workers did not drain in %.0f s", len(not_ready), DRAIN_TIMEOUT_S)
-        worker_stats = []
-        for ref in ready:  # a dead or stuck worker: the summaries keep the ingest counts
-            with contextlib.suppress(ray.exceptions.RayError):
-                worker_stats.append(ray.get(ref))
-        for stats in worker_stats:
+        # A dead or stuck worker: the summaries keep the ingest counts.
+        for stats in _results_within(stats_refs, DRAIN_TIMEOUT_S).values():
             for sid, counts in stats.items():
                 if sid in self.streams and self.streams[sid].summary is not None:
                     self.streams[sid].summary |= counts
@@ -301,6 +290,20 @@ def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -
             caption = client.latest(note.stream)
             if caption is not None:
                 yield caption
+
+
+def _results_within(refs: list, timeout_s: float) -> dict:
+    """{ref: value} of the refs that resolve, without error, within one shared timeout."""
+    if not refs:
+        return {}
+    ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if not_ready:
+        log.warning("%d of %d calls not done after %.0f s", len(not_ready), len(refs), timeout_s)
+    results = {}
+    for ref in ready:
+        with contextlib.suppress(ray.exceptions.RayError):
+            results[ref] = ray.get(ref)
+    return results
 
 
 def _actor_exists(name: str) -> bool:
@@ -322,10 +325,11 @@ def run_pipeline(
     with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()
-        printer = threading.Thread(
-            target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
-        )
+        printer = None
         if on_caption is not None:
+            printer = threading.Thread(
+                target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
+            )
             printer.start()
         if not ray.is_initialized():
             ray.init(address=config.ray_address, namespace=config.ray_namespace,
@@ -366,7 +370,7 @@ def run_pipeline(
             questions.close()
             controls.close()
             pipeline.shutdown()
-            if printer.is_alive():  # before an embedded Redis stops under it
+            if printer is not None:  # before an embedded Redis stops under it
                 printer.join(timeout=5)
         return pipeline.failed | {sid: h.summary or {} for sid, h in pipeline.streams.items()}
 
@@ -381,7 +385,7 @@ def _route_questions(pipeline: Pipeline, intake: QuestionIntake, pending: dict) 
                 question_id=question.id, stream=question.stream, question=question.text,
                 error=f"stream {question.stream!r} is not running"))
             continue
-        pending[handle.worker.answer.remote(question)] = (entry_id, question)
+        pending[pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)
 
 
 def _finish_answers(intake: QuestionIntake, pending: dict, wait: bool = False) -> None:
