@@ -264,7 +264,11 @@ class Pipeline:
             handle.ingest.stop.remote()
         placed_refs = [h.placed_ref for h in self.streams.values()]
         placed = set(ray.wait(placed_refs, num_returns=len(placed_refs), timeout=0)[0]) if placed_refs else set()
-        running = {h.done_ref: h for h in self.streams.values() if h.summary is None and h.placed_ref in placed}
+        # A fresh run() call: it waits on the same ingest thread, or on the restarted actor's
+        # thread where Ray restarted it (the first call then failed with the old actor).
+        running = {
+            h.ingest.run.remote(): h for h in self.streams.values() if h.summary is None and h.placed_ref in placed
+        }
         for ref, summary in _results_within(list(running), DRAIN_TIMEOUT_S).items():
             running[ref].summary = summary
         for sid, handle in self.streams.items():  # never placed, or stuck: say so
