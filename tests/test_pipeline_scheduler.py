@@ -1,0 +1,158 @@
+"""The model worker's scheduling rules, without Ray: explicit queue states and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.scheduler import Outcome, Policy, Scheduler
+
+
+def outcomes(resolutions) -> list[tuple[str, Outcome]]:
+    return [(r.token, r.outcome) for r in resolutions]
+
+
+def seqs(batch) -> list[tuple[str, int]]:
+    return [(item.lane, item.seq) for item in batch.items]
+
+
+def test_newest_wins_skips_every_waiting_live_window():
+    s = Scheduler(batch_size=4)
+    s.add_lane("cam", Policy.NEWEST)
+    assert s.submit("cam", 0, "w0", "t0") == []
+    running = s.next_batch()
+    assert seqs(running) == [("cam", 0)]
+    # while window 0 runs, windows 1..3 arrive: each overtakes the one waiting before it
+    assert s.submit("cam", 1, "w1", "t1") == []
+    assert outcomes(s.submit("cam", 2, "w2", "t2")) == [("t1", Outcome.SKIPPED)]
+    assert outcomes(s.submit("cam", 3, "w3", "t3")) == [("t2", Outcome.SKIPPED)]
+    assert s.next_batch() is None  # one batch at a time
+    assert outcomes(s.finished(running)) == [("t0", Outcome.DONE)]
+    assert seqs(s.next_batch()) == [("cam", 3)]  # the newest, never a stale one
+    counts = s.counts("cam")
+    assert (counts.done, counts.skipped, counts.failed) == (1, 2, 0)
+
+
+def test_files_are_accepted_in_order_exactly_once():
+    s = Scheduler(batch_size=8)
+    s.add_lane("file", Policy.ORDERED)
+    assert s.submit("file", 0, "w0", "a") == []
+    assert s.submit("file", 1, "w1", "b") == []
+    assert outcomes(s.submit("file", 3, "w3", "c")) == [("c", Outcome.RETRY)]  # gap: re-send in order
+    assert outcomes(s.submit("file", 1, "w1", "d")) == [("d", Outcome.ALREADY)]  # re-sent duplicate
+    batch = s.next_batch()
+    assert seqs(batch) == [("file", 0), ("file", 1)]  # never skipped, in order
+    assert outcomes(s.finished(batch)) == [("a", Outcome.DONE), ("b", Outcome.DONE)]
+    assert s.next_seq("file") == 2 and s.idle
+
+
+def test_a_lane_resumed_after_a_restart_starts_where_it_was():
+    """A restarted worker re-adds the file at the next window Redis does not have: earlier windows
+    re-sent by the ingest are recognised, later ones wait for the gap to be filled."""
+    s = Scheduler(batch_size=8)
+    s.add_lane("file", Policy.ORDERED, next_seq=5)
+    assert outcomes(s.submit("file", 4, "w4", "old")) == [("old", Outcome.ALREADY)]
+    assert outcomes(s.submit("file", 6, "w6", "ahead")) == [("ahead", Outcome.RETRY)]
+    assert s.submit("file", 5, "w5", "next") == []
+    assert seqs(s.next_batch()) == [("file", 5)]
+
+
+def test_batches_take_streams_round_robin_and_rotate_who_goes_first():
+    s = Scheduler(batch_size=2)
+    for lane in ("a", "b", "c"):
+        s.add_lane(lane, Policy.ORDERED)
+        for seq in range(3):
+            s.submit(lane, seq, f"{lane}{seq}", f"{lane}{seq}")
+    taken = []
+    while (batch := s.next_batch()) is not None:
+        taken.append(seqs(batch))
+        s.finished(batch)
+    assert taken[0] == [("a", 0), ("b", 0)]
+    assert taken[1] == [("b", 1), ("c", 0)]  # the next batch starts after the previous first lane
+    assert taken[2] == [("c", 1), ("a", 1)]
+    flat = [x for batch in taken for x in batch]
+    assert sorted(flat) == [(lane, seq) for lane in "abc" for seq in range(3)]
+    for lane in "abc":  # each stream's windows still in order
+        assert [seq for l, seq in flat if l == lane] == [0, 1, 2]
+
+
+def test_one_busy_stream_cannot_starve_the_others():
+    s = Scheduler(batch_size=4)
+    s.add_lane("file", Policy.ORDERED)
+    s.add_lane("cam", Policy.NEWEST)
+    for seq in range(10):
+        s.submit("file", seq, seq, f"f{seq}")
+    s.submit("cam", 0, 0, "c0")
+    assert ("cam", 0) in seqs(s.next_batch())
+
+
+def test_a_failed_batch_is_retried_item_by_item_then_the_bad_item_fails(monkeypatch):
+    clock = iter([100.0, 101.0, 102.0])
+    s = Scheduler(batch_size=4, clock=lambda: next(clock))
+    s.add_lane("a", Policy.ORDERED)
+    s.add_lane("b", Policy.ORDERED)
+    s.submit("a", 0, "a0", "a0")
+    s.submit("b", 0, "b0", "b0")
+    batch = s.next_batch()
+    assert seqs(batch) == [("a", 0), ("b", 0)]
+    assert s.finished(batch, "RuntimeError: boom") == []  # nothing decided: both are retried
+    assert s.counts("a").last_error == "window 0: RuntimeError: boom (retrying)"
+    results = {}
+    for _ in range(2):
+        retry = s.next_batch()
+        assert len(retry.items) == 1  # alone, so one bad window cannot fail the others
+        lane = retry.items[0].lane
+        results[lane] = s.finished(retry, "RuntimeError: boom" if lane == "b" else None)
+    assert outcomes(results["a"]) == [("a0", Outcome.DONE)]
+    assert outcomes(results["b"]) == [("b0", Outcome.FAILED)]
+    assert results["b"][0].error == "window 0 failed after 2 attempts: RuntimeError: boom"
+    b = s.counts("b")
+    assert (b.done, b.failed, b.last_error_at) == (0, 1, 102.0)
+    assert (s.counts("a").done, s.counts("a").failed) == (1, 0)
+    # the failure is a record: a later success does not erase it
+    s.submit("b", 1, "b1", "b1")
+    s.finished(s.next_batch())
+    assert s.counts("b").last_error.startswith("window 0 failed") and s.counts("b").done == 1
+    assert s.idle
+
+
+def test_a_failed_live_window_is_retried_unless_a_newer_one_waits():
+    s = Scheduler(batch_size=4)
+    s.add_lane("cam", Policy.NEWEST)
+    s.submit("cam", 0, "w0", "t0")
+    first = s.next_batch()
+    assert s.finished(first, "boom") == []
+    retry = s.next_batch()
+    assert seqs(retry) == [("cam", 0)]
+    s.submit("cam", 1, "w1", "t1")  # arrives while the retry runs
+    assert outcomes(s.finished(retry, "boom")) == [("t0", Outcome.FAILED)]
+    second = s.next_batch()
+    assert seqs(second) == [("cam", 1)]
+    s.submit("cam", 2, "w2", "t2")
+    # window 1 raised and window 2 is waiting: the newer one wins, window 1 is skipped
+    assert outcomes(s.finished(second, "boom")) == [("t1", Outcome.SKIPPED)]
+    assert seqs(s.next_batch()) == [("cam", 2)]
+    counts = s.counts("cam")
+    assert (counts.done, counts.skipped, counts.failed) == (0, 1, 1)
+
+
+def test_removed_lanes_resolve_their_waiting_and_running_items():
+    s = Scheduler(batch_size=1)
+    s.add_lane("cam", Policy.ORDERED)
+    s.submit("cam", 0, "w0", "t0")
+    s.submit("cam", 1, "w1", "t1")
+    running = s.next_batch()
+    assert outcomes(s.remove_lane("cam")) == [("t1", Outcome.REMOVED)]
+    assert outcomes(s.finished(running)) == [("t0", Outcome.REMOVED)]
+    assert outcomes(s.submit("cam", 2, "w2", "t2")) == [("t2", Outcome.REMOVED)]
+    assert s.idle
+
+
+def test_finished_needs_the_running_batch():
+    s = Scheduler(batch_size=1)
+    s.add_lane("cam", Policy.NEWEST)
+    s.submit("cam", 0, "w0", "t0")
+    s.next_batch()
+    from pipeline.scheduler import Batch
+
+    with pytest.raises(ValueError):
+        s.finished(Batch([]))
