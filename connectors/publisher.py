@@ -26,8 +26,10 @@ from redis.client import Pipeline
 
 from .redis_conn import UNREACHABLE, connect
 from .redis_schema import (
+    CAPTION_FLAT,
     DEFAULT_KEYS,
     OFFLINE_DROPPED,
+    STATUS_FLAT,
     Answer,
     Caption,
     Event,
@@ -42,21 +44,6 @@ from .redis_schema import (
 )
 
 log = logging.getLogger(__name__)
-
-CAPTION_FLAT = ("window", "start", "end", "wall_start", "wall_end", "text", "model", "latency_s", "created_at")
-STATUS_FLAT = (
-    "state",
-    "fps_in",
-    "fps_out",
-    "lag_s",
-    "frames_in",
-    "frames_dropped",
-    "windows_done",
-    "windows_skipped",
-    "reconnects",
-    "last_error",
-    "updated_at",
-)
 
 _DUPLICATE = "equal or smaller than the target stream top item"
 

@@ -189,6 +189,10 @@ class Caption(Model):
     model: str = ""
     prompt: str | None = None
     latency_s: float | None = Field(default=None, description="window closed -> result ready")
+    error: str | None = Field(
+        default=None, description="set when the model failed on this window twice: `text` is empty, the "
+        "window is counted in `windows_failed`, never in `windows_done`",
+    )
     created_at: float = Field(default_factory=now)
 
     @property
@@ -258,24 +262,41 @@ class IngestState(StrEnum):
 
 
 class StreamStatus(Model):
-    """Ingest and processing status of one stream (`sfs:{sid}:status`)."""
+    """Ingest and processing status of one stream (`sfs:{sid}:status`), refreshed every
+    `STATUS_INTERVAL_S` while the stream runs, whether or not frames flow. For a file that
+    ended, windows_done + windows_failed + windows_skipped == windows_emitted."""
 
     stream: StreamId
     state: IngestState
-    fps_in: float = 0.0
-    fps_out: float = 0.0
-    lag_s: float = 0.0
+    fps_in: float = Field(default=0.0, description="frames sampled per second, over the last interval")
+    fps_out: float = Field(default=0.0, description="frames whose window was processed, per second")
+    lag_s: float = Field(default=0.0, description="live: now - capture time of the latest processed window's end")
     frames_in: int = 0
-    frames_dropped: int = 0
+    frames_dropped: int = Field(default=0, description="decoded frames dropped as corrupt")
+    windows_emitted: int = Field(default=0, description="windows the ingest sent to the model worker")
     windows_done: int = 0
-    windows_skipped: int = 0
+    windows_skipped: int = Field(default=0, description="live windows overtaken by a newer one (newest wins)")
+    windows_failed: int = Field(default=0, description="windows the model raised on twice (see Caption.error)")
     reconnects: int = 0
     latency_s: float | None = Field(default=None, description="latest window's end-to-end latency")
     offline_dropped: int = Field(
         default=0, description="writes dropped while Redis was unreachable (publisher overflow)"
     )
-    last_error: str | None = None
+    last_error: str | None = Field(
+        default=None, description="the source's error while it is down (cleared when it is live again), "
+        "else the latest window failure",
+    )
+    last_error_at: float | None = Field(default=None, description="when last_error happened, unix s")
     updated_at: float = Field(default_factory=now)
+
+
+STATUS_INTERVAL_S = 1.0  # every running stream's status is re-published this often
+# Flat copies in the state and status hashes, for redis-cli users (`data` is authoritative).
+CAPTION_FLAT = ("window", "start", "end", "wall_start", "wall_end", "text", "model", "latency_s", "error",
+                "created_at")
+STATUS_FLAT = ("state", "fps_in", "fps_out", "lag_s", "frames_in", "frames_dropped", "windows_emitted",
+               "windows_done", "windows_skipped", "windows_failed", "reconnects", "last_error", "last_error_at",
+               "updated_at")
 
 
 class Event(Model):
