@@ -15,24 +15,31 @@ import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from connectors.publisher import Publisher
-from connectors.redis_schema import IngestState, Question, StreamStatus
-from connectors.sources import SourceError, open_source
+from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question, StreamStatus
+from connectors.sources import SourceError, SourceState, open_source
 
 from .config import PipelineConfig, StreamConfig
 from .outputs import CaptionFiles
+from .rates import RateMeter
+from .scheduler import FINAL, Outcome, Policy, Resolution, Scheduler
 from .window import FrameRef, SlidingWindow, Window
 
 log = logging.getLogger("slowfast.pipeline")
-STATUS_INTERVAL_S = 1.0
 RESUBMIT_WAIT_S = 1.0
 ATTACH_TIMEOUT_S = 5.0
+FINAL_STATUS_TIMEOUT_S = 30.0
+# While the source runs, the stream's state is the source's.
+SOURCE_STATES = {SourceState.CONNECTING: IngestState.CONNECTING, SourceState.LIVE: IngestState.LIVE,
+                 SourceState.RECONNECTING: IngestState.RECONNECTING, SourceState.ENDED: IngestState.LIVE,
+                 SourceState.FAILED: IngestState.FAILED}
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class IngestActor:
     """Runs one stream's source: each sampled frame goes to the object store once; windows
     of references go to the stream's model worker. Files wait when too many windows are in
-    flight (nothing skipped); live streams never wait (the worker keeps the newest)."""
+    flight (nothing skipped); live streams never wait (the worker keeps the newest). A
+    heartbeat thread sends the stream's status every STATUS_INTERVAL_S, frames or not."""
 
     def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int):
         # The worker goes by name, not handle: a handle argument would sit in the object store
@@ -40,17 +47,23 @@ class IngestActor:
         self.stream, self.config, self.worker_name, self.frame_size = stream, config, worker_name, frame_size
         self.worker: Any = None
         self.stop_event = threading.Event()
-        self.state = IngestState.STARTING
+        self.state = IngestState.STARTING  # until the source runs, and once it is over
         self.error: str | None = None
+        self.error_at: float | None = None
         self.frames_in = 0
         self.reconnects = 0
+        self.fps_in = RateMeter()
         self.live = bool(stream.live)
         self.windows_emitted = 0
-        self.done = False
-        self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
         self.source = None
+        self.source_running = False
+        self.status_lock = threading.Lock()
+        self.final_sent = False
+        self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
         self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
         self.thread.start()
+        self.heartbeat = threading.Thread(target=self._heartbeat, name=f"status-{stream.id}", daemon=True)
+        self.heartbeat.start()
 
     async def run(self) -> dict:
         """Wait until the source ends, fails or stop() is called; returns a summary."""
@@ -62,10 +75,12 @@ class IngestActor:
         try:
             self._ingest()
         except Exception as exc:  # keep the reason; the summary and status carry it
-            self.state, self.error = IngestState.FAILED, f"{type(exc).__name__}: {exc}"
+            self._set_error(f"{type(exc).__name__}: {exc}")
+            self.state = IngestState.FAILED
             log.exception("ingest of %s crashed", self.stream.id)
         finally:
-            self.done = True
+            self.source_running = False
+            self._send_status(final=True)
 
     def summary(self) -> dict:
         return {"stream": self.stream.id, "state": str(self.state), "frames_in": self.frames_in,
@@ -106,51 +121,46 @@ class IngestActor:
 
     def _ingest(self) -> None:
         in_flight: deque = deque()
-        last_status = 0.0
         first_window_seq = self._attach()
         if self.stop_event.is_set():  # stopped while waiting for a worker: never open the source
             self.state = IngestState.STOPPED
             return
+        self.state = IngestState.CONNECTING
         try:
             with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size,
                              live=self.stream.live, retry_connect=True) as source:
-                self.source = source
+                self.source, self.source_running = source, True
                 self.live = source.is_live
                 windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
                                         first_seq=first_window_seq if self.live else 0)
                 for frame in source:
                     if self.stop_event.is_set():
                         break
-                    self.state = IngestState(str(source.state))
                     ref = ray.put(frame.image)
                     self.frames_in += 1
                     self.frames_counter.inc(tags={"stream": self.stream.id})
                     window = windows.push(FrameRef(frame.seq, frame.pts, frame.wall_time, ref))
                     if window is not None:
                         self._submit(window, in_flight)
-                    now = time.time()
-                    if now - last_status >= STATUS_INTERVAL_S:
-                        last_status = now
-                        self.reconnects = source.stats.reconnects
-                        self.worker.ingest_status.remote(self.stream.id, self._status(source))
                 if not self.stop_event.is_set() and not self.live:
                     tail = windows.finish()
                     if tail is not None:
                         self._submit(tail, in_flight)
-                self.state = IngestState.STOPPED if self.stop_event.is_set() else IngestState.ENDED
-                self.error = source.stats.last_error
+                # The source is over; the status shows "live" until the file's windows are done.
+                self.state, self.source_running = IngestState.LIVE, False
         except SourceError as exc:
-            self.state, self.error = IngestState.FAILED, str(exc)
+            self.source_running = False
+            self._set_error(str(exc))
+            self.state = IngestState.FAILED
             log.error("stream %s failed: %s", self.stream.id, exc)
-        # Wait for the file's windows, so "ended" means "every window captioned".
+            return
+        # Wait for the file's windows, so "ended" means "every window has its outcome".
         while in_flight and not self.live:
             self._wait_oldest(in_flight)
-        if self.worker is None:  # stopped before a worker took the stream
-            return
-        try:  # the final status is published before run() returns, so a drain sees it
-            ray.get(self.worker.ingest_status.remote(self.stream.id, self._status(None, final=True)), timeout=30)
-        except Exception as exc:  # the worker may be gone too; the summary still says it
-            log.warning("final status of %s not published: %s", self.stream.id, exc)
+        self.state = IngestState.STOPPED if self.stop_event.is_set() else IngestState.ENDED
+
+    def _set_error(self, error: str) -> None:
+        self.error, self.error_at = error, time.time()
 
     def _submit(self, window: Window, in_flight: deque) -> None:
         in_flight.append((window, self.worker.submit.remote(window)))
@@ -164,12 +174,12 @@ class IngestActor:
 
     def _wait_oldest(self, in_flight: deque) -> None:
         """Wait for the oldest window of a file. If the worker died, restarted or was not
-        ready ("retry"), re-send it and every later window in order, so none is lost and
-        Redis still gets them in order."""
+        ready (RETRY, REMOVED), re-send it and every later window in order, so none is lost
+        and Redis still gets them in order."""
         window, ref = in_flight[0]
         while not self.stop_event.is_set():
             try:
-                if ray.get(ref) in ("done", "skipped"):
+                if ray.get(ref) in FINAL:
                     in_flight.popleft()
                     return
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
@@ -181,18 +191,46 @@ class IngestActor:
             window, ref = in_flight[0]
         in_flight.popleft()
 
-    def _status(self, source, final: bool = False) -> dict:
+    def _heartbeat(self) -> None:
+        while not self.final_sent:
+            self._send_status()
+            time.sleep(STATUS_INTERVAL_S)
+
+    def _send_status(self, final: bool = False) -> None:
+        """The ingest's side of the status, to the worker that publishes it with its counts. The
+        final one is awaited, so a drain that saw run() return also sees it in Redis."""
+        with self.status_lock:
+            if self.final_sent or self.worker is None:
+                self.final_sent = final or self.final_sent
+                return
+            status = self._status()
+            ref = self.worker.ingest_status.remote(self.stream.id, status)
+            self.final_sent = final
+        if final:
+            try:
+                ray.get(ref, timeout=FINAL_STATUS_TIMEOUT_S)
+            except Exception as exc:  # the worker may be gone too; the summary still says it
+                log.warning("final status of %s not published: %s", self.stream.id, exc)
+
+    def _status(self) -> dict:
+        source = self.source if self.source_running else None
         stats = source.stats if source is not None else None
+        state = SOURCE_STATES[source.state] if source is not None else self.state
+        self.reconnects = stats.reconnects if stats is not None else self.reconnects
+        error, error_at = self.error, self.error_at
+        if stats is not None and state is not IngestState.LIVE and stats.last_error:
+            error, error_at = stats.last_error, stats.last_error_at  # the source is down: say why
         return {
-            "state": str(self.state), "frames_in": self.frames_in, "reconnects": self.reconnects,
-            "last_error": self.error or (stats.last_error if stats else None), "final": final,
-            "live": self.live, "time": time.time(),
+            "state": str(state), "frames_in": self.frames_in, "fps_in": self.fps_in.update(self.frames_in),
+            "windows_emitted": self.windows_emitted, "reconnects": self.reconnects,
+            "last_error": error, "last_error_at": error_at, "live": self.live,
         }
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ModelWorker:
-    """Owns a SlowFastVLM; batches the due tasks of all its streams' windows."""
+    """Owns a SlowFastVLM and runs the scheduler's batches (pipeline/scheduler.py decides what
+    runs and what becomes of each window; pipeline/processor.py does the model work)."""
 
     def __init__(self, config: PipelineConfig, model_path: str):
         import torch
@@ -204,23 +242,28 @@ class ModelWorker:
         self.config = config
         dtype = getattr(torch, config.dtype) if config.dtype else None
         self.vlm = SlowFastVLM.from_pretrained(model_path, device=config.device, dtype=dtype)
+        model = config._test_model_wrapper(self.vlm) if config._test_model_wrapper else self.vlm
         self.publisher = Publisher(config.redis_url, history_len=config.history_len)
         self.processor = WindowProcessor(
-            self.vlm, self.publisher, config.generation, config.batch_size,
+            model, self.publisher, config.generation, config.batch_size,
             fetch_frames=lambda refs: ray.get([f.ref for f in refs]), model_name=Path(str(model_path)).name,
         )
+        self.scheduler = Scheduler(config.batch_size)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor (state lost)
-        self.queues: dict[str, deque[tuple[Window, asyncio.Future]]] = {}
         self.ingest: dict[str, dict] = {}
+        self.fps_out: dict[str, RateMeter] = {}
         self.wakeup = asyncio.Event()
-        self.batch_running = False
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
-        self.windows_done = Counter("slowfast_windows_done", "windows captioned", tag_keys=("stream",))
-        self.windows_skipped = Counter("slowfast_windows_skipped", "stale live windows skipped", tag_keys=("stream",))
+        tags = ("stream",)
+        self.metrics = {
+            Outcome.DONE: Counter("slowfast_windows_done", "windows captioned", tag_keys=tags),
+            Outcome.SKIPPED: Counter("slowfast_windows_skipped", "stale live windows skipped", tag_keys=tags),
+            Outcome.FAILED: Counter("slowfast_windows_failed", "windows the model failed on twice", tag_keys=tags),
+        }
         self.latency = Histogram("slowfast_window_latency_s", "window closed -> result in Redis",
-                                 boundaries=[0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32], tag_keys=("stream",))
-        self.queue_depth = Gauge("slowfast_queue_depth", "windows waiting at the worker", tag_keys=("stream",))
+                                 boundaries=[0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32], tag_keys=tags)
+        self.queue_depth = Gauge("slowfast_queue_depth", "windows waiting at the worker", tag_keys=tags)
         self.batch_windows = Histogram("slowfast_batch_windows", "windows per batched model call",
                                        boundaries=[1, 2, 4, 8, 16, 32])
 
@@ -233,17 +276,17 @@ class ModelWorker:
         if not live:
             files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, append=next_window > 0)
         self.processor.add_stream(stream, run, files)
-        self.processor.streams[stream.id].next_window_seq = next_window
-        self.queues[stream.id] = deque()
+        self.scheduler.add_lane(stream.id, Policy.NEWEST if live else Policy.ORDERED, next_window)
+        self.fps_out[stream.id] = RateMeter()
         if self.loop_task is None:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
 
     async def remove_stream(self, stream: str) -> None:
         async with self.lock:
-            for window, future in self.queues.pop(stream, deque()):
-                future.set_result("removed")
+            self._resolve(self.scheduler.remove_lane(stream))
             self.processor.remove_stream(stream)
             self.ingest.pop(stream, None)
+            self.fps_out.pop(stream, None)
 
     async def resume_point(self, stream: str) -> int | None:
         """For a (re)starting ingest actor: clear the stream's feature ring (frame numbering
@@ -252,45 +295,29 @@ class ModelWorker:
         if state is None:
             return None  # not (yet, or no longer) this worker's stream
         state.ring.clear()
-        return state.next_window_seq
+        state.last_frame_seq = None
+        return self.scheduler.next_seq(stream)
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     async def health(self) -> tuple[str, int]:
         """(incarnation, streams): a new incarnation tells the driver to re-add its streams."""
-        return self.incarnation, len(self.queues)
+        return self.incarnation, len(self.scheduler.lanes)
 
     async def load(self) -> int:
-        return len(self.queues)
+        return len(self.scheduler.lanes)
 
-    async def submit(self, window: Window) -> str:
-        """Queue a window; resolves to "done" or "skipped" (live windows overtaken by a newer one)."""
-        queue = self.queues.get(window.stream)
-        if queue is None:
-            return "removed"
-        state = self.processor.streams[window.stream]
-        if not window.live:
-            # Files are captioned in order, exactly once: an already accepted window is done,
-            # one beyond the next expected (a gap after a restart) must be re-sent in order.
-            if window.seq < state.next_window_seq:
-                return "done"
-            if window.seq > state.next_window_seq:
-                return "retry"
+    async def submit(self, window: Window) -> Outcome:
+        """Offer a window; resolves to its Outcome once decided."""
         future = asyncio.get_running_loop().create_future()
-        state.next_window_seq = max(state.next_window_seq, window.seq + 1)
-        if window.live:
-            while queue:  # newest wins: an older window that was not started is skipped
-                stale, stale_future = queue.popleft()
-                state.windows_skipped += 1
-                self.windows_skipped.inc(tags={"stream": window.stream})
-                stale_future.set_result("skipped")
-        queue.append((window, future))
-        self.queue_depth.set(len(queue), tags={"stream": window.stream})
+        self._resolve(self.scheduler.submit(window.stream, window.seq, window, future))
+        self.queue_depth.set(self.scheduler.waiting(window.stream), tags={"stream": window.stream})
         self.wakeup.set()
         return await future
 
     async def ingest_status(self, stream: str, status: dict) -> None:
+        """The ingest's side of the stream's status (its heartbeat); published with the worker's."""
         self.ingest[stream] = status
         await asyncio.to_thread(self._publish_status, stream)
 
@@ -299,59 +326,68 @@ class ModelWorker:
             return await asyncio.to_thread(self.processor.answer, question)
 
     async def stats(self, drain: bool = False) -> dict[str, dict]:
-        """Per stream: frames encoded (each once), feature-ring size, windows done/skipped/queued.
+        """Per stream: frames encoded (each once), feature-ring size, window outcomes, queued.
         With `drain`, first let every queued and running window finish (a clean stop)."""
-        while drain and (self.batch_running or any(self.queues.values())):
+        while drain and not self.scheduler.idle:
             await asyncio.sleep(0.05)
-        return {
-            sid: {"frames_encoded": st.frames_encoded, "ring_size": len(st.ring), "windows_done": st.windows_done,
-                  "windows_skipped": st.windows_skipped, "queued": len(self.queues.get(sid, ()))}
-            for sid, st in self.processor.streams.items()
-        }
+        stats = {}
+        for sid, st in self.processor.streams.items():
+            counts = self.scheduler.counts(sid)
+            stats[sid] = {"frames_encoded": st.frames_encoded, "ring_size": len(st.ring),
+                          "windows_done": counts.done, "windows_skipped": counts.skipped,
+                          "windows_failed": counts.failed, "queued": self.scheduler.waiting(sid)}
+        return stats
 
     async def _loop(self) -> None:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while any(self.queues.values()):
-                batch = self._take_batch()
-                self.batch_running = True
+            while (batch := self.scheduler.next_batch()) is not None:
+                error = None
                 async with self.lock:
                     try:
-                        await asyncio.to_thread(self.processor.process, [w for w, _ in batch])
-                        outcome = "done"
-                    except Exception as exc:  # one bad batch must not stop the worker
-                        log.exception("processing failed for %s", [w.stream for w, _ in batch])
-                        outcome = f"error: {exc}"
-                for window, future in batch:
-                    self.windows_done.inc(tags={"stream": window.stream})
-                    self.latency.observe(time.time() - window.closed_at, tags={"stream": window.stream})
-                    if not future.done():
-                        future.set_result(outcome)
-                    await asyncio.to_thread(self._publish_status, window.stream)
-                self.batch_windows.observe(len(batch))
-                self.batch_running = False
+                        await asyncio.to_thread(self.processor.process, batch.payloads)
+                    except Exception as exc:  # one bad batch must not stop the worker: retried, then failed
+                        log.exception("processing failed for windows %s",
+                                      [(w.stream, w.seq) for w in batch.payloads])
+                        error = f"{type(exc).__name__}: {exc}"
+                resolutions = self.scheduler.finished(batch, error)
+                for resolution in resolutions:
+                    if resolution.outcome is Outcome.FAILED:
+                        await asyncio.to_thread(self.processor.publish_failure, resolution.item.payload,
+                                                resolution.error)
+                self._resolve(resolutions)
+                self.batch_windows.observe(len(batch.items))
+                for stream in {w.stream for w in batch.payloads}:
+                    self.queue_depth.set(self.scheduler.waiting(stream), tags={"stream": stream})
+                    await asyncio.to_thread(self._publish_status, stream)
 
-    def _take_batch(self) -> list[tuple[Window, asyncio.Future]]:
-        """Round-robin over streams so one busy file cannot starve the cameras."""
-        batch: list[tuple[Window, asyncio.Future]] = []
-        while len(batch) < self.config.batch_size and any(self.queues.values()):
-            for queue in self.queues.values():
-                if queue and len(batch) < self.config.batch_size:
-                    batch.append(queue.popleft())
-        for stream, queue in self.queues.items():
-            self.queue_depth.set(len(queue), tags={"stream": stream})
-        return batch
+    def _resolve(self, resolutions: list[Resolution]) -> None:
+        for resolution in resolutions:
+            window = resolution.item.payload if resolution.item else None
+            metric = self.metrics.get(resolution.outcome)
+            if metric is not None and window is not None:
+                metric.inc(tags={"stream": window.stream})
+                if resolution.outcome is Outcome.DONE:
+                    self.latency.observe(time.time() - window.closed_at, tags={"stream": window.stream})
+            if not resolution.token.done():
+                resolution.token.set_result(resolution.outcome)
 
     def _publish_status(self, stream: str) -> None:
         state = self.processor.streams.get(stream)
+        counts = self.scheduler.counts(stream)
         ingest = self.ingest.get(stream)
-        if state is None or ingest is None:
+        if state is None or counts is None or ingest is None:
             return
-        frames = ingest["frames_in"]
+        error, error_at = ingest["last_error"], ingest["last_error_at"]
+        if error is None and counts.last_error is not None:
+            error, error_at = counts.last_error, counts.last_error_at
+        live = ingest["live"]
         self.publisher.publish_status(StreamStatus(
-            stream=stream, state=IngestState(ingest["state"]), frames_in=frames,
-            windows_done=state.windows_done, windows_skipped=state.windows_skipped,
-            reconnects=ingest["reconnects"], latency_s=state.latency_s, last_error=ingest["last_error"],
-            lag_s=max(0.0, time.time() - state.latest.wall_end) if state.latest and ingest["live"] else 0.0,
+            stream=stream, state=IngestState(ingest["state"]), frames_in=ingest["frames_in"],
+            fps_in=ingest["fps_in"], fps_out=self.fps_out[stream].update(state.frames_encoded),
+            frames_dropped=state.frames_dropped, windows_emitted=ingest["windows_emitted"],
+            windows_done=counts.done, windows_skipped=counts.skipped, windows_failed=counts.failed,
+            reconnects=ingest["reconnects"], latency_s=state.latency_s, last_error=error, last_error_at=error_at,
+            lag_s=max(0.0, time.time() - state.latest.wall_end) if state.latest and live else 0.0,
         ))

@@ -59,8 +59,7 @@ def estimated_windows(source: str, config: PipelineConfig) -> int | None:
 @contextlib.contextmanager
 def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]:
     """Print captions as they arrive, with a progress bar (windows done / total) per file."""
-    files = {s.id: estimated_windows(s.source, config) for s in config.streams if s.live is False
-             or (s.live is None and "://" not in s.source)}
+    files = {s.id: estimated_windows(s.source, config) for s in config.streams if s.is_file()}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False, disable=not files) as progress:
         tasks = {sid: progress.add_task(sid, total=total) for sid, total in files.items()}

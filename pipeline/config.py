@@ -8,13 +8,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from connectors.redis_schema import check_stream_id
+from connectors.sources import SourceError
+from connectors.sources.uri import parse_source
 
 DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
 ENV_PREFIX = "SLOWFAST_"
@@ -66,6 +69,17 @@ class StreamConfig(BaseModel):
     def _valid_id(cls, value: str) -> str:
         return check_stream_id(value)
 
+    def is_live(self) -> bool:
+        """`live` if set, else what the source's kind says (SourceError if it can never work)."""
+        return self.live if self.live is not None else parse_source(self.source).presumed_live
+
+    def is_file(self) -> bool:
+        """A stream known to end (a file), for progress bars: an unusable source is not one."""
+        try:
+            return not self.is_live()
+        except SourceError:
+            return False
+
 
 class GenerationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -115,6 +129,10 @@ class PipelineConfig(BaseSettings):
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources each model worker requires (hard)"
     )
+
+    # Test-only, not a setting: a callable that wraps the model each worker loads, so tests can
+    # make it slow or fail on purpose. Private: YAML, SLOWFAST_* variables and flags cannot set it.
+    _test_model_wrapper: Callable[[Any], Any] | None = PrivateAttr(default=None)
 
     @field_validator("stride")
     @classmethod

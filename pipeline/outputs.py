@@ -17,7 +17,7 @@ def vtt_timestamp(seconds: float) -> str:
 
 
 class CaptionFiles:
-    """Appends one JSON line and one WebVTT cue per window, flushed as they come."""
+    """Appends one JSON line per window and one WebVTT cue per captioned window, flushed as they come."""
 
     def __init__(self, folder: Path, frame_interval: float, append: bool = False):
         folder.mkdir(parents=True, exist_ok=True)
@@ -40,8 +40,12 @@ class CaptionFiles:
             "caption": caption.text,
             "latency_s": caption.latency_s,
         }
+        if caption.error is not None:
+            record["error"] = caption.error
         self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._jsonl.flush()
+        if caption.error is not None:  # no cue: the window has no caption to show
+            return
         text = caption.text.replace("-->", "->").strip() or "(no caption)"
         cue_end = caption.end + self.frame_interval
         self._vtt.write(f"{caption.window}\n{vtt_timestamp(caption.start)} --> {vtt_timestamp(cue_end)}\n{text}\n\n")

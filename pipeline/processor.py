@@ -33,10 +33,9 @@ class StreamState:
     ring: dict[int, torch.Tensor] = field(default_factory=dict)
     latest: Window | None = None
     latest_features: torch.Tensor | None = None
-    windows_done: int = 0
-    windows_skipped: int = 0
     frames_encoded: int = 0
-    next_window_seq: int = 0
+    frames_dropped: int = 0  # sampled frames no processed window covered (their windows were skipped)
+    last_frame_seq: int | None = None  # of the latest processed window; None after a restart
     latency_s: float | None = None
 
 
@@ -80,6 +79,10 @@ class WindowProcessor:
     def window_features(self, window: Window) -> torch.Tensor:
         """[T, tokens, hidden] for the window, encoding only frames not in the ring."""
         state = self.streams[window.stream]
+        first = window.frames[0].seq
+        if state.last_frame_seq is not None and first > state.last_frame_seq + 1:
+            state.frames_dropped += first - state.last_frame_seq - 1
+        state.last_frame_seq = max(state.last_frame_seq or 0, window.frames[-1].seq)
         missing = [f for f in window.frames if f.seq not in state.ring]
         if missing:
             images = np.stack(self.fetch_frames(missing))
@@ -87,7 +90,6 @@ class WindowProcessor:
             state.ring.update(zip((f.seq for f in missing), encoded))
             self.frames_encoded += len(missing)
             state.frames_encoded += len(missing)
-        first = window.frames[0].seq
         for seq in [s for s in state.ring if s < first]:
             del state.ring[seq]  # slid out: released as the window moves
         return torch.stack([state.ring[f.seq] for f in window.frames])
@@ -129,10 +131,24 @@ class WindowProcessor:
             # A window re-sent after an ingest restart is a duplicate: it is in the files already.
             if state.files is not None and caption_text is not None and result != PublishResult.DUPLICATE:
                 state.files.write(caption)
-            state.windows_done += 1
             state.latency_s = latency
             captions.append(caption)
         return captions
+
+    def publish_failure(self, window: Window, error: str) -> None:
+        """Record a window the model failed on: an entry with `error` and no text in the caption
+        history (and the file's JSONL), so a consumer sees the gap and why."""
+        state = self.streams.get(window.stream)
+        if state is None:
+            return
+        caption = Caption(
+            stream=window.stream, window=window.seq, run=state.run, start=window.start, end=window.end,
+            wall_start=window.wall_start, wall_end=window.wall_end, text="", model=self.model_name,
+            error=error, latency_s=time.time() - window.closed_at,
+        )
+        result = self.publisher.publish_window(caption, [], [])
+        if state.files is not None and result != PublishResult.DUPLICATE:
+            state.files.write(caption)
 
     def _standing_results(self, window: Window, features: torch.Tensor, own) -> tuple[list[Answer], list[Event]]:
         answers, events = [], []

@@ -23,7 +23,6 @@ from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
 from connectors.client import SlowFastClient
 from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
-from connectors.sources.uri import Kind, parse_source
 
 from .config import PipelineConfig, StreamConfig
 from .actors import IngestActor, ModelWorker
@@ -60,12 +59,6 @@ def redis_for(config: PipelineConfig) -> Iterator[str]:
         return
     with EmbeddedRedis() as redis:
         yield redis.url
-
-
-def presumed_live(uri: str) -> bool:
-    """Cameras and looping files are live; files and HTTP files are not (an HLS playlist may be)."""
-    spec = parse_source(uri)  # raises SourceError naming the source if it can never work
-    return spec.kind in (Kind.RTSP, Kind.LOOP) or (spec.kind == Kind.HTTP and spec.target.endswith(".m3u8"))
 
 
 def resolve_model(config: PipelineConfig, workdir: Path) -> str:
@@ -196,7 +189,7 @@ class Pipeline:
     def add_stream(self, stream: StreamConfig) -> None:
         if stream.id in self.streams:
             raise ValueError(f"stream {stream.id!r} is already running")
-        live = stream.live if stream.live is not None else presumed_live(stream.source)
+        live = stream.is_live()
         info = self.publisher.register_stream(
             StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"))
         )
@@ -233,17 +226,21 @@ class Pipeline:
         handle = self.streams.pop(stream_id, None)
         if handle is None:
             raise ValueError(f"stream {stream_id!r} is not running")
-        ray.get(handle.ingest.stop.remote())
-        with contextlib.suppress(Exception):
-            ray.get(handle.done_ref, timeout=30)
+        if handle.summary is None:  # still running (a finished stream's actor is gone already)
+            ray.get(handle.ingest.stop.remote())
+            with contextlib.suppress(Exception):
+                ray.get(handle.done_ref, timeout=30)
+            ray.kill(handle.ingest, no_restart=True)
         ray.get(self.workers[handle.worker_index].remove_stream.remote(stream_id))
-        ray.kill(handle.ingest, no_restart=True)
         self.publisher.unregister_stream(stream_id)
 
-    def finished_files(self) -> list[str]:
+    def finished_streams(self) -> list[str]:
+        """Streams whose ingest ended or failed since the last call. Each one's ingest actor is
+        killed at once, so its CPUs go to the next stream; its final status, published before
+        run() returned, stays in Redis, and the worker keeps its counts for the summary."""
         finished = []
         for sid, handle in self.streams.items():
-            if handle.live or handle.summary is not None:
+            if handle.summary is not None:
                 continue
             ready, _ = ray.wait([handle.done_ref], timeout=0)
             if ready:
@@ -252,6 +249,7 @@ class Pipeline:
                 except ray.exceptions.RayActorError:  # died mid-run: Ray restarts it, wait again
                     handle.done_ref = handle.ingest.run.remote()
                     continue
+                ray.kill(handle.ingest, no_restart=True)
                 finished.append(sid)
         return finished
 
@@ -356,7 +354,7 @@ def run_pipeline(
         last_check = time.monotonic()
         try:
             while not stop.is_set():
-                for sid in pipeline.finished_files():
+                for sid in pipeline.finished_streams():
                     on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
                 if files_only and not pipeline.files_pending():
                     break

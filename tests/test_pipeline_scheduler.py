@@ -156,3 +156,19 @@ def test_finished_needs_the_running_batch():
 
     with pytest.raises(ValueError):
         s.finished(Batch([]))
+
+
+def test_rate_meter_follows_the_total_and_falls_to_zero_when_it_stops():
+    from pipeline.rates import RateMeter
+
+    now = [0.0]
+    meter = RateMeter(span_s=2.0, clock=lambda: now[0])
+    assert meter.update(0) == 0.0
+    for second in range(1, 5):
+        now[0] = float(second)
+        rate = meter.update(4 * second)  # 4 per second
+    assert rate == pytest.approx(4.0)
+    for second in range(5, 8):  # the total stops moving
+        now[0] = float(second)
+        rate = meter.update(16)
+    assert rate == 0.0

@@ -85,9 +85,9 @@ class VideoSource:
         """True for cameras and loop://: the consumer should drop stale work, not block."""
         if self._live_override is not None:
             return self._live_override
-        if self.spec.kind is Kind.HTTP:
-            return bool(self._is_http_live)
-        return self.spec.kind in (Kind.RTSP, Kind.LOOP)
+        if self.spec.kind is Kind.HTTP and self._is_http_live is not None:
+            return self._is_http_live
+        return self.spec.presumed_live
 
     def start(self) -> VideoSource:
         """First connect. Raises SourceError if the source cannot start, unless it is live
@@ -291,7 +291,7 @@ class VideoSource:
                 log.info("%s: live again after %d attempts", self.uri, attempt)
                 return True
             except Exception as exc:  # noqa: BLE001 - same: retry whatever went wrong
-                self._stats.last_error = _failure(exc).reason
+                self._record(_failure(exc))
         return False
 
     def _lost(self, failure: Failure) -> None:
@@ -299,12 +299,15 @@ class VideoSource:
             self._close_container()
         self._note_failure(failure, SourceState.RECONNECTING)
 
+    def _record(self, failure: Failure) -> None:
+        self._stats.last_error, self._stats.last_error_at = failure.reason, time.time()
+
     def _note_failure(self, failure: Failure, state: SourceState) -> None:
-        self._stats.last_error = failure.reason
+        self._record(failure)
         self._state = state
 
     def _fail(self, failure: Failure) -> None:
-        self._stats.last_error = failure.reason
+        self._record(failure)
         self._state = SourceState.FAILED
         with self._io:
             self._close_container()

@@ -43,7 +43,8 @@ class SourceStats:
     corrupt_skipped: int = 0  # corrupt packets/frames dropped, undecodable packets
     reconnects: int = 0  # reconnect attempts over the source's life
     attempt: int = 0  # consecutive failed attempts in the current outage (0 when live)
-    last_error: str | None = None  # reason of the latest failure, credentials redacted
+    last_error: str | None = None  # reason of the latest failure, credentials redacted (kept after recovery)
+    last_error_at: float | None = None  # time.time() of that failure
 
 
 class SourceError(RuntimeError):

@@ -31,6 +31,13 @@ class SourceSpec:
     def display(self) -> str:
         return redact_uri(self.uri)
 
+    @property
+    def presumed_live(self) -> bool:
+        """Live (drop stale work, never block) before anything is opened: cameras, loop:// and
+        HLS playlists are; files and plain HTTP files are not. VideoSource.is_live refines
+        HTTP once connected (an HLS stream with a duration is a file)."""
+        return self.kind in (Kind.RTSP, Kind.LOOP) or (self.kind is Kind.HTTP and self.target.endswith(".m3u8"))
+
 
 _SCHEMES = {"rtsp": Kind.RTSP, "rtsps": Kind.RTSP, "http": Kind.HTTP, "https": Kind.HTTP}
 

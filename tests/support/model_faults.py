@@ -1,0 +1,59 @@
+"""Test-only model wrappers that make a worker's model slow or failing on purpose.
+
+Set one on a config with `config._test_model_wrapper = HoldEachBatch(1.0)`: each model worker
+wraps the model it loads, so tests control timing and faults instead of hoping the machine is
+fast or slow. Not a setting: YAML, SLOWFAST_* variables and CLI flags cannot reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__: list[str] = []  # helpers only (tests/conftest.py star-imports fixture modules)
+
+
+class _Wrapped:
+    """The model, with `generate` replaced; everything else is the model's own."""
+
+    def __init__(self, model: Any, generate) -> None:
+        self._model, self._generate = model, generate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def generate(self, queries, **kwargs):
+        return self._generate(self._model, queries, **kwargs)
+
+
+@dataclass(frozen=True)
+class HoldEachBatch:
+    """Every batched generate call takes at least `seconds` longer: the worker is slower than
+    any window rate the test sets, whatever the machine's load."""
+
+    seconds: float
+
+    def __call__(self, model: Any) -> _Wrapped:
+        def generate(inner, queries, **kwargs):
+            time.sleep(self.seconds)
+            return inner.generate(queries, **kwargs)
+
+        return _Wrapped(model, generate)
+
+
+@dataclass(frozen=True)
+class FailOnPrompt:
+    """Raises from generate whenever a batch holds a query with this prompt, every time, like a
+    model that cannot handle one input. A standing question with this prompt and
+    `every_n_windows=N` chooses which windows fail: those with seq % N == 0."""
+
+    prompt: str
+
+    def __call__(self, model: Any) -> _Wrapped:
+        def generate(inner, queries, **kwargs):
+            if any(q.question == self.prompt for q in queries):
+                raise RuntimeError(f"injected model failure on prompt {self.prompt!r}")
+            return inner.generate(queries, **kwargs)
+
+        return _Wrapped(model, generate)
