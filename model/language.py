@@ -28,7 +28,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
 
 from .config import SlowFastConfig
 
-# Token types of the hybrid layers (spec 6).
+# Token types of the hybrid layers.
 PROMPT_TEXT, RESPONSE_TEXT, FAST_VISUAL, PADDING = 1, 2, 3, 4
 
 
@@ -39,7 +39,7 @@ def cross_attention_token_mask(
 
     Prompt text always does (when the sample has visual input). Generated tokens do only
     with `decode_cross_attention`: the official cached decode step carries no visual
-    token, so its rule switches the cross term off there (spec 7, "quirk").
+    token, so its rule switches the cross term off there (a quirk of the released model, kept).
     """
     mask = token_types == PROMPT_TEXT
     if decode_cross_attention:

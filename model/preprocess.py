@@ -1,4 +1,4 @@
-"""CLIP-style pre-processing in torch, batched, on the model's device (spec 8).
+"""CLIP-style pre-processing in torch, batched, on the model's device.
 
 Mirrors what the official code gets from CLIPImageProcessor on PIL images: shortest
 edge to `size` (bicubic, antialiased like PIL, rounded back to uint8 levels), center

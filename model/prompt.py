@@ -1,4 +1,4 @@
-"""The qwen_1_5 chat prompt with the `<image>` spot (spec 6)."""
+"""The qwen_1_5 chat prompt with the `<image>` spot."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""From projected vision features to the LLM's slow and fast visual tokens (spec 3-5)."""
+"""From projected vision features to the LLM's slow and fast visual tokens."""
 
 from __future__ import annotations
 

@@ -122,11 +122,12 @@ def run(
 
 def print_summaries(summaries: dict[str, dict]) -> None:
     """One row per stream of what a run did."""
-    table = Table("stream", "state", "frames in", "windows", "captioned", "skipped", "frames encoded", "error",
-                  title="run summary")
+    table = Table("stream", "state", "frames in", "windows", "captioned", "skipped", "failed", "frames encoded",
+                  "error", title="run summary")
     for sid, summary in summaries.items():
         table.add_row(sid, str(summary.get("state", "")), *(str(summary.get(key, "")) for key in (
-            "frames_in", "windows", "windows_done", "windows_skipped", "frames_encoded")), summary.get("error") or "")
+            "frames_in", "windows", "windows_done", "windows_skipped", "windows_failed", "frames_encoded")),
+            summary.get("error") or "")
     console.print(table)
 
 
@@ -171,18 +172,18 @@ def tail(
 
 @app.command()
 def status(redis_url: RedisUrl) -> None:
-    """A table of streams: state, fps, lag, windows done / skipped, last caption age."""
+    """A table of streams: state, fps in/out, frames in/dropped, windows done/skipped/failed,
+    lag, latency, seconds since the status was refreshed (every second while running), error."""
     client = SlowFastClient(redis_url)
-    table = Table("stream", "state", "frames in", "windows", "skipped", "lag s", "latency s", "caption age s", "error")
+    table = Table("stream", "state", "fps", "frames", "windows", "lag s", "latency s", "age s", "error")
     for info in client.streams():
         st = client.status(info.id)
-        latest = client.latest(info.id)
-        age = f"{time.time() - latest.created_at:.0f}" if latest else "-"
         if st is None:
-            table.add_row(info.id, "registered", "-", "-", "-", "-", "-", age, "")
+            table.add_row(info.id, "registered", *["-"] * 6, "")
             continue
-        table.add_row(info.id, str(st.state), str(st.frames_in), str(st.windows_done), str(st.windows_skipped),
-                      f"{st.lag_s:.1f}", f"{st.latency_s:.2f}" if st.latency_s is not None else "-", age,
+        table.add_row(info.id, str(st.state), f"{st.fps_in:.1f}/{st.fps_out:.1f}", f"{st.frames_in}/{st.frames_dropped}",
+                      f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}", f"{st.lag_s:.1f}",
+                      f"{st.latency_s:.2f}" if st.latency_s is not None else "-", f"{time.time() - st.updated_at:.0f}",
                       st.last_error or "")
     console.print(table)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 import torch
@@ -39,11 +40,18 @@ class StreamState:
     latency_s: float | None = None
 
 
+class TaskKind(StrEnum):
+    CAPTION = "caption"
+    STANDING = "standing"
+
+
 @dataclass(frozen=True)
 class Task:
+    """One generate query due on a window; a window's tasks share one batched model call."""
+
     window: Window
     prompt: str
-    kind: str  # "caption" | "standing"
+    kind: TaskKind
     standing: StandingQuestion | None = None
 
 
@@ -99,10 +107,10 @@ class WindowProcessor:
         config = self.streams[window.stream].config
         tasks = []
         if window.seq % config.caption_every_n_windows == 0:
-            tasks.append(Task(window, config.caption_prompt, "caption"))
+            tasks.append(Task(window, config.caption_prompt, TaskKind.CAPTION))
         for question in config.standing_questions:
             if window.seq % question.every_n_windows == 0:
-                tasks.append(Task(window, question.prompt, "standing", question))
+                tasks.append(Task(window, question.prompt, TaskKind.STANDING, question))
         return tasks
 
     def process(self, windows: Sequence[Window]) -> list[Caption]:
@@ -118,7 +126,7 @@ class WindowProcessor:
             state.latest = window
             state.latest_features = features[(window.stream, window.seq)]
             own = [(t, text) for t, text in zip(tasks, texts) if t.window is window]
-            caption_text = next((text for t, text in own if t.kind == "caption"), None)
+            caption_text = next((text for t, text in own if t.kind is TaskKind.CAPTION), None)
             answers, events = self._standing_results(window, features[(window.stream, window.seq)], own)
             latency = time.time() - window.closed_at
             caption = Caption(
@@ -154,7 +162,7 @@ class WindowProcessor:
         answers, events = [], []
         run = self.streams[window.stream].run
         for task, text in own:
-            if task.kind != "standing":
+            if task.kind is not TaskKind.STANDING:
                 continue
             question = task.standing
             trigger = question.trigger

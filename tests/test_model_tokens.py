@@ -1,4 +1,4 @@
-"""Slow and fast visual tokens: counts at the released strides and the edge cases (spec 3-5)."""
+"""Slow and fast visual tokens: counts at the released strides and the edge cases."""
 
 from __future__ import annotations
 

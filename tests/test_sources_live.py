@@ -187,7 +187,7 @@ def test_loop_is_a_live_fake_camera(media_dir: Path) -> None:
     started = time.monotonic()
     with open_source(clip.path, loop=True, fps=10.0, size=64) as src:  # real time by default
         frames = [f for _, f in zip(range(6), src)]
-    assert 0.45 <= time.monotonic() - started < 3.0
+    assert time.monotonic() - started >= 0.45  # paced: 6 frames at 10 fps take 0.5 s, never less
 
 
 def test_http_file_and_hls(http_media: str, media_dir: Path) -> None:
