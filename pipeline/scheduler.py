@@ -179,7 +179,8 @@ class Scheduler:
             raise ValueError("finished() must be given the running batch")
         self.running = None
         resolved = []
-        for item in batch.items:
+        # Newest first, so items put back at the front of their lane keep their order.
+        for item in reversed(batch.items):
             state = self.lanes.get(item.lane)
             if state is None:  # removed while running
                 resolved.append(Resolution(item.token, Outcome.REMOVED, item))
@@ -201,4 +202,4 @@ class Scheduler:
                 state.counts.failed += 1
                 state.counts.last_error = f"window {item.seq} failed after {item.attempts} attempts: {error}"
                 resolved.append(Resolution(item.token, Outcome.FAILED, item, state.counts.last_error))
-        return resolved
+        return resolved[::-1]

@@ -19,6 +19,12 @@ FAILING_PROMPT = "Fail on this window."
 
 
 @pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """10 s at 8 fps: 40 frames at 4 fps, nine 8-frame windows at stride 4."""
+    return make_clip(tmp_path_factory.mktemp("clips") / "indexed.mp4", cfr_times(8, 10.0)).path
+
+
+@pytest.fixture(scope="module")
 def camera_clip(tmp_path_factory):
     """30 s at 25 fps, a keyframe every 10 frames so a (re)joining client starts fast."""
     return make_clip(tmp_path_factory.mktemp("camera") / "camera.mp4", cfr_times(25, 30),
@@ -87,10 +93,12 @@ def test_camera_health_follows_outages_and_a_camera_refused_at_start(
     run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
     try:
-        started = time.monotonic()
+        wait_until(lambda: any(e.startswith("redis ") for e in run.events), timeout=120)  # workers up
+        started = time.monotonic()  # the streams are being added now
         wait_until(lambda: (s := client.status("late")) is not None and s.last_error is not None)
         late = client.status("late")
-        print(f"\nrefused camera: {late.state} '{late.last_error}' {time.monotonic() - started:.1f} s after start")
+        print(f"\nrefused camera: {late.state} '{late.last_error}' {time.monotonic() - started:.1f} s "
+              "after the streams were added")
         assert late.state in (IngestState.CONNECTING, IngestState.RECONNECTING)
         assert "connection refused" in late.last_error and late.last_error_at is not None
 

@@ -115,6 +115,21 @@ def test_a_failed_batch_is_retried_item_by_item_then_the_bad_item_fails(monkeypa
     assert s.idle
 
 
+def test_retried_windows_of_one_file_keep_their_order():
+    s = Scheduler(batch_size=4)
+    s.add_lane("file", Policy.ORDERED)
+    for seq in range(3):
+        s.submit("file", seq, seq, f"t{seq}")
+    assert s.finished(s.next_batch(), "boom") == []
+    retried = []
+    while (batch := s.next_batch()) is not None:
+        retried.append(seqs(batch))
+        s.finished(batch, "boom" if batch.items[0].seq == 1 else None)
+    assert retried == [[("file", 0)], [("file", 1)], [("file", 2)]]  # alone and in order
+    counts = s.counts("file")
+    assert (counts.done, counts.failed) == (2, 1)
+
+
 def test_a_failed_live_window_is_retried_unless_a_newer_one_waits():
     s = Scheduler(batch_size=4)
     s.add_lane("cam", Policy.NEWEST)
