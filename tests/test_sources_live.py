@@ -173,7 +173,7 @@ def test_close_interrupts_backoff(reader: Callable[[VideoSource], Reader]) -> No
     )
     r = reader(src)
     wait_for(lambda: src.stats.attempt == 1)
-    assert r.stop() < 1.0 and src.state is SourceState.ENDED
+    assert r.stop() < 10.0 and src.state is SourceState.ENDED  # well inside the 30 s backoff
 
 
 def test_loop_is_a_live_fake_camera(media_dir: Path) -> None:
