@@ -193,7 +193,10 @@ class IngestActor:
 
     def _heartbeat(self) -> None:
         while not self.final_sent:
-            self._send_status()
+            try:
+                self._send_status()
+            except Exception:  # keep beating: the next status may get through
+                log.exception("status of %s not sent", self.stream.id)
             time.sleep(STATUS_INTERVAL_S)
 
     def _send_status(self, final: bool = False) -> None:

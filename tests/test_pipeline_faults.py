@@ -13,15 +13,9 @@ from connectors.client import SlowFastClient
 from connectors.redis_schema import IngestState
 from tests.support.media import cfr_times, free_port, make_clip
 from tests.support.model_faults import FailOnPrompt
-from tests.test_pipeline_e2e import BackgroundRun, pipeline_config, wait_until
+from tests.test_pipeline_e2e import BackgroundRun, clip, pipeline_config, wait_until  # noqa: F401 - clip: a fixture
 
 FAILING_PROMPT = "Fail on this window."
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """10 s at 8 fps: 40 frames at 4 fps, nine 8-frame windows at stride 4."""
-    return make_clip(tmp_path_factory.mktemp("clips") / "indexed.mp4", cfr_times(8, 10.0)).path
 
 
 @pytest.fixture(scope="module")
