@@ -1,4 +1,13 @@
-"""File outputs of file streams: `captions.jsonl` and `captions.vtt` (cues = window time ranges)."""
+"""File outputs of file streams.
+
+- `captions.jsonl`: one object per window with the window's full time range (`start`/`end`:
+  stream seconds of its first and last frame), so overlapping windows overlap here.
+- `captions.vtt`: a subtitle track that plays along the video. At any moment one cue shows,
+  the newest window's caption, from when that window becomes current until the next one
+  does: the first cue covers the whole first window, each later cue starts where the
+  previous one ended (with a constant stride: the window's last `stride` frames). A window
+  that failed (no caption) shows nothing for its stretch.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,19 @@ def vtt_timestamp(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
 
 
+def last_window_end(jsonl_path: Path) -> float | None:
+    """`end` of the last complete record in an existing captions.jsonl (None if none)."""
+    if not jsonl_path.exists():
+        return None
+    end = None
+    for line in jsonl_path.read_text(encoding="utf-8").splitlines():
+        try:
+            end = float(json.loads(line)["end"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    return end
+
+
 class CaptionFiles:
     """Appends one JSON line per window and one WebVTT cue per captioned window, flushed as they come."""
 
@@ -26,6 +48,11 @@ class CaptionFiles:
         # A cue ends when its last frame's display interval ends, so cues never have zero length.
         self.frame_interval = frame_interval
         mode = "a" if append and self.vtt_path.exists() else "w"
+        # Where the next cue starts: the end of the last cue written (continued across a restart).
+        self.cue_start: float | None = None
+        if mode == "a":
+            end = last_window_end(self.jsonl_path)
+            self.cue_start = end + frame_interval if end is not None else None
         self._jsonl = self.jsonl_path.open(mode, encoding="utf-8")
         self._vtt = self.vtt_path.open(mode, encoding="utf-8")
         if mode == "w":
@@ -44,12 +71,19 @@ class CaptionFiles:
             record["error"] = caption.error
         self._jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._jsonl.flush()
-        if caption.error is not None:  # no cue: the window has no caption to show
-            return
-        text = caption.text.replace("-->", "->").strip() or "(no caption)"
+        cue_start = caption.start if self.cue_start is None else self.cue_start
         cue_end = caption.end + self.frame_interval
-        self._vtt.write(f"{caption.window}\n{vtt_timestamp(caption.start)} --> {vtt_timestamp(cue_end)}\n{text}\n\n")
+        if caption.error is not None:  # no cue: nothing shows until the next captioned window
+            self.cue_start = max(cue_start, cue_end)
+            return
+        if round(cue_end * 1000) <= round(cue_start * 1000):
+            return  # ends no later than the cue before it (a window already on screen): nothing new to show
+        # A blank line would end the cue and "-->" starts a timing line: keep the text's lines, not those.
+        lines = [line.strip().replace("-->", "->") for line in caption.text.splitlines()]
+        text = "\n".join(line for line in lines if line) or "(no caption)"
+        self._vtt.write(f"{caption.window}\n{vtt_timestamp(cue_start)} --> {vtt_timestamp(cue_end)}\n{text}\n\n")
         self._vtt.flush()
+        self.cue_start = cue_end
 
     def close(self) -> None:
         self._jsonl.close()

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app, parse_source_arg
-from tests.support.media import cfr_times, make_clip
+from tests.support.media import cfr_times, make_clip, read_vtt_cues
 
 runner = CliRunner()
 
@@ -37,9 +37,17 @@ def test_run_a_file_writes_outputs_and_status(ray_session, redis_url, tiny_model
     assert result.exit_code == 0, result.output
     # summary table: stream, state, frames in, windows, captioned, skipped
     assert re.search(r"yard\s*│\s*ended\s*│\s*24\s*│\s*5\s*│\s*5\s*│\s*0\s*│", result.output), result.output
-    lines = (out / "yard" / "captions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["window"] for line in lines] == [0, 1, 2, 3, 4]
-    assert (out / "yard" / "captions.vtt").read_text().startswith("WEBVTT")
+    records = [json.loads(line) for line in (out / "yard" / "captions.jsonl").read_text().splitlines()]
+    assert [r["window"] for r in records] == [0, 1, 2, 3, 4]
+    # The subtitle track as FFmpeg reads it: one cue per window, back to back, the first over
+    # the whole first window, each ending when its window's last frame has shown (4 fps).
+    cues = read_vtt_cues(out / "yard" / "captions.vtt")
+    assert len(cues) == len(records)
+    assert cues[0][0] == pytest.approx(records[0]["start"], abs=1e-3)
+    for cue, next_cue, record in zip(cues, cues[1:] + [None], records):
+        assert cue[1] == pytest.approx(record["end"] + 1 / 4, abs=1e-3)
+        if next_cue is not None:
+            assert next_cue[0] == cue[1]
 
     status = runner.invoke(app, ["status", "--redis-url", redis_url])
     assert status.exit_code == 0 and "yard" in status.output and "ended" in status.output

@@ -266,3 +266,13 @@ def rtsp_server_factory() -> Iterator[type[RtspServer]]:
     yield Tracked
     for server in started:
         server.stop()
+
+
+def read_vtt_cues(path: Path) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each cue as FFmpeg's WebVTT demuxer reads the file."""
+    with av.open(str(path)) as container:
+        stream = container.streams.subtitles[0]
+        return [
+            (float(p.pts * p.time_base), float((p.pts + p.duration) * p.time_base), bytes(p).decode())
+            for p in container.demux(stream) if p.pts is not None
+        ]

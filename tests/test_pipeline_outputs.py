@@ -1,0 +1,52 @@
+"""captions.jsonl / captions.vtt of file streams, the VTT read back by FFmpeg's WebVTT demuxer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.outputs import CaptionFiles
+from tests.support.media import read_vtt_cues
+from tests.support.records import make_caption
+
+FPS = 4.0
+DT = 1 / FPS
+
+
+def window_caption(index: int, start: float, frames: int = 16):
+    return make_caption(index, stream="clip", start=start, end=start + (frames - 1) * DT, text=f"w{index}")
+
+
+def test_vtt_plays_one_caption_at_a_time_and_jsonl_keeps_window_ranges(tmp_path):
+    # window 16, stride 8 at 4 fps; the last window is the file's tail, 5 frames after the one before.
+    captions = [window_caption(i, i * 2.0) for i in range(4)] + [window_caption(4, 7.25)]
+    files = CaptionFiles(tmp_path, DT)
+    for caption in captions:
+        files.write(caption)
+    files.close()
+
+    cues = read_vtt_cues(tmp_path / "captions.vtt")
+    assert [text for *_, text in cues] == ["w0", "w1", "w2", "w3", "w4"]
+    assert cues[0][:2] == (0.0, 4.0)  # the first cue covers the whole first window
+    for (_, prev_end, _), (start, end, _), caption in zip(cues, cues[1:], captions[1:]):
+        assert start == pytest.approx(prev_end)  # contiguous: no overlap, no gap
+        assert end == pytest.approx(caption.end + DT)  # until its window's last frame has shown
+        assert end > start
+    assert [c[:2] for c in cues[1:4]] == [(4.0, 6.0), (6.0, 8.0), (8.0, 10.0)]  # the last `stride` frames
+    assert cues[4][:2] == (10.0, 11.25)
+
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [(r["window"], r["start"], r["end"]) for r in records] == [(c.window, c.start, c.end) for c in captions]
+
+
+def test_vtt_continues_contiguously_after_a_restart(tmp_path):
+    first = CaptionFiles(tmp_path, DT)
+    first.write(window_caption(0, 0.0))
+    first.close()
+    second = CaptionFiles(tmp_path, DT, append=True)  # a worker restarted mid-file re-opens the files
+    second.write(window_caption(0, 0.0))  # a window already shown adds no cue
+    second.write(window_caption(1, 2.0))
+    second.close()
+    cues = read_vtt_cues(tmp_path / "captions.vtt")
+    assert [c[:2] for c in cues] == [(0.0, 4.0), (4.0, 6.0)]
