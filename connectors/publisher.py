@@ -242,6 +242,23 @@ class Publisher:
 
         return self._submit(_Op(stream_id, "registry", build))
 
+    def prune_registry(self) -> list[str]:
+        """Drop the registry entries of streams whose keys have all expired: nothing was written
+        to them for `key_ttl_s` (an ended stream of an earlier run). Returns their ids."""
+        if not self.key_ttl_s:
+            return []
+        cutoff = time.time() - self.key_ttl_s
+        pruned = []
+        for sid, raw in self.redis.hgetall(self.keys.registry).items():
+            try:
+                registered_at = StreamInfo.model_validate_json(raw).registered_at
+            except ValueError:
+                registered_at = 0.0  # unreadable: goes once its keys are gone
+            if registered_at < cutoff and not self.redis.exists(*self.keys.per_stream(sid)):
+                self.redis.hdel(self.keys.registry, sid)
+                pruned.append(sid)
+        return pruned
+
     def flush(self) -> bool:
         """Try to write everything buffered now. True if the buffer is empty afterwards."""
         with self._lock:

@@ -335,6 +335,8 @@ class StreamInfo(Model):
     live: bool = True
     config: Annotated[dict[str, Any], AfterValidator(_redact_values)] = Field(default_factory=dict)
     run: int = Field(default=0, description="current run start (ms); set by register_stream")
+    pipeline: int = Field(default=0, description="start (ms) of the pipeline run that registered it; the "
+                          "highest in the registry is the current run")
     registered_at: float = Field(default_factory=now)
 
 

@@ -15,6 +15,7 @@ import av
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -70,6 +71,18 @@ def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]
                 progress.advance(tasks[caption.stream])
 
         yield on_caption
+
+
+def print_table(table: Table) -> None:
+    """A terminal wraps long cells (error text folds, never an ellipsis); a pipe or file gets the
+    table at its natural width, where rich would otherwise cut it to 80 columns."""
+    for column in table.columns:
+        column.overflow = "fold"
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    Console(file=console.file, width=max(natural, console.width)).print(table)
 
 
 def fail(message: str) -> None:
@@ -128,7 +141,7 @@ def print_summaries(summaries: dict[str, dict]) -> None:
         table.add_row(sid, str(summary.get("state", "")), *(str(summary.get(key, "")) for key in (
             "frames_in", "windows", "windows_done", "windows_skipped", "windows_failed", "frames_encoded")),
             summary.get("error") or "")
-    console.print(table)
+    print_table(table)
 
 
 @app.command()
@@ -171,12 +184,19 @@ def tail(
 
 
 @app.command()
-def status(redis_url: RedisUrl) -> None:
-    """A table of streams: state, fps in/out, frames in/dropped, windows done/skipped/failed,
-    lag, latency, seconds since the status was refreshed (every second while running), error."""
+def status(
+    redis_url: RedisUrl,
+    all_runs: Annotated[bool, typer.Option("--all", help="also streams of earlier pipeline runs")] = False,
+) -> None:
+    """A table of the current pipeline run's streams (--all: earlier runs' too): state, fps in/out,
+    frames in/dropped, windows done/skipped/failed, lag, latency, seconds since the status was
+    refreshed (every second while running), error."""
     client = SlowFastClient(redis_url)
+    streams = client.streams()
+    current = max((info.pipeline for info in streams), default=0)
+    shown = streams if all_runs else [info for info in streams if info.pipeline == current]
     table = Table("stream", "state", "fps", "frames", "windows", "lag s", "latency s", "age s", "error")
-    for info in client.streams():
+    for info in shown:
         st = client.status(info.id)
         if st is None:
             table.add_row(info.id, "registered", *["-"] * 6, "")
@@ -185,7 +205,9 @@ def status(redis_url: RedisUrl) -> None:
                       f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}", f"{st.lag_s:.1f}",
                       f"{st.latency_s:.2f}" if st.latency_s is not None else "-", f"{time.time() - st.updated_at:.0f}",
                       st.last_error or "")
-    console.print(table)
+    print_table(table)
+    if len(shown) < len(streams):
+        console.print(f"{len(streams) - len(shown)} streams of earlier runs not shown (--all shows them)")
 
 
 @streams_app.command("add")

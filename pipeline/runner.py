@@ -81,6 +81,7 @@ class Pipeline:
     incarnations: dict[int, str] = field(default_factory=dict)
     unreachable_since: dict[int, float] = field(default_factory=dict)  # worker index -> monotonic time
     dead: set[int] = field(default_factory=set)  # workers that died for good
+    started_ms: int = field(default_factory=lambda: int(time.time() * 1000))  # this run's id in the registry
 
     def start_workers(self) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -94,6 +95,8 @@ class Pipeline:
         self.check_workers()
         self.publisher = Publisher(self.config.redis_url, history_len=self.config.history_len)
         self.client = SlowFastClient(self.config.redis_url)
+        for sid in self.publisher.prune_registry():
+            log.info("stream %s of an earlier run left the registry (its keys expired)", sid)
 
     def ingest_options(self) -> dict[str, Any]:
         """Ingest actors are light (decode threads); with `ingest_node_resource` they prefer
@@ -191,7 +194,8 @@ class Pipeline:
             raise ValueError(f"stream {stream.id!r} is already running")
         live = stream.is_live()
         info = self.publisher.register_stream(
-            StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"))
+            StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"),
+                       pipeline=self.started_ms)
         )
         index = self.least_loaded_worker()
         if index is None:

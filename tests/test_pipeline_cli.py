@@ -75,3 +75,26 @@ def test_every_command_has_help():
     for command in (["run"], ["ask"], ["tail"], ["status"], ["demo"], ["streams", "add"], ["streams", "remove"]):
         result = runner.invoke(app, [*command, "--help"])
         assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_status_shows_the_current_run_whole_and_earlier_runs_with_all(redis_url):
+    from connectors.publisher import Publisher
+    from connectors.redis_schema import IngestState, StreamInfo, StreamStatus
+
+    publisher = Publisher(redis_url)
+    error = "cannot open rtsp://cam/door: connection refused (5 attempts, backoff 30 s) " + "x" * 120
+    for sid, pipeline_run in (("old-cam", 1_000), ("door", 2_000), ("yard", 2_000)):
+        publisher.register_stream(StreamInfo(id=sid, source="rtsp://cam/" + sid, pipeline=pipeline_run))
+    publisher.publish_status(StreamStatus(stream="door", state=IngestState.RECONNECTING, last_error=error))
+    publisher.publish_status(StreamStatus(stream="yard", state=IngestState.LIVE, fps_in=3.9, fps_out=0.25))
+    publisher.publish_status(StreamStatus(stream="old-cam", state=IngestState.ENDED))
+
+    result = runner.invoke(app, ["status", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert "door" in result.output and "yard" in result.output and "old-cam" not in result.output
+    assert "1 streams of earlier runs not shown (--all shows them)" in result.output
+    assert error in result.output  # piped: the table is as wide as its text, nothing cut
+    assert re.search(r"yard\s*│\s*live\s*│\s*3\.9/0\.2\s*│", result.output)  # fps in/out
+
+    everything = runner.invoke(app, ["status", "--all", "--redis-url", redis_url])
+    assert everything.exit_code == 0 and "old-cam" in everything.output and "not shown" not in everything.output

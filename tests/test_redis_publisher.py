@@ -172,3 +172,20 @@ def test_out_of_order_window_is_refused_and_counted(redis_url: str) -> None:
         assert pub.publish_window(make_caption(5)) is PublishResult.DUPLICATE
         assert pub.stats.out_of_order == 1 and pub.stats.duplicates == 1
     assert windows_in(r) == [5]
+
+
+def test_prune_registry_drops_only_streams_whose_keys_expired(redis_url):
+    pub = Publisher(redis_url)  # keys live 7 days after the last write
+    short_lived = Publisher(redis_url, key_ttl_s=1)
+    r = connect(redis_url)
+    eight_days_ago = time.time() - 8 * 24 * 3600
+    for sid in ("gone", "kept"):
+        short_lived.register_stream(StreamInfo(id=sid, source="/v.mp4", registered_at=eight_days_ago))
+        short_lived.publish_status(StreamStatus(stream=sid, state=IngestState.ENDED))
+    pub.publish_status(StreamStatus(stream="kept", state=IngestState.LIVE))  # written again: kept 7 days
+    pub.register_stream(StreamInfo(id="fresh", source="/v.mp4"))  # registered now, nothing written yet
+    deadline = time.monotonic() + 30
+    while r.exists(*K.per_stream("gone")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pub.prune_registry() == ["gone"]
+    assert set(r.hkeys(K.registry)) == {"kept", "fresh"}
