@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
-from connectors.redis_schema import Caption, check_stream_id
+from connectors.redis_schema import Caption, NotificationKind, check_stream_id
 
 from .config import ConfigError, PipelineConfig, StreamConfig, load_config
 from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
@@ -73,6 +73,31 @@ def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]
         yield on_caption
 
 
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Everything from INFO up, Ray's start-up lines included, goes to `path`; the console gets
+    the pipeline's own warnings only, so nothing else lands in the middle of a progress bar."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_console = logging.StreamHandler()
+    to_console.setLevel(logging.WARNING)
+    to_console.addFilter(logging.Filter("slowfast"))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(to_file)
+    root.addHandler(to_console)
+    console.print(f"log {path}")
+    try:
+        yield
+    finally:
+        root.removeHandler(to_file)
+        root.removeHandler(to_console)
+        root.setLevel(level)
+        to_file.close()
+
+
 def print_table(table: Table) -> None:
     """A terminal wraps long cells (error text folds, never an ellipsis); a pipe or file gets the
     table at its natural width, where rich would otherwise cut it to 80 columns."""
@@ -106,6 +131,7 @@ def run(
     temperature: Annotated[Optional[float], typer.Option()] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port of the local Ray (default 8080; 0: any)")] = None,
 ) -> None:
     """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
     try:
@@ -122,14 +148,16 @@ def run(
         }
         config = load_config(config_file, redis_url=redis_url, ray_address=ray_address, model=model, out_dir=out,
                              window=window, stride=stride, fps=fps, device=device, streams=streams,
-                             generation=generation)
+                             generation=generation, metrics_port=metrics_port)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
     if not config.streams:
         fail("no streams: give --source URI or streams in the config file")
-    logging.basicConfig(level=logging.WARNING)
-    with stop_on_signals() as stop, file_progress(config) as on_caption:
-        summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+    try:
+        with run_log(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
+            summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+    except ConfigError as exc:
+        fail(str(exc))
     print_summaries(summaries)
 
 
@@ -240,27 +268,47 @@ def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> N
     console.print(f"removed {stream}")
 
 
+def stop_after_first_frame(client: SlowFastClient, stream: str, seconds: float, stop: threading.Event) -> None:
+    """Set `stop` once `stream` has run `seconds` from its first frame (start-up not counted)."""
+    notes = client.notifications(stream, stop=stop)  # subscribed now, before the stream starts
+
+    def wait() -> None:
+        for note in notes:
+            status = client.status(stream) if note.kind == NotificationKind.STATUS else None
+            if status is not None and status.frames_in > 0:
+                if not stop.wait(seconds):
+                    stop.set()
+                return
+
+    threading.Thread(target=wait, daemon=True).start()
+
+
 @app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
-    seconds: Annotated[float, typer.Option(help="how long the live camera copy runs")] = 30.0,
+    seconds: Annotated[float, typer.Option(help="how long the live camera copy runs, from its first frame")] = 30.0,
     window: Annotated[int, typer.Option(help="frames per window (16 so the camera fills one in 4 s)")] = 16,
     stride: Annotated[int, typer.Option()] = 8,
 ) -> None:
     """Generated clip -> tiny model -> embedded Redis: a file copy and a live looping copy."""
+    from connectors.embedded import EmbeddedRedis
+
     from .demo_clip import write_clip
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as redis:
         clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
         out = Path("out") / "demo"
         config = load_config(
-            None, model=model, out_dir=out, window=window, stride=stride,
+            None, model=model, out_dir=out, window=window, stride=stride, redis_url=redis.url,
             streams=[StreamConfig(id="file", source=str(clip), live=False),
                      StreamConfig(id="camera", source=f"loop://{clip}", live=True)],
             generation={"max_new_tokens": 16},
         )
-        with stop_on_signals() as stop:
-            threading.Timer(seconds, stop.set).start()
-            with file_progress(config) as on_caption:
-                summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+        try:
+            with run_log(out / "slowfast.log"), stop_on_signals() as stop:
+                stop_after_first_frame(SlowFastClient(redis.url), "camera", seconds, stop)
+                with file_progress(config) as on_caption:
+                    summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+        except ConfigError as exc:
+            fail(str(exc))
         print_summaries(summaries)
         console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")

@@ -24,7 +24,7 @@ from connectors.publisher import Publisher
 from connectors.client import SlowFastClient
 from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
 
-from .config import PipelineConfig, StreamConfig
+from .config import ConfigError, PipelineConfig, StreamConfig
 from .actors import IngestActor, ModelWorker
 
 log = logging.getLogger("slowfast.pipeline")
@@ -59,6 +59,34 @@ def redis_for(config: PipelineConfig) -> Iterator[str]:
         return
     with EmbeddedRedis() as redis:
         yield redis.url
+
+
+def start_ray(config: PipelineConfig) -> None:
+    """Join the configured cluster, or start a local Ray serving metrics on `metrics_port`.
+
+    Ray's own log lines (start-up notes, the token-auth warning) propagate to the root logger,
+    which the application points at its log file, instead of Ray's stderr handler."""
+    logging.getLogger("ray").propagate = True
+    options: dict[str, Any] = {}
+    if config.ray_address is None and config.metrics_port:
+        with socket.socket() as probe:  # Ray would wait for a busy port until its start-up times out
+            try:
+                probe.bind(("0.0.0.0", config.metrics_port))
+            except OSError:
+                raise ConfigError(
+                    f"metrics_port {config.metrics_port} is in use (another run?): set --metrics-port, "
+                    f"SLOWFAST_METRICS_PORT or metrics_port (0: any free port)"
+                ) from None
+        options["_metrics_export_port"] = config.metrics_port
+    ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
+             log_to_driver=False, configure_logging=False, **options)
+
+
+def metrics_url() -> str:
+    """Where this node's Prometheus endpoint serves the pipeline's metrics (Ray's metrics export)."""
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def resolve_model(config: PipelineConfig, workdir: Path) -> str:
@@ -338,11 +366,11 @@ def run_pipeline(
             )
             printer.start()
         if not ray.is_initialized():
-            ray.init(address=config.ray_address, namespace=config.ray_namespace,
-                     include_dashboard=False, log_to_driver=False)
+            start_ray(config)
         pipeline = Pipeline(config, resolve_model(config, Path(tmp)))
         pipeline.start_workers()
         on_event(f"redis {redis_url}")
+        on_event(f"metrics {metrics_url()}")
         for stream in config.streams:
             try:
                 pipeline.add_stream(stream)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import queue
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app, parse_source_arg
-from tests.support.media import cfr_times, make_clip, read_vtt_cues
+from tests.support.media import cfr_times, free_port, make_clip, read_vtt_cues
 
 runner = CliRunner()
 
@@ -98,3 +108,58 @@ def test_status_shows_the_current_run_whole_and_earlier_runs_with_all(redis_url)
 
     everything = runner.invoke(app, ["status", "--all", "--redis-url", redis_url])
     assert everything.exit_code == 0 and "old-cam" in everything.output and "not shown" not in everything.output
+
+
+def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tmp_path, monkeypatch):
+    """The demo's live copy stops `--seconds` after its first frame, however long start-up took:
+    at 4 fps, 4 s of camera are at least 16 frames (0.5 s of slack for the first status)."""
+    monkeypatch.chdir(tmp_path)  # the demo writes out/demo/ here
+    result = runner.invoke(app, ["demo", "--seconds", "4", "--window", "8", "--stride", "4"])
+    assert result.exit_code == 0, result.output
+    frames = int(re.search(r"camera\s*│\s*\w+\s*│\s*(\d+)\s*│", result.output)[1])
+    assert frames >= (4 - 0.5) * 4, result.output
+    assert "Started a local Ray" not in result.output
+
+
+@pytest.mark.slow
+def test_run_prints_its_metrics_url_and_keeps_rays_chatter_in_the_log(redis_url, tiny_model_dir, tmp_path):
+    """A real `slowfast run` starting its own Ray: the console names the Redis and metrics URLs,
+    the metrics URL serves the pipeline's counters in Prometheus text, and Ray's start-up lines
+    are in the log file, not in the output."""
+    clip = make_clip(tmp_path / "cam.mp4", cfr_times(8, 6.0)).path
+    port = free_port()
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "COLUMNS": "200"}
+    driver = subprocess.Popen(
+        [str(Path(sys.executable).parent / "slowfast"), "run", "--source", f"cam=loop://{clip}",
+         "--redis-url", redis_url, "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"),
+         "--window", "8", "--stride", "4", "--max-new-tokens", "4", "--metrics-port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in driver.stdout], daemon=True).start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("cam #") for line in seen) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
+        url = next((line.split()[1] for line in seen if line.startswith("metrics ")), None)
+        assert url and url.endswith(f":{port}/metrics"), seen
+        body = ""
+        while "ray_slowfast_frames_in" not in body and time.monotonic() < deadline:  # exported every few s
+            time.sleep(1)
+            body = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert re.search(r'^ray_slowfast_frames_in_total\{[^}]*stream="cam"[^}]*\} \d', body, re.M), body[-2000:]
+        assert "# TYPE ray_slowfast_windows_done_total counter" in body
+    finally:
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=120)
+    time.sleep(0.5)  # the reader thread takes the last lines
+    while not lines.empty():
+        seen.append(lines.get())
+    assert driver.returncode == 0, seen
+    assert any(line.startswith(f"redis {redis_url}") for line in seen), seen
+    ray_lines = [line for line in seen if re.search(r"\w+\.py:\d+ -- |Token authentication|local Ray instance", line)]
+    assert not ray_lines, seen  # Ray's log format: "<time> WARNING file.py:85 -- message"
+    log = (tmp_path / "out" / "slowfast.log").read_text()
+    assert "Started a local Ray instance" in log
