@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
-from connectors.redis_schema import Caption, NotificationKind, check_stream_id
+from connectors.redis_schema import Caption, IngestState, NotificationKind, check_stream_id
 
 from .config import ConfigError, PipelineConfig, StreamConfig, load_config
 from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
@@ -268,17 +268,26 @@ def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> N
     console.print(f"removed {stream}")
 
 
-def stop_after_first_frame(client: SlowFastClient, stream: str, seconds: float, stop: threading.Event) -> None:
-    """Set `stop` once `stream` has run `seconds` from its first frame (start-up not counted)."""
-    notes = client.notifications(stream, stop=stop)  # subscribed now, before the stream starts
+def stop_demo(client: SlowFastClient, camera: str, seconds: float, file: str, stop: threading.Event) -> None:
+    """Set `stop` once the camera has run `seconds` from its first frame (start-up not counted)
+    and the file is done."""
+    notes = client.notifications(camera, stop=stop)  # subscribed now, before the camera starts
+
+    def file_done() -> bool:
+        status = client.status(file)
+        return status is not None and status.state in (IngestState.ENDED, IngestState.FAILED)
 
     def wait() -> None:
         for note in notes:
-            status = client.status(stream) if note.kind == NotificationKind.STATUS else None
+            status = client.status(camera) if note.kind == NotificationKind.STATUS else None
             if status is not None and status.frames_in > 0:
-                if not stop.wait(seconds):
-                    stop.set()
+                break
+        if stop.wait(seconds):
+            return
+        while not file_done():
+            if stop.wait(0.5):
                 return
+        stop.set()
 
     threading.Thread(target=wait, daemon=True).start()
 
@@ -286,11 +295,13 @@ def stop_after_first_frame(client: SlowFastClient, stream: str, seconds: float, 
 @app.command()
 def demo(
     model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
-    seconds: Annotated[float, typer.Option(help="how long the live camera copy runs, from its first frame")] = 30.0,
+    seconds: Annotated[float, typer.Option(
+        help="how long the live camera copy runs from its first frame (longer if the file copy is not done)")] = 30.0,
     window: Annotated[int, typer.Option(help="frames per window (16 so the camera fills one in 4 s)")] = 16,
     stride: Annotated[int, typer.Option()] = 8,
 ) -> None:
-    """Generated clip -> tiny model -> embedded Redis: a file copy and a live looping copy."""
+    """Generated clip -> tiny model -> embedded Redis: a file copy captioned to its end and a live
+    looping copy for `--seconds` from its first frame."""
     from connectors.embedded import EmbeddedRedis
 
     from .demo_clip import write_clip
@@ -305,7 +316,7 @@ def demo(
         )
         try:
             with run_log(out / "slowfast.log"), stop_on_signals() as stop:
-                stop_after_first_frame(SlowFastClient(redis.url), "camera", seconds, stop)
+                stop_demo(SlowFastClient(redis.url), "camera", seconds, "file", stop)
                 with file_progress(config) as on_caption:
                     summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
         except ConfigError as exc:

@@ -110,14 +110,17 @@ def test_status_shows_the_current_run_whole_and_earlier_runs_with_all(redis_url)
     assert everything.exit_code == 0 and "old-cam" in everything.output and "not shown" not in everything.output
 
 
+@pytest.mark.slow
 def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tmp_path, monkeypatch):
-    """The demo's live copy stops `--seconds` after its first frame, however long start-up took:
-    at 4 fps, 4 s of camera are at least 16 frames (0.5 s of slack for the first status)."""
+    """The demo's live copy runs `--seconds` from its first frame, however long start-up took
+    (at 4 fps, 4 s of camera are at least 16 frames; 0.5 s of slack for the first status), and
+    the file copy is captioned to its end (24 s: 6 windows of 16 frames)."""
     monkeypatch.chdir(tmp_path)  # the demo writes out/demo/ here
-    result = runner.invoke(app, ["demo", "--seconds", "4", "--window", "8", "--stride", "4"])
+    result = runner.invoke(app, ["demo", "--seconds", "4", "--window", "16", "--stride", "16"])
     assert result.exit_code == 0, result.output
     frames = int(re.search(r"camera\s*│\s*\w+\s*│\s*(\d+)\s*│", result.output)[1])
     assert frames >= (4 - 0.5) * 4, result.output
+    assert re.search(r"file\s*│\s*ended\s*│\s*96\s*│\s*6\s*│\s*6\s*│\s*0\s*│", result.output), result.output
     assert "Started a local Ray" not in result.output
 
 
