@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import av
+import redis
 
 import typer
 from rich.console import Console
@@ -131,7 +132,7 @@ def run(
     temperature: Annotated[Optional[float], typer.Option()] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port of the local Ray (default 8080; 0: any)")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port of the local Ray (default 9464; 0: any)")] = None,
 ) -> None:
     """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
     try:
@@ -278,6 +279,10 @@ def stop_demo(client: SlowFastClient, camera: str, seconds: float, file: str, st
         return status is not None and status.state in (IngestState.ENDED, IngestState.FAILED)
 
     def wait() -> None:
+        with contextlib.suppress(redis.exceptions.ConnectionError):  # Redis gone: the demo is over
+            wait_for_camera_and_file()
+
+    def wait_for_camera_and_file() -> None:
         for note in notes:
             status = client.status(camera) if note.kind == NotificationKind.STATUS else None
             if status is not None and status.frames_in > 0:
@@ -305,18 +310,18 @@ def demo(
     from connectors.embedded import EmbeddedRedis
 
     from .demo_clip import write_clip
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as redis:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as embedded:
         clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
         out = Path("out") / "demo"
         config = load_config(
-            None, model=model, out_dir=out, window=window, stride=stride, redis_url=redis.url,
+            None, model=model, out_dir=out, window=window, stride=stride, redis_url=embedded.url,
             streams=[StreamConfig(id="file", source=str(clip), live=False),
                      StreamConfig(id="camera", source=f"loop://{clip}", live=True)],
             generation={"max_new_tokens": 16},
         )
         try:
             with run_log(out / "slowfast.log"), stop_on_signals() as stop:
-                stop_demo(SlowFastClient(redis.url), "camera", seconds, "file", stop)
+                stop_demo(SlowFastClient(embedded.url), "camera", seconds, "file", stop)
                 with file_progress(config) as on_caption:
                     summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
         except ConfigError as exc:

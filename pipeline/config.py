@@ -98,7 +98,7 @@ class PipelineConfig(BaseSettings):
     ray_address: str | None = Field(default=None, description="None: a local Ray; 'auto' or host:port for a cluster")
     ray_namespace: str = "slowfast"
     metrics_port: int = Field(
-        default=8080, ge=0, le=65535, description="Prometheus port of the local Ray this run starts (0: any "
+        default=9464, ge=0, le=65535, description="Prometheus port of the local Ray this run starts (0: any "
         "free port); on a cluster (ray_address set) each node's `ray start --metrics-export-port`",
     )
     model: str | None = Field(default=None, description="checkpoint folder or hub id; None: a tiny random model")

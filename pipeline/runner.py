@@ -61,23 +61,36 @@ def redis_for(config: PipelineConfig) -> Iterator[str]:
         yield redis.url
 
 
+def local_metrics_port(config: PipelineConfig) -> tuple[int, str | None]:
+    """The metrics port for the local Ray this run starts, and a note when it is not the one
+    asked for. Ray would wait on a busy port until its start-up times out, so: a port the user
+    set that is busy is a ConfigError; the default, when busy (another run on the host), gives
+    way to a free port."""
+    port = config.metrics_port
+    if config.ray_address is not None or port == 0:
+        return port, None
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+            return port, None
+        except OSError:
+            pass
+    if "metrics_port" in config.model_fields_set:
+        raise ConfigError(f"metrics_port {port} is in use (another run?): choose another with --metrics-port, "
+                          f"SLOWFAST_METRICS_PORT or metrics_port (0: any free port)")
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        free = probe.getsockname()[1]
+    return free, f"metrics port {port} is in use; serving metrics on {free} instead"
+
+
 def start_ray(config: PipelineConfig) -> None:
     """Join the configured cluster, or start a local Ray serving metrics on `metrics_port`.
 
     Ray's own log lines (start-up notes, the token-auth warning) propagate to the root logger,
     which the application points at its log file, instead of Ray's stderr handler."""
     logging.getLogger("ray").propagate = True
-    options: dict[str, Any] = {}
-    if config.ray_address is None and config.metrics_port:
-        with socket.socket() as probe:  # Ray would wait for a busy port until its start-up times out
-            try:
-                probe.bind(("0.0.0.0", config.metrics_port))
-            except OSError:
-                raise ConfigError(
-                    f"metrics_port {config.metrics_port} is in use (another run?): set --metrics-port, "
-                    f"SLOWFAST_METRICS_PORT or metrics_port (0: any free port)"
-                ) from None
-        options["_metrics_export_port"] = config.metrics_port
+    options = {"_metrics_export_port": config.metrics_port} if config.ray_address is None and config.metrics_port else {}
     ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
              log_to_driver=False, configure_logging=False, **options)
 
@@ -356,6 +369,11 @@ def run_pipeline(
 ) -> dict[str, dict]:
     """Run until every file is done and no live stream remains, or until `stop` is set."""
     stop = stop or threading.Event()
+    if not ray.is_initialized():  # before anything starts: a busy port stops the run cleanly
+        port, note = local_metrics_port(config)
+        config = config.model_copy(update={"metrics_port": port})
+        if note:
+            on_event(note)
     with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()

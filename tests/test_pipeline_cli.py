@@ -166,3 +166,27 @@ def test_run_prints_its_metrics_url_and_keeps_rays_chatter_in_the_log(redis_url,
     assert not ray_lines, seen  # Ray's log format: "<time> WARNING file.py:85 -- message"
     log = (tmp_path / "out" / "slowfast.log").read_text()
     assert "Started a local Ray instance" in log
+
+
+def test_a_busy_metrics_port_stops_the_run_if_chosen_and_gives_way_if_default():
+    import socket
+
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import local_metrics_port
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"metrics_port {port} is in use"):
+            local_metrics_port(load_config(None, metrics_port=port))
+    assert local_metrics_port(load_config(None, metrics_port=port)) == (port, None)  # free again
+
+    default = load_config(None)
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # already taken by another run on this host: as good
+            held.bind(("0.0.0.0", default.metrics_port))
+            held.listen()
+        chosen, note = local_metrics_port(default)
+    assert chosen not in (0, default.metrics_port)
+    assert note == f"metrics port {default.metrics_port} is in use; serving metrics on {chosen} instead"
