@@ -96,9 +96,12 @@ def start_ray(config: PipelineConfig) -> None:
 
 
 def metrics_url() -> str:
-    """Where this node's Prometheus endpoint serves the pipeline's metrics (Ray's metrics export)."""
+    """Where the driver's node serves the pipeline's metrics (Ray's metrics export); every
+    node of a cluster serves its own actors' metrics the same way."""
     here = ray.get_runtime_context().get_node_id()
-    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    if node is None:  # a driver outside the cluster (Ray Client)
+        return "on each Ray node at http://NODE:PORT/metrics (PORT: ray start --metrics-export-port)"
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 

@@ -111,12 +111,13 @@ def test_status_shows_the_current_run_whole_and_earlier_runs_with_all(redis_url)
 
 
 @pytest.mark.slow
-def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tmp_path, monkeypatch):
+def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tiny_model_dir, tmp_path, monkeypatch):
     """The demo's live copy runs `--seconds` from its first frame, however long start-up took
     (at 4 fps, 4 s of camera are at least 16 frames; 0.5 s of slack for the first status), and
     the file copy is captioned to its end (24 s: 6 windows of 16 frames)."""
     monkeypatch.chdir(tmp_path)  # the demo writes out/demo/ here
-    result = runner.invoke(app, ["demo", "--seconds", "4", "--window", "16", "--stride", "16"])
+    result = runner.invoke(app, ["demo", "--seconds", "4", "--window", "16", "--stride", "16",
+                                 "--model", str(tiny_model_dir)])
     assert result.exit_code == 0, result.output
     frames = int(re.search(r"camera\s*│\s*\w+\s*│\s*(\d+)\s*│", result.output)[1])
     assert frames >= (4 - 0.5) * 4, result.output
