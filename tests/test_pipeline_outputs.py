@@ -50,3 +50,14 @@ def test_vtt_continues_contiguously_after_a_restart(tmp_path):
     second.close()
     cues = read_vtt_cues(tmp_path / "captions.vtt")
     assert [c[:2] for c in cues] == [(0.0, 4.0), (4.0, 6.0)]
+
+
+def test_a_failed_window_shows_nothing_for_its_stretch(tmp_path):
+    files = CaptionFiles(tmp_path, DT)
+    files.write(window_caption(0, 0.0))
+    files.write(window_caption(1, 2.0).model_copy(update={"text": "", "error": "model failed: CUDA OOM"}))
+    files.write(window_caption(2, 4.0))
+    files.close()
+    assert [c[:2] for c in read_vtt_cues(tmp_path / "captions.vtt")] == [(0.0, 4.0), (6.0, 8.0)]
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [r.get("error") for r in records] == [None, "model failed: CUDA OOM", None]
