@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from transformers.utils import logging as transformers_logging
 
 from . import generation
 from .checkpoint import expected_keys, iter_tensors, load_weights, resolve_checkpoint
+from .compiled import CompiledOrEager
 from .config import SlowFastConfig
 from .errors import ModelInputError
 from .modeling import SlowFastForCausalLM
@@ -21,7 +24,10 @@ from .preprocess import preprocess_frames
 from .prompt import END_OF_TURN, build_prompt
 from .visual_tokens import VisualTokens, image_tokens, video_tokens
 
-# Frames per vision-tower forward: bounds activation memory for long windows.
+logger = logging.getLogger(__name__)
+
+# Frames per vision-tower forward: bounds activation memory for long windows; 16 is one
+# window stride of new frames in the pipeline.
 DEFAULT_ENCODE_BATCH = 16
 
 
@@ -64,29 +70,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def pick_attn_implementation(device: torch.device, dtype: torch.dtype) -> str:
-    """flash-attn 2 when installed on CUDA with a half dtype, SDPA otherwise."""
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
 def _build(config: SlowFastConfig, device: torch.device, dtype: torch.dtype, materialize: bool) -> SlowFastForCausalLM:
     """Construct on the meta device; with `materialize`, allocate randomly initialised weights on `device`."""
-    attn = pick_attn_implementation(device, dtype)
     with torch.device("meta"):
-        network = SlowFastForCausalLM(config, attn)
+        network = SlowFastForCausalLM(config)
     if materialize:
         with torch.device(device):
             previous = torch.get_default_dtype()
             torch.set_default_dtype(dtype)
             try:
-                network = SlowFastForCausalLM(config, attn)
+                network = SlowFastForCausalLM(config)
             finally:
                 torch.set_default_dtype(previous)
     else:
@@ -103,12 +96,23 @@ class SlowFastVLM:
         device: torch.device,
         dtype: torch.dtype,
         encode_batch_size: int = DEFAULT_ENCODE_BATCH,
+        compile: bool | None = None,
     ):
+        """`compile` (default: on CUDA) compiles the decode step into CUDA graphs and the
+        vision tower; call `warm_up` before the first real call to pay for it up front."""
         self.network = network
         self.tokenizer = tokenizer
         self.device = device
         self.dtype = dtype
         self.encode_batch_size = encode_batch_size
+        compile = device.type == "cuda" if compile is None else compile
+        cuda = device.type == "cuda"
+        self.decoder = generation.Decoder(network, compile=compile, mode="reduce-overhead" if cuda else None)
+        self.tower = network.model.vision_tower
+        if cuda:  # ConvNeXt's norms and MLPs run on NHWC: no transposes with channels_last
+            self.tower.to(memory_format=torch.channels_last)
+        if compile and device.type != "meta":
+            self.tower = CompiledOrEager(network.model.vision_tower, "vision tower")
 
     @property
     def config(self) -> SlowFastConfig:
@@ -121,6 +125,8 @@ class SlowFastVLM:
         path_or_hub_id: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        encode_batch_size: int = DEFAULT_ENCODE_BATCH,
+        compile: bool | None = None,
     ) -> SlowFastVLM:
         folder = resolve_checkpoint(path_or_hub_id)
         config = SlowFastConfig.from_source(folder)
@@ -135,7 +141,7 @@ class SlowFastVLM:
             tie_word_embeddings=config.tie_word_embeddings,
             source=f"checkpoint {folder}",
         )
-        return cls(network, load_tokenizer(folder), device, dtype)
+        return cls(network, load_tokenizer(folder), device, dtype, encode_batch_size, compile)
 
     @classmethod
     def from_config(
@@ -144,6 +150,7 @@ class SlowFastVLM:
         device: str | torch.device = "meta",
         dtype: torch.dtype | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        compile: bool | None = None,
     ) -> SlowFastVLM:
         """Random initialisation; on "meta" nothing is allocated (shapes and names only)."""
         if not isinstance(config, SlowFastConfig):
@@ -155,7 +162,7 @@ class SlowFastVLM:
                 network = SlowFastForCausalLM(config).eval()
         else:
             network = _build(config, device, dtype, materialize=True)
-        return cls(network, tokenizer, device, dtype)
+        return cls(network, tokenizer, device, dtype, compile=compile)
 
     def expected_checkpoint_keys(self) -> dict[str, tuple[int, ...]]:
         return expected_keys(self.network)
@@ -181,7 +188,7 @@ class SlowFastVLM:
         Each frame's features depend on that frame alone, so they can be cached per frame
         and reused in every window that contains it.
         """
-        return self.network.encode_video_frames(self._check_pixels(pixels), self.encode_batch_size)
+        return self.network.encode_video_frames(self._check_pixels(pixels), self.encode_batch_size, self.tower)
 
     def _check_features(self, features: torch.Tensor) -> torch.Tensor:
         expected = (self.config.tokens_per_frame, self.config.hidden_size)
@@ -198,7 +205,7 @@ class SlowFastVLM:
             return video_tokens(self._check_features(query.features), self.config)
         pixels = self.preprocess(query.frames)
         if pixels.shape[0] == 1:  # a single image: unpooled grid (official image path)
-            return image_tokens(self.network.project_frames(pixels, self.encode_batch_size), self.config)
+            return image_tokens(self.network.project_frames(pixels, self.encode_batch_size, self.tower), self.config)
         return video_tokens(self.encode_frames(pixels), self.config)
 
     # ---- language -------------------------------------------------------------
@@ -244,7 +251,7 @@ class SlowFastVLM:
             max_new_tokens, temperature, top_p, repetition_penalty, decode_cross_attention, seed
         )
         batch = self._batch(list(queries), room_for_answer=max_new_tokens)
-        sequences = generation.generate(self.network, batch, settings, self.stop_token_ids)
+        sequences = self.decoder.generate(batch, settings, self.stop_token_ids)
         return [
             Generation(
                 text=self.tokenizer.decode(seq.token_ids, skip_special_tokens=True).strip(),
@@ -270,3 +277,28 @@ class SlowFastVLM:
         yes = probs[self.answer_token_ids("Yes")].sum()
         no = probs[self.answer_token_ids("No")].sum()
         return float(yes / (yes + no)) if float(yes + no) > 0 else 0.5
+
+    def warm_up(self, frames: int, max_new_tokens: int, batch_size: int, decode_cross_attention: bool = False) -> float:
+        """Compile and capture, before the first real call, what serving `frames`-frame
+        windows in batches of up to `batch_size` will use: the tower at the encode batch size
+        and the decode step at every padded batch size up to `batch_size`. Returns seconds
+        spent; nothing to do (0.0) on the eager path.
+        """
+        if not self.decoder.compiled and not isinstance(self.tower, CompiledOrEager):
+            return 0.0
+        started = time.perf_counter()
+        size = self.config.image_size
+        features = self.encode_frames(torch.zeros(self.encode_batch_size, 3, size, size))[:1].expand(frames, -1, -1)
+        settings = generation.SamplingSettings(max_new_tokens, decode_cross_attention=decode_cross_attention)
+        rows = 1
+        while True:
+            queries = [VideoQuery(question="Describe the video.", features=features)] * rows
+            self.decoder.generate(self._batch(queries, room_for_answer=max_new_tokens), settings, stop_token_ids=[])
+            if rows >= batch_size:
+                break
+            rows *= 2
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        logger.info("warm-up (compile + CUDA graph capture) took %.1f s", seconds)
+        return seconds

@@ -1,18 +1,19 @@
 """Batched prefill + cached decode over (visual tokens, prompt) pairs.
 
-A small gpt-fast style loop: left-padded batch, one prefill, then one token per step
-with a KV cache (transformers' StaticCache for SDPA; DynamicCache with a 2-D padding
-mask for flash-attn). Logits processors come from transformers.
+A gpt-fast style loop: left-padded batch, one eager prefill into a static KV cache,
+then one token per step through `DecodeStep`, a pure tensor function that can be
+compiled whole and captured in a CUDA graph. Logits processors come from transformers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 from transformers import Qwen2Config
-from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -20,6 +21,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from .compiled import CompiledOrEager
 from .errors import ModelInputError
 from .language import (
     FAST_VISUAL,
@@ -132,35 +134,21 @@ def assemble(model: SlowFastForCausalLM, samples: list[Sample], context_limit: i
 
 
 class AttentionMask:
-    """Self-attention masks over cache slots for a left-padded batch.
+    """SDPA self-attention masks [B, 1, q, slots] over cache slots for a left-padded batch
+    (causal + key padding)."""
 
-    SDPA gets a [B, 1, q, slots] boolean mask (causal + key padding); flash-attn gets the
-    [B, slots] key-padding mask it unpads with (it applies causality itself).
-    """
-
-    def __init__(self, prompt_valid: torch.Tensor, total_slots: int, implementation: str):
+    def __init__(self, prompt_valid: torch.Tensor, total_slots: int):
         batch, length = prompt_valid.shape
-        self.implementation = implementation
         self.key_valid = torch.zeros(batch, total_slots, dtype=torch.bool, device=prompt_valid.device)
         self.key_valid[:, :length] = prompt_valid
         self.slots = torch.arange(total_slots, device=prompt_valid.device)
 
     def for_queries(self, first_slot: int, count: int) -> torch.Tensor:
-        end = first_slot + count
-        self.key_valid[:, first_slot:end] |= first_slot > 0  # decode slots are always real tokens
-        if self.implementation == "flash_attention_2":
-            return self.key_valid[:, :end].long()
-        query_slots = self.slots[first_slot:end, None]
+        query_slots = self.slots[first_slot : first_slot + count, None]
         allowed = self.key_valid[:, None, :] & (self.slots[None, None, :] <= query_slots)
         # Left-padding queries see no real key; let them see themselves so no row is empty.
         allowed |= self.slots[None, None, :] == query_slots
         return allowed[:, None]
-
-
-def new_cache(text_config: Qwen2Config, implementation: str, max_len: int) -> Cache:
-    if implementation == "flash_attention_2":
-        return DynamicCache(config=text_config)
-    return StaticCache(config=text_config, max_cache_len=max_len)
 
 
 def cross_mask(batch: PromptBatch, token_types: torch.Tensor, decode_cross_attention: bool) -> torch.Tensor:
@@ -168,10 +156,121 @@ def cross_mask(batch: PromptBatch, token_types: torch.Tensor, decode_cross_atten
     return cross_attention_token_mask(token_types, has_visual, decode_cross_attention)
 
 
+@dataclass(frozen=True)
+class GeneratedSequence:
+    token_ids: list[int]
+    finish_reason: FinishReason
+
+
+class StaticKVCache:
+    """Per-layer key/value buffers of a fixed size [B, Hkv, slots, D], written in place.
+
+    It offers the one method transformers' attention layers call on a cache, `update`,
+    whose extra arguments differ between 5.x versions and are not needed here: the
+    slots written are `write_slots` (the prompt's at prefill, one slot per decode step),
+    and the whole buffer is returned, masked by the caller. `rows` limits a prefill to
+    the real rows of a batch padded up to its size bucket.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_slots: torch.Tensor, rows: int | None = None):
+        self.keys, self.values, self.write_slots, self.rows = keys, values, write_slots, rows
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.rows is not None:
+            keys, values = keys[: self.rows], values[: self.rows]
+        keys.index_copy_(2, self.write_slots, key.to(keys.dtype))
+        values.index_copy_(2, self.write_slots, value.to(values.dtype))
+        return keys, values
+
+
+@dataclass
+class DecodeBuffers:
+    """Device memory a decode of one (rows, slots) size reuses from call to call.
+
+    A CUDA graph reads and writes fixed addresses, so the cache, the key-validity row and
+    the slow tokens' keys/values live here instead of being allocated per call.
+    """
+
+    keys: list[torch.Tensor]  # per layer [rows, Hkv, slots, D]
+    values: list[torch.Tensor]
+    key_valid: torch.Tensor  # [rows, slots] bool: prompt tokens and decode slots written so far
+
+    @classmethod
+    def allocate(cls, config: Qwen2Config, rows: int, slots: int, dtype: torch.dtype, device: torch.device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (rows, config.num_key_value_heads, slots, head_dim)
+        layers = range(config.num_hidden_layers)
+        buffers = cls(
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            key_valid=torch.zeros(rows, slots, dtype=torch.bool, device=device),
+        )
+        for tensor in (*buffers.keys, *buffers.values, buffers.key_valid):
+            torch._dynamo.mark_static_address(tensor)
+        return buffers
+
+
+@dataclass
+class SlowBuffers:
+    """Static copies of the prefill's slow-token keys/values, for decode steps that cross-attend."""
+
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # hybrid layer -> keys, values [rows, Hkv, S, D]
+    valid: torch.Tensor  # [rows, S] bool
+    rows_with_visual: torch.Tensor  # [rows, 1] bool: the decode steps' token mask
+
+    @classmethod
+    def allocate(cls, like: SlowTokenContext, rows: int, length: int):
+        kv = {
+            layer: tuple(torch.zeros(rows, t.shape[1], length, t.shape[3], dtype=t.dtype, device=t.device) for t in pair)
+            for layer, pair in like.kv.items()
+        }
+        buffers = cls(kv, torch.zeros(rows, length, dtype=torch.bool, device=like.valid.device),
+                      torch.zeros(rows, 1, dtype=torch.bool, device=like.valid.device))
+        for tensor in (*(t for pair in kv.values() for t in pair), buffers.valid, buffers.rows_with_visual):
+            torch._dynamo.mark_static_address(tensor)
+        return buffers
+
+    def load(self, slow: SlowTokenContext, rows_with_visual: torch.Tensor) -> SlowTokenContext:
+        rows, length = slow.valid.shape
+        self.valid.zero_()
+        self.valid[:rows, :length] = slow.valid
+        self.rows_with_visual.zero_()
+        self.rows_with_visual[:rows, 0] = rows_with_visual
+        for layer, (keys, values) in slow.kv.items():
+            self.kv[layer][0][:rows, :, :length] = keys
+            self.kv[layer][1][:rows, :, :length] = values
+        return SlowTokenContext(None, self.valid, self.rows_with_visual, dict(self.kv))
+
+
+class DecodeStep(nn.Module):
+    """One decode step as a pure function of tensors: no host sync, no Python branching on
+    values, fixed shapes. So it can be compiled with `fullgraph=True` and captured in a
+    CUDA graph; uncompiled it is the eager path, with the same arithmetic."""
+
+    def __init__(self, network: SlowFastForCausalLM):
+        super().__init__()
+        self.network = network
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [rows] the previous step's tokens
+        positions: torch.Tensor,  # [rows, 1] their rotary positions
+        slot: torch.Tensor,  # [1] the cache slot they are written to (the same for every row)
+        buffers: DecodeBuffers,
+        slow: SlowTokenContext | None,  # None: the cross term is off for generated tokens
+    ) -> torch.Tensor:
+        buffers.key_valid.index_fill_(1, slot, True)
+        cache = StaticKVCache(buffers.keys, buffers.values, slot)
+        embeds = self.network.model.embed_tokens(tokens[:, None])
+        mask = buffers.key_valid[:, None, None, :]
+        return self.network(embeds, positions, mask, cache=cache, slow_context=slow)[:, -1].float()
+
+
 @torch.inference_mode()
 def prefill_logits(model: SlowFastForCausalLM, batch: PromptBatch) -> torch.Tensor:
     """Float32 logits [B, vocab] for the first answer token (no cache kept)."""
-    masks = AttentionMask(batch.valid, batch.valid.shape[1], model.attn_implementation)
+    masks = AttentionMask(batch.valid, batch.valid.shape[1])
     batch.slow.token_mask = cross_mask(batch, batch.token_types, decode_cross_attention=False)
     logits = model(
         batch.embeds,
@@ -183,76 +282,133 @@ def prefill_logits(model: SlowFastForCausalLM, batch: PromptBatch) -> torch.Tens
     return logits[:, -1].float()
 
 
-@dataclass(frozen=True)
-class GeneratedSequence:
-    token_ids: list[int]
-    finish_reason: FinishReason
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
-@torch.inference_mode()
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+class Decoder:
+    """Prefill + cached decode over a static KV cache, eager or with a compiled step.
+
+    Shapes are bucketed so a compiled step meets few distinct shapes: cache slots are
+    rounded up to SLOT_BLOCK, and with compilation the batch is padded up to a power of
+    two (padding rows decode a dummy token whose output is discarded). Buffers of each
+    size are kept for the next call. Rows that have finished keep stepping until the
+    whole batch has: the host checks that every STOP_CHECK_EVERY steps (one sync), so a
+    batch that finishes early costs at most that many extra steps.
+
+    With `compile=True` the step is compiled (`fullgraph=True`, `mode` e.g.
+    "reduce-overhead" for CUDA graphs) on first use per shape; if that fails, a warning is
+    logged and the eager step is used from then on.
+    """
+
+    SLOT_BLOCK = 256
+    STOP_CHECK_EVERY = 8
+
+    def __init__(self, network: SlowFastForCausalLM, compile: bool = False, mode: str | None = None, backend: str | Callable = "inductor"):
+        self.network = network
+        self.step = DecodeStep(network)
+        self.compiled_step = CompiledOrEager(self.step, "decode step", mode=mode, backend=backend) if compile else None
+        self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
+        self._slow_buffers: dict[tuple[int, int], SlowBuffers] = {}
+
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_step is not None and self.compiled_step.active
+
+    def _decode_buffers(self, rows: int, slots: int) -> DecodeBuffers:
+        if (rows, slots) not in self._buffers:
+            weight = self.network.model.embed_tokens.weight
+            self._buffers[rows, slots] = DecodeBuffers.allocate(
+                self.network.model.text_config, rows, slots, weight.dtype, weight.device
+            )
+        return self._buffers[rows, slots]
+
+    def _slow_context(self, batch: PromptBatch, rows: int) -> SlowTokenContext:
+        length = _round_up(batch.slow.valid.shape[1], self.SLOT_BLOCK)
+        if (rows, length) not in self._slow_buffers:
+            self._slow_buffers[rows, length] = SlowBuffers.allocate(batch.slow, rows, length)
+        has_visual = (batch.token_types == FAST_VISUAL).any(1)
+        return self._slow_buffers[rows, length].load(batch.slow, has_visual)
+
+    @torch.inference_mode()
+    def generate(self, batch: PromptBatch, settings: SamplingSettings, stop_token_ids: list[int]) -> list[GeneratedSequence]:
+        rows, prompt_len = batch.valid.shape
+        device = batch.embeds.device
+        steps = settings.max_new_tokens
+        padded_rows = _next_power_of_two(rows) if self.compiled else rows
+        slots = _round_up(prompt_len + steps, self.SLOT_BLOCK)
+        buffers = self._decode_buffers(padded_rows, slots)
+        buffers.key_valid.zero_()
+        buffers.key_valid[:rows, :prompt_len] = batch.valid
+
+        batch.slow.token_mask = cross_mask(batch, batch.token_types, settings.decode_cross_attention)
+        prefill_cache = StaticKVCache(buffers.keys, buffers.values, torch.arange(prompt_len, device=device), rows=rows)
+        logits = self.network(
+            batch.embeds,
+            batch.positions,
+            AttentionMask(batch.valid, slots).for_queries(0, prompt_len),
+            cache=prefill_cache,
+            slow_context=batch.slow,
+            logits_positions=slice(-1, None),
+        )[:, -1].float()
+        slow = self._slow_context(batch, padded_rows) if settings.decode_cross_attention else None
+
+        processors = settings.processors()
+        generator = None
+        if settings.seed is not None:
+            generator = torch.Generator(device=device).manual_seed(settings.seed)
+        stop = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
+        generated = torch.zeros(rows, steps, dtype=torch.long, device=device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        stopped_by_token = torch.zeros(rows, dtype=torch.bool, device=device)
+        tokens = torch.zeros(padded_rows, dtype=torch.long, device=device)
+        first_positions = torch.zeros(padded_rows, 1, dtype=torch.long, device=device)
+        first_positions[:rows, 0] = batch.lengths
+        first_slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+
+        produced = steps
+        for step in range(steps):
+            scores = processors(generated[:, :step], logits)
+            if settings.temperature > 0:
+                next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            if len(stop_token_ids):
+                next_tokens = torch.where(finished, stop[0], next_tokens)
+                hit_stop = torch.isin(next_tokens, stop) & ~finished
+                stopped_by_token |= hit_stop
+                finished |= hit_stop
+            generated[:, step] = next_tokens
+            if step == steps - 1:
+                break
+            if len(stop_token_ids) and (step + 1) % self.STOP_CHECK_EVERY == 0 and bool(finished.all()):
+                produced = step + 1
+                break
+            tokens[:rows] = next_tokens
+            logits = (self.compiled_step or self.step)(tokens, first_positions + step, first_slot + step, buffers, slow)[:rows]
+
+        results = []
+        for row, by_token in zip(generated[:, :produced].tolist(), stopped_by_token.tolist()):
+            if by_token:
+                cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids)
+                results.append(GeneratedSequence(row[:cut], "stop"))
+            else:
+                results.append(GeneratedSequence(row, "length"))
+        return results
+
+
 def generate(
     model: SlowFastForCausalLM,
     batch: PromptBatch,
     settings: SamplingSettings,
     stop_token_ids: list[int],
 ) -> list[GeneratedSequence]:
-    batch_size, prompt_len = batch.valid.shape
-    device = batch.embeds.device
-    total = prompt_len + settings.max_new_tokens
-    masks = AttentionMask(batch.valid, total, model.attn_implementation)
-    cache = new_cache(model.model.text_config, model.attn_implementation, total)
-    processors = settings.processors()
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    stop = torch.tensor(stop_token_ids, device=device)
-    response_types = torch.full((batch_size, 1), RESPONSE_TEXT, device=device)
-
-    batch.slow.token_mask = cross_mask(batch, batch.token_types, settings.decode_cross_attention)
-    logits = model(
-        batch.embeds,
-        batch.positions,
-        masks.for_queries(0, prompt_len),
-        cache=cache,
-        slow_context=batch.slow,
-        logits_positions=slice(-1, None),
-    )[:, -1]
-    generated = torch.empty(batch_size, 0, dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    stopped_by_token = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    positions = batch.lengths[:, None]
-    decode_mask = cross_mask(batch, response_types, settings.decode_cross_attention)
-
-    for step in range(settings.max_new_tokens):
-        scores = processors(generated, logits.float())
-        if settings.temperature > 0:
-            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = scores.argmax(-1)
-        next_tokens = torch.where(finished, stop[0] if len(stop) else next_tokens, next_tokens)
-        hit_stop = torch.isin(next_tokens, stop) & ~finished
-        stopped_by_token |= hit_stop
-        generated = torch.cat([generated, next_tokens[:, None]], dim=1)
-        finished |= hit_stop
-        if bool(finished.all()) or step == settings.max_new_tokens - 1:
-            break
-        batch.slow.token_mask = decode_mask
-        logits = model(
-            model.model.embed_tokens(next_tokens[:, None]),
-            positions + step,
-            masks.for_queries(prompt_len + step, 1),
-            cache=cache,
-            slow_context=batch.slow,
-        )[:, -1]
-
-    results = []
-    for row, by_token in zip(generated.tolist(), stopped_by_token.tolist()):
-        if by_token:
-            cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids)
-            results.append(GeneratedSequence(row[:cut], "stop"))
-        else:
-            results.append(GeneratedSequence(row, "length"))
-    return results
+    """Eager generation (a Decoder of its own, no compilation)."""
+    return Decoder(model).generate(batch, settings, stop_token_ids)
 
 
 @torch.inference_mode()
@@ -277,7 +433,7 @@ def logits_without_cache(
     offsets = torch.arange(count, device=embeds.device)[None, :]
     positions = torch.cat([batch.positions, batch.lengths[:, None] + offsets], dim=1)
     valid = torch.cat([batch.valid, torch.ones(batch_size, count, dtype=torch.bool, device=embeds.device)], dim=1)
-    masks = AttentionMask(valid, valid.shape[1], model.attn_implementation)
+    masks = AttentionMask(valid, valid.shape[1])
     batch.slow.token_mask = cross_mask(batch, token_types, decode_cross_attention)
     logits = model(
         embeds,

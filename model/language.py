@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import importlib.util
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +34,13 @@ from .config import SlowFastConfig
 # Token types of the hybrid layers.
 PROMPT_TEXT, RESPONSE_TEXT, FAST_VISUAL, PADDING = 1, 2, 3, 4
 
+# transformers 5.x renamed the decoder layer's cache argument from `past_key_values` to
+# `cache` (the old name still works with a deprecation warning): pass whichever this
+# version's layer takes, so the cache is never silently dropped into **kwargs.
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(Qwen2DecoderLayer.forward).parameters else "past_key_values"
+
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
+
 
 def cross_attention_token_mask(
     token_types: torch.Tensor, has_visual: torch.Tensor, decode_cross_attention: bool
@@ -49,27 +59,31 @@ def cross_attention_token_mask(
 
 @dataclass
 class SlowTokenContext:
-    """Slow tokens of a batch and their per-layer keys/values, computed once per call."""
+    """Slow tokens of a batch and their per-layer keys/values, computed once per call.
 
-    states: torch.Tensor  # [B, S, hidden] projected, pooled per-frame features
+    `kv` is filled by the prefill (hybrid layer index -> keys, values [B, Hkv, S, D]);
+    decode steps that apply the cross term reuse it, so `states` may then be None.
+    """
+
+    states: torch.Tensor | None  # [B, S, hidden] projected, pooled per-frame features
     valid: torch.Tensor  # [B, S] bool: False for padding of shorter samples
     token_mask: torch.Tensor | None = None  # [B, L] bool for the current input tokens
-    _kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def keys_values(self, layer_idx: int, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-        if layer_idx not in self._kv:
-            self._kv[layer_idx] = build()
-        return self._kv[layer_idx]
+        if layer_idx not in self.kv:
+            self.kv[layer_idx] = build()
+        return self.kv[layer_idx]
 
 
-def _flash_varlen_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _flash_varlen_usable(query: torch.Tensor) -> bool:
+    # The varlen kernel needs the packed lengths on the host: not inside a compiled step.
+    return (
+        FLASH_ATTN_INSTALLED
+        and query.device.type == "cuda"
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def cross_attention(
@@ -82,7 +96,7 @@ def cross_attention(
     with a key-padding mask.
     """
     batch, heads, length, head_dim = query.shape
-    if _flash_varlen_available(query.device) and query.dtype in (torch.float16, torch.bfloat16):
+    if _flash_varlen_usable(query):
         from flash_attn import flash_attn_varlen_func
 
         keep = valid.flatten().nonzero().squeeze(1)
@@ -103,9 +117,10 @@ def cross_attention(
         )
         return out.reshape(batch, length, heads * head_dim)
     # A sample without slow tokens would give an all-masked row (NaN); its cross term is
-    # gated off by the token mask anyway, so let it attend to slot 0.
-    safe_valid = valid.clone()
-    safe_valid[~valid.any(1), 0] = True
+    # gated off by the token mask anyway, so let it attend to slot 0. Written without
+    # indexing so it needs no host sync.
+    first_slot = torch.arange(valid.shape[1], device=valid.device) == 0
+    safe_valid = valid | (~valid.any(1, keepdim=True) & first_slot)
     out = F.scaled_dot_product_attention(
         query,
         repeat_kv(key, num_kv_groups),
@@ -139,8 +154,10 @@ class HybridAttention(Qwen2Attention):
         cache: Cache | None = None,
         slow_context: SlowTokenContext | None = None,
         slow_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -158,7 +175,9 @@ class HybridAttention(Qwen2Attention):
         attn_output = attn_output.reshape(*input_shape, -1)
 
         token_mask = slow_context.token_mask if slow_context is not None else None
-        if slow_kv is not None and token_mask is not None and bool(token_mask.any()):
+        # No host sync here: tokens outside the mask get the term multiplied by zero, and a
+        # step that applies it to no token passes token_mask=None to skip the work.
+        if slow_kv is not None and token_mask is not None:
             context = cross_attention(query, *slow_kv, slow_context.valid, self.num_key_value_groups)
             gate = self.cross_attn_gate_proj(attn_output) * torch.tanh(self.cross_attn_warm_up_gate)
             attn_output = attn_output + token_mask[..., None].to(attn_output.dtype) * gate * context.to(attn_output.dtype)
@@ -217,8 +236,8 @@ class SlowFastDecoder(nn.Module):
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                cache=cache,
                 position_embeddings=position_embeddings,
+                **{CACHE_ARGUMENT: cache},
                 **extra,
             )
         return self.norm(hidden_states)

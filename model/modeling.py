@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -32,17 +34,27 @@ class SlowFastForCausalLM(nn.Module):
     def attn_implementation(self) -> str:
         return self.model.text_config._attn_implementation
 
-    def project_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Vision tower + projector per frame: [T, 3, S, S] -> [T, grid^2, hidden]."""
-        chunks = [
-            self.model.mm_projector(self.model.vision_tower(chunk))
-            for chunk in pixels.split(batch_size)
-        ]
+    def project_frames(self, pixels: torch.Tensor, batch_size: int, tower: Callable | None = None) -> torch.Tensor:
+        """Vision tower + projector per frame: [T, 3, S, S] -> [T, grid^2, hidden].
+
+        `tower` replaces the plain tower (e.g. a compiled one); each chunk then has exactly
+        `batch_size` frames, the last one zero-padded, so a compiled tower meets one shape.
+        """
+        run = tower if tower is not None else self.model.vision_tower
+        pad_chunks = tower is not None
+        if pixels.device.type == "cuda":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        chunks = []
+        for chunk in pixels.split(batch_size):
+            count = chunk.shape[0]
+            if pad_chunks and count < batch_size:
+                chunk = torch.cat([chunk, chunk.new_zeros(batch_size - count, *chunk.shape[1:])])
+            chunks.append(self.model.mm_projector(run(chunk)[:count]))
         return torch.cat(chunks)
 
-    def encode_video_frames(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def encode_video_frames(self, pixels: torch.Tensor, batch_size: int, tower: Callable | None = None) -> torch.Tensor:
         """Per-frame pooled features of video frames: [T, 3, S, S] -> [T, tokens_per_frame, hidden]."""
-        return pool_frames(self.project_frames(pixels, batch_size), self.config.mm_video_pooling_stride)
+        return pool_frames(self.project_frames(pixels, batch_size, tower), self.config.mm_video_pooling_stride)
 
     def forward(
         self,

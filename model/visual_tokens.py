@@ -60,7 +60,12 @@ def fast_tokens(pooled: torch.Tensor, config: SlowFastConfig) -> torch.Tensor:
         frames = grid.shape[0]
         by_time = grid.transpose(0, 1)  # [C, T', h, w]: pool3d treats C as the batch
         if frames // stride >= config.min_fast:
-            by_time = F.avg_pool3d(by_time, kernel_size=(stride, 1, 1))  # drops the T' mod k tail
+            # Non-overlapping means over k frames, dropping the T' mod k tail (avg_pool3d with
+            # kernel (k, 1, 1), which has no bf16 kernel on CPU); accumulated in float32 as
+            # CUDA's avg_pool3d does for half types.
+            groups = frames // stride
+            grouped = by_time[:, : groups * stride].unflatten(1, (groups, stride))
+            by_time = grouped.mean(2, dtype=torch.float32).to(by_time.dtype)
         else:
             by_time = F.adaptive_avg_pool3d(by_time, (min(frames, config.min_fast), *grid.shape[-2:]))
         grid = by_time.transpose(0, 1)

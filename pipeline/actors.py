@@ -244,7 +244,15 @@ class ModelWorker:
 
         self.config = config
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        self.vlm = SlowFastVLM.from_pretrained(model_path, device=config.device, dtype=dtype)
+        self.vlm = SlowFastVLM.from_pretrained(
+            model_path, device=config.device, dtype=dtype, encode_batch_size=config.encode_batch_size
+        )
+        # On CUDA: compile and capture now, so the first window does not wait for it.
+        self.warm_up_s = self.vlm.warm_up(
+            config.window, config.generation.max_new_tokens, config.batch_size, config.generation.decode_cross_attention
+        )
+        if self.warm_up_s:
+            log.info("model worker warm-up (compile + CUDA graphs) took %.1f s", self.warm_up_s)
         model = config._test_model_wrapper(self.vlm) if config._test_model_wrapper else self.vlm
         self.publisher = Publisher(config.redis_url, history_len=config.history_len)
         self.processor = WindowProcessor(

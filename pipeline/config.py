@@ -109,6 +109,7 @@ class PipelineConfig(BaseSettings):
     fps: float = Field(default=4.0, gt=0.0, le=120.0)
     size: int | None = Field(default=None, ge=32, description="frame size; None: the model's input size")
     batch_size: int = Field(default=8, ge=1, le=256)
+    encode_batch_size: int = Field(default=16, ge=1, le=256, description="frames per vision-tower forward")
     file_windows_in_flight: int = Field(default=2, ge=1, description="file backpressure: windows queued per stream")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     streams: list[StreamConfig] = Field(default_factory=list)

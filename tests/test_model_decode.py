@@ -1,0 +1,120 @@
+"""The static-cache decode: compiled whole on CPU, equal to the eager step, bf16, fallback."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from model import SlowFastVLM, VideoQuery
+from model import generation
+
+NEW_TOKENS = 6
+
+
+def feature_queries(vlm, frame_counts=(4, 8)):
+    """Queries from random per-frame features (skips the tower: the decode is under test)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (vlm.config.tokens_per_frame, vlm.config.hidden_size)
+    questions = ["What?", "Please describe this video in detail."]
+    return [VideoQuery(features=torch.randn(n, *shape, generator=g), question=q) for n, q in zip(frame_counts, questions)]
+
+
+# Dynamo's tracing, where a graph break or host sync would show, is the same whatever the
+# backend; "eager" runs the captured graph as is, so the test costs seconds instead of
+# minutes of inductor's C++ builds on CPU.
+TRACE_ONLY = "eager"
+
+
+@torch.inference_mode()
+def step_logits(decoder, vlm, queries, decode_cross_attention):
+    """Prefill, then one decode step eagerly and one through `decoder`'s step, on equal copies."""
+    settings = generation.SamplingSettings(max_new_tokens=1, decode_cross_attention=decode_cross_attention)
+    batch = vlm._batch(queries, room_for_answer=NEW_TOKENS)
+    decoder.generate(batch, settings, [])  # fills the static cache with the prompt
+    ((rows, slots), buffers), = decoder._buffers.items()
+    slow = decoder._slow_context(batch, rows) if decode_cross_attention else None
+    tokens = torch.arange(rows) + 5
+    positions = torch.zeros(rows, 1, dtype=torch.long)
+    positions[: len(queries), 0] = batch.lengths
+    slot = torch.tensor([batch.valid.shape[1]])
+
+    def run(step):
+        copy = generation.DecodeBuffers([k.clone() for k in buffers.keys], [v.clone() for v in buffers.values],
+                                        buffers.key_valid.clone())
+        return step(tokens, positions, slot, copy, slow)[: len(queries)]
+
+    return run(decoder.step), run(decoder.compiled_step)
+
+
+@pytest.mark.parametrize("decode_cross_attention", [False, True])
+def test_compiled_decode_step_has_no_graph_break_and_equals_eager(tiny_vlm, decode_cross_attention):
+    queries = feature_queries(tiny_vlm)
+    settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS, decode_cross_attention=decode_cross_attention)
+    eager = generation.Decoder(tiny_vlm.network).generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [])
+
+    compiled = generation.Decoder(tiny_vlm.network, compile=True, backend=TRACE_ONLY)
+    static = compiled.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [])
+    assert compiled.compiled, "the decode step fell back to eager: fullgraph compilation failed"
+    assert [s.token_ids for s in static] == [e.token_ids for e in eager]
+    assert all(len(s.token_ids) == NEW_TOKENS for s in static)
+
+    eager_logits, compiled_logits = step_logits(compiled, tiny_vlm, queries, decode_cross_attention)
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_padding_rows_do_not_change_the_answers(tiny_vlm):
+    """Three rows padded to four (the compiled path's bucket) give what single calls give."""
+    queries = feature_queries(tiny_vlm, (4, 8, 6))[:2] + feature_queries(tiny_vlm, (6,))
+    settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS)
+    decoder = generation.Decoder(tiny_vlm.network, compile=True, backend=TRACE_ONLY)
+    batched = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [])
+    assert list(decoder._buffers)[0][0] == 4
+    single = [generation.generate(tiny_vlm.network, tiny_vlm._batch([q], NEW_TOKENS), settings, [])[0] for q in queries]
+    assert [b.token_ids for b in batched] == [s.token_ids for s in single]
+
+
+def test_compiler_failure_falls_back_to_eager_with_a_warning(tiny_vlm, caplog):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    queries = feature_queries(tiny_vlm)
+    settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS)
+    decoder = generation.Decoder(tiny_vlm.network, compile=True, backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="model.compiled"):
+        answers = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [])
+    assert not decoder.compiled
+    assert any("compiled decode step failed, using eager" in r.message for r in caplog.records)
+    eager = generation.generate(tiny_vlm.network, tiny_vlm._batch(queries, NEW_TOKENS), settings, [])
+    assert [a.token_ids for a in answers] == [e.token_ids for e in eager]
+
+
+def test_a_batch_that_has_finished_stops_stepping(tiny_vlm):
+    queries = feature_queries(tiny_vlm)
+    settings = generation.SamplingSettings(max_new_tokens=40)
+    decoder = generation.Decoder(tiny_vlm.network)
+    free = decoder.generate(tiny_vlm._batch(queries, 40), settings, [])
+    stop = free[0].token_ids[0]  # row 0 stops at once; row 1 when (if) it meets that token
+    steps = []
+    decoder.step.register_forward_hook(lambda *_: steps.append(1))
+    stopped = decoder.generate(tiny_vlm._batch(queries, 40), settings, [stop])
+    assert stopped[0].token_ids == [] and stopped[0].finish_reason == "stop"
+    if stopped[1].finish_reason == "stop":
+        done_at = len(stopped[1].token_ids) + 1
+        assert len(steps) < done_at + decoder.STOP_CHECK_EVERY
+    else:
+        assert len(steps) == 39
+
+
+def test_bf16_on_cpu(tiny_model_dir, tiny_vlm):
+    """The 64-frame path (temporal group pooling) and generation run in bf16 on CPU."""
+    bf16 = SlowFastVLM.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(64, tiny_vlm.config.tokens_per_frame, tiny_vlm.config.hidden_size, generator=g)
+    query = VideoQuery(features=features, question="Please describe this video in detail.")
+    (answer,) = bf16.generate([query], max_new_tokens=4)
+    assert len(answer.token_ids) == 4 or answer.finish_reason == "stop"
+    assert bf16.visual_tokens(query).fast.shape == (16 * tiny_vlm.config.tokens_per_frame, tiny_vlm.config.hidden_size)
+    reference = tiny_vlm.next_token_logits(query)
+    torch.testing.assert_close(bf16.next_token_logits(query), reference, rtol=0.05, atol=0.15)
