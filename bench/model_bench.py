@@ -1,26 +1,36 @@
-"""Model throughput: preprocess, encode_frames, prefill, decode.
+"""Model throughput, each figure next to a baseline measured in the same run on the same device.
 
-Each figure comes with a baseline measured in the same run:
-- preprocess: ours (torch, batched) vs transformers' CLIPImageProcessor on PIL images;
-- decode: cached decode steps vs recomputing the whole sequence without cache.
+    python bench/model_bench.py --tiny          # tiny random model, CPU, about a minute: tests the script
+    python bench/model_bench.py --full-size     # 7B architecture, random bf16 weights, one GPU, <= 8 minutes
+    python bench/model_bench.py --model PATH    # a real checkpoint folder
 
-    python bench/model_bench.py                      # tiny random model on CPU
-    python bench/model_bench.py --full-size          # 7B architecture, random bf16 weights (GPU)
-    python bench/model_bench.py --model PATH         # a real checkpoint folder
+Sections (ratios are ours / baseline, > 1 is better for rates, < 1 for times):
+- parity (CUDA only): the tiny official-format checkpoint in fp32 on CUDA against its CPU
+  eager output: logit difference and greedy ids, eager and compiled decode;
+- decode ms/step (median step interval) at each batch size: ours eager (static cache, uncompiled step) and ours
+  compiled (CUDA graphs, the CUDA default) next to transformers' `Qwen2ForCausalLM` with the
+  same shapes and random weights: `generate` with its dynamic cache and with
+  `cache_implementation="static"` (which transformers compiles on CUDA);
+- tower frames/s, eager and compiled (compiled on CUDA only);
+- per window (encode `stride` new frames per window + prefill + `new_tokens` tokens) at each
+  batch size, against the authors' way (all window frames encoded, one clip at a time,
+  eager); windows/s, live streams per device at `fps` and `stride`, memory per stream.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
+from transformers import StoppingCriteria
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,8 +46,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Best-of-N wall time in seconds after one warm-up call."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Best-of-N wall seconds after one warm-up call."""
     fn()
     synchronize(device)
     best = float("inf")
@@ -55,91 +65,248 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def load(args: argparse.Namespace) -> SlowFastVLM:
+def load(args: argparse.Namespace, device: torch.device) -> SlowFastVLM:
+    compile = device.type == "cuda" if args.compile is None else args.compile
     if args.full_size:
         from tests.test_model_loading import RELEASED_7B_CONFIG
 
         tokenizer_dir = write_tiny_model(Path(tempfile.mkdtemp()) / "tok")
-        vlm = SlowFastVLM.from_config(RELEASED_7B_CONFIG, device=args.device or "cuda", dtype=torch.bfloat16)
-        vlm.tokenizer = SlowFastVLM.from_pretrained(tokenizer_dir).tokenizer  # token ids only matter for length
+        vlm = SlowFastVLM.from_config(RELEASED_7B_CONFIG, device=device, dtype=torch.bfloat16, compile=compile)
+        vlm.tokenizer = SlowFastVLM.from_pretrained(tokenizer_dir, device="cpu").tokenizer  # ids only set lengths
+        vlm.encode_batch_size = args.encode_batch
         return vlm
     path = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
-    return SlowFastVLM.from_pretrained(path, device=args.device)
+    return SlowFastVLM.from_pretrained(path, device=device, encode_batch_size=args.encode_batch, compile=compile)
 
 
-def bench_preprocess(vlm: SlowFastVLM, frames: np.ndarray, repeats: int) -> dict:
-    from PIL import Image
-    from transformers import CLIPImageProcessor
-
-    from model.preprocess import CLIP_MEAN, CLIP_STD
-
-    size = vlm.config.image_size
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
-    )
-    ours = timed(lambda: vlm.preprocess(frames), vlm.device, repeats)
-    pil = timed(lambda: processor([Image.fromarray(f) for f in frames], return_tensors="pt"), vlm.device, 1)
-    return {
-        "preprocess_fps": len(frames) / ours,
-        "clip_processor_fps": len(frames) / pil,
-        "preprocess_speedup_vs_clip_processor": pil / ours,
-    }
+def random_features(vlm: SlowFastVLM, frames: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (frames, vlm.config.tokens_per_frame, vlm.config.hidden_size)
+    return (torch.randn(shape, generator=g) * 0.02).to(vlm.device, vlm.dtype)
 
 
-def bench_llm(vlm: SlowFastVLM, features: torch.Tensor, new_tokens: int, repeats: int) -> dict:
-    query = VideoQuery(features=features, question=QUESTION)
-    batch = vlm._batch([query], room_for_answer=new_tokens)
-    prompt_tokens = batch.valid.shape[1]
-    prefill = timed(lambda: generation.prefill_logits(vlm.network, vlm._batch([query], 1)), vlm.device, repeats)
+class StepClock(StoppingCriteria):
+    """Wall time at the end of each decode step (after a device sync); median interval in ms.
+
+    Both sides get the same treatment: our decoder's step is wrapped, transformers'
+    `generate` calls it as a stopping criterion once per step (where it syncs anyway).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps = device, []
+
+    def tick(self) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def __call__(self, input_ids=None, scores=None, **kwargs):  # transformers' StoppingCriteria protocol
+        self.tick()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def median_ms(self) -> float:
+        gaps = sorted(b - a for a, b in zip(self.stamps, self.stamps[1:]))
+        return gaps[len(gaps) // 2] * 1e3 if gaps else float("nan")
+
+
+def ours_step_ms(vlm: SlowFastVLM, decoder: generation.Decoder, queries: list[VideoQuery], new_tokens: int) -> float:
     settings = generation.SamplingSettings(max_new_tokens=new_tokens)
-    run = lambda: generation.generate(vlm.network, vlm._batch([query], new_tokens), settings, [])  # noqa: E731
-    total = timed(run, vlm.device, repeats)
-    decode_s = max(total - prefill, 1e-9)
-    response = torch.tensor([run()[0].token_ids], device=vlm.device)
+    decoder.generate(vlm._batch(queries, new_tokens), settings, [])  # compile / capture this shape
+    clock = StepClock(vlm.device)
+    attribute = "compiled_step" if decoder.compiled_step is not None else "step"
+    inner = getattr(decoder, attribute)
 
-    def uncached():  # baseline: every step recomputes prompt + answer so far
-        for step in range(1, new_tokens):
-            generation.logits_without_cache(vlm.network, vlm._batch([query], 1), response[:, :step], False)
+    def timed_step(*args):
+        out = inner(*args)
+        clock.tick()
+        return out
 
-    uncached_s = timed(uncached, vlm.device, 1)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "slow_tokens": int(batch.slow.valid.sum()),
-        "prefill_ms": prefill * 1e3,
-        "decode_tokens_per_s": (new_tokens - 1) / decode_s,
-        "uncached_decode_tokens_per_s": (new_tokens - 1) / uncached_s,
-        "decode_speedup_vs_uncached": uncached_s / decode_s,
-    }
+    setattr(decoder, attribute, timed_step)
+    try:
+        decoder.generate(vlm._batch(queries, new_tokens), settings, [])
+    finally:
+        setattr(decoder, attribute, inner)
+    return clock.median_ms()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="checkpoint folder (default: a tiny random model)")
-    parser.add_argument("--full-size", action="store_true", help="7B architecture with random bf16 weights")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--frames", type=int, default=64)
-    parser.add_argument("--input-size", default="720x1280", help="HxW of the raw frames fed to preprocess")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+# ---- sections ---------------------------------------------------------------------------
+def bench_parity(args: argparse.Namespace) -> dict:
+    """fp32 on CUDA vs the CPU eager output of a tiny official-format checkpoint."""
+    folder = write_tiny_model(Path(tempfile.mkdtemp()) / "parity")
+    cpu = SlowFastVLM.from_pretrained(folder, device="cpu", compile=False)
+    gpu = SlowFastVLM.from_pretrained(folder, device="cuda", dtype=torch.float32)
+    query = VideoQuery(features=random_features(cpu, 16), question=QUESTION)
+    settings = generation.SamplingSettings(max_new_tokens=24)
+    reference = cpu.next_token_logits(query)
+    expected = generation.Decoder(cpu.network).generate(cpu._batch([query], 24), settings, [])[0].token_ids
+    query_gpu = VideoQuery(features=query.features.cuda(), question=QUESTION)
+    out = {"parity_max_logit_diff": float((gpu.next_token_logits(query_gpu) - reference).abs().max())}
+    for name, decoder in (("eager", generation.Decoder(gpu.network)), ("compiled", gpu.decoder)):
+        ids = decoder.generate(gpu._batch([query_gpu], 24), settings, [])[0].token_ids
+        out[f"parity_greedy_ids_equal_{name}"] = f"{sum(a == b for a, b in zip(ids, expected))}/{len(expected)}"
+    return out
 
-    torch.manual_seed(0)
-    vlm = load(args)
-    height, width = (int(v) for v in args.input_size.split("x"))
-    frames = np.random.default_rng(0).integers(0, 256, (args.frames, height, width, 3), dtype=np.uint8)
 
-    results = {"device": device_name(vlm.device), "dtype": str(vlm.dtype), "attn": vlm.network.attn_implementation,
-               "frames": args.frames}
-    results |= bench_preprocess(vlm, frames, args.repeats)
-    pixels = vlm.preprocess(frames)
-    encode = timed(lambda: vlm.encode_frames(pixels), vlm.device, args.repeats)
-    results["encode_fps"] = args.frames / encode
-    results |= bench_llm(vlm, vlm.encode_frames(pixels), args.new_tokens, args.repeats)
+def bench_decode(vlm: SlowFastVLM, args: argparse.Namespace) -> list[dict]:
+    features = random_features(vlm, args.window)
+    rows = []
+    for batch_size in args.batches:
+        queries = [VideoQuery(features=features, question=QUESTION)] * batch_size
+        row = {"batch": batch_size}
+        decoders = {"ours_eager": generation.Decoder(vlm.network)}
+        if vlm.decoder.compiled:
+            decoders["ours_compiled"] = vlm.decoder
+        for name, decoder in decoders.items():
+            row[name] = ours_step_ms(vlm, decoder, queries, args.new_tokens)
+        row["prompt_tokens"] = vlm._batch(queries[:1], 1).valid.shape[1]
+        rows.append(row)
+    return rows
+
+
+def bench_transformers(vlm: SlowFastVLM, args: argparse.Namespace, rows: list[dict]) -> None:
+    """transformers' Qwen2ForCausalLM with the same shapes, random weights, same prompt length."""
+    from transformers import Qwen2ForCausalLM
+
+    config = vlm.config.text_config("sdpa")
+    with torch.device(vlm.device):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(vlm.dtype)
+        try:
+            reference = Qwen2ForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(previous)
+    for row in rows:
+        ids = torch.randint(0, config.vocab_size, (row["batch"], row["prompt_tokens"]), device=vlm.device)
+        for name, extra in (("transformers_dynamic", {}), ("transformers_static", {"cache_implementation": "static"})):
+            clocks = []
+            for _ in range(2):  # the first call compiles (static cache on CUDA)
+                clocks.append(StepClock(vlm.device))
+                with torch.inference_mode():
+                    reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                       do_sample=False, pad_token_id=0, eos_token_id=None,
+                                       stopping_criteria=[clocks[-1]], **extra)
+            row[name] = clocks[-1].median_ms()
+    del reference
+    gc.collect()
     if vlm.device.type == "cuda":
-        results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(vlm.device) / 2**30
+        torch.cuda.empty_cache()
+
+
+def bench_tower(vlm: SlowFastVLM, args: argparse.Namespace) -> dict:
+    size = vlm.config.image_size
+    pixels = torch.randn(args.encode_batch * 2, 3, size, size, device=vlm.device, dtype=vlm.dtype)
+    out = {}
+    towers = {"eager": vlm.network.model.vision_tower}
+    if vlm.tower is not vlm.network.model.vision_tower:
+        towers["compiled"] = vlm.tower
+    for name, tower in towers.items():
+        with torch.inference_mode():
+            seconds = timed(lambda t=tower: vlm.network.encode_video_frames(pixels, args.encode_batch, t), vlm.device, args.repeats)
+        out[f"tower_fps_{name}"] = len(pixels) / seconds
+    return out
+
+
+def bench_windows(vlm: SlowFastVLM, args: argparse.Namespace) -> dict:
+    """Pipeline way: each window encodes only its `stride` new frames, windows batched.
+    Authors' way: each window encodes all its frames, one clip at a time, eager decode."""
+    size = vlm.config.image_size
+    ring = random_features(vlm, args.window)
+    new_pixels = {b: torch.randn(b * args.stride, 3, size, size, device=vlm.device, dtype=vlm.dtype) for b in args.batches}
+    settings = generation.SamplingSettings(max_new_tokens=args.new_tokens)
+    out, best = {}, 0.0
+    weights = sum(p.numel() * p.element_size() for p in vlm.network.parameters())
+
+    def pipeline_batch(batch_size: int) -> None:
+        new = vlm.encode_frames(new_pixels[batch_size]).view(batch_size, args.stride, *ring.shape[1:])
+        queries = [VideoQuery(features=torch.cat([ring[args.stride :], new[i]]), question=QUESTION) for i in range(batch_size)]
+        vlm.decoder.generate(vlm._batch(queries, args.new_tokens), settings, [])
+
+    for batch_size in args.batches:
+        if vlm.device.type == "cuda":  # only this batch size's cache counts towards its peak
+            vlm.decoder.release_buffers()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(vlm.device)
+        seconds = timed(lambda b=batch_size: pipeline_batch(b), vlm.device, args.repeats)
+        out[f"window_s_B{batch_size}"] = seconds
+        out[f"windows_per_s_B{batch_size}"] = batch_size / seconds
+        best = max(best, batch_size / seconds)
+        if vlm.device.type == "cuda":
+            activations = torch.cuda.max_memory_allocated(vlm.device) - weights
+            ring_bytes = ring.numel() * ring.element_size()
+            out[f"gpu_mib_per_stream_B{batch_size}"] = (activations / batch_size + ring_bytes) / 2**20
+
+    all_pixels = torch.randn(args.window, 3, size, size, device=vlm.device, dtype=vlm.dtype)
+    eager = generation.Decoder(vlm.network)
+
+    def authors_way() -> None:
+        features = vlm.network.encode_video_frames(all_pixels, args.encode_batch)  # eager tower, all frames
+        eager.generate(vlm._batch([VideoQuery(features=features, question=QUESTION)], args.new_tokens), settings, [])
+
+    authors = 1.0 / timed(authors_way, vlm.device, 1)
+    out["authors_way_windows_per_s"] = authors
+    out["best_windows_per_s_vs_authors"] = best / authors
+    out["live_streams_per_device"] = best * args.stride / args.fps
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--tiny", action="store_true", help="tiny random model, small batches and windows (default)")
+    size.add_argument("--full-size", action="store_true", help="7B architecture with random bf16 weights (GPU)")
+    size.add_argument("--model", help="checkpoint folder")
+    parser.add_argument("--device", default=None, help="default: cuda if available")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compiled decode step and tower (default: on CUDA only)")
+    parser.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                        help="batch sizes (default 1,8,32 full size; 1,2 tiny)")
+    parser.add_argument("--window", type=int, default=None, help="frames per window (default 64; 16 tiny)")
+    parser.add_argument("--stride", type=int, default=None, help="new frames per window (default 16; 4 tiny)")
+    parser.add_argument("--fps", type=float, default=4.0)
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per window (default 64; 16 tiny)")
+    parser.add_argument("--encode-batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=None, help="best of N (default 3; 1 tiny)")
+    parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
+    args = parser.parse_args(argv)
+    small = not (args.full_size or args.model)
+    defaults = {"batches": [1, 2] if small else [1, 8, 32], "window": 16 if small else 64, "stride": 4 if small else 16,
+                "new_tokens": 16 if small else 64, "repeats": 1 if small else 3}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    results: dict = {"device": device_name(device), "torch": torch.__version__}
+    if device.type == "cuda":
+        results |= bench_parity(args)
+    vlm = load(args, device)
+    results |= {"dtype": str(vlm.dtype), "compiled": vlm.decoder.compiled, "batches": args.batches,
+                "window": args.window, "stride": args.stride, "new_tokens": args.new_tokens}
+    warm_up_s = vlm.warm_up(args.window, args.new_tokens, max(args.batches))
+    results["warm_up_s"] = warm_up_s
+    decode_rows = bench_decode(vlm, args)
+    if not args.skip_transformers:
+        bench_transformers(vlm, args, decode_rows)
+    results |= bench_tower(vlm, args)
+    results |= bench_windows(vlm, args)
+    results["decode_ms_per_step"] = decode_rows
+    results["bench_s"] = time.perf_counter() - started
+
+    print(f"device: {results['device']}, torch {results['torch']}, {results['dtype']}, compiled={results['compiled']}, "
+          f"warm-up {warm_up_s:.1f} s")
+    columns = [c for c in ("ours_eager", "ours_compiled", "transformers_dynamic", "transformers_static") if c in decode_rows[0]]
+    print(f"decode ms/step, {decode_rows[0]['prompt_tokens']}-token prompt:")
+    print(f"{'batch':>7} " + " ".join(f"{c:>21}" for c in columns))
+    for row in decode_rows:
+        print(f"{row['batch']:>7} " + " ".join(f"{row[c]:>21.2f}" for c in columns))
+        ours = row.get("ours_compiled", row["ours_eager"])
+        for baseline in ("transformers_dynamic", "transformers_static"):
+            if baseline in row and ours > 0:
+                print(f"{'':>7} ours/{baseline}: {ours / row[baseline]:.2f}x the time")
     for key, value in results.items():
-        print(f"{key:>36}: {value:.2f}" if isinstance(value, float) else f"{key:>36}: {value}")
+        if key not in ("decode_ms_per_step",) and not isinstance(value, list):
+            print(f"{key:>36}: {value:.3f}" if isinstance(value, float) else f"{key:>36}: {value}")
     print(json.dumps(results))
 
 

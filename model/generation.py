@@ -319,6 +319,11 @@ class Decoder:
     def compiled(self) -> bool:
         return self.compiled_step is not None and self.compiled_step.active
 
+    def release_buffers(self) -> None:
+        """Drop the kept cache buffers (the next call of each size allocates again)."""
+        self._buffers.clear()
+        self._slow_buffers.clear()
+
     def _decode_buffers(self, rows: int, slots: int) -> DecodeBuffers:
         if (rows, slots) not in self._buffers:
             weight = self.network.model.embed_tokens.weight
