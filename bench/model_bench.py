@@ -11,6 +11,7 @@ Sections (ratios are ours / baseline, > 1 is better for rates, < 1 for times):
   compiled (CUDA graphs, the CUDA default) next to transformers' `Qwen2ForCausalLM` with the
   same shapes and random weights: `generate` with its dynamic cache and with
   `cache_implementation="static"` (which transformers compiles on CUDA);
+- preprocess frames/s (720p frames -> 576), against transformers' CLIPImageProcessor on PIL;
 - tower frames/s, eager and compiled (compiled on CUDA only);
 - per window (encode `stride` new frames per window + prefill + `new_tokens` tokens) at each
   batch size, against the authors' way (all window frames encoded, one clip at a time,
@@ -191,6 +192,26 @@ def bench_transformers(vlm: SlowFastVLM, args: argparse.Namespace, rows: list[di
         torch.cuda.empty_cache()
 
 
+def bench_preprocess(vlm: SlowFastVLM, args: argparse.Namespace) -> dict:
+    """Ours (torch, batched) against transformers' CLIPImageProcessor on PIL images."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from model.preprocess import CLIP_MEAN, CLIP_STD
+
+    frames = np.random.default_rng(0).integers(0, 256, (args.window, 720, 1280, 3), dtype=np.uint8)
+    size = vlm.config.image_size
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    )
+    ours = timed(lambda: vlm.preprocess(frames), vlm.device, args.repeats)
+    pil = timed(lambda: processor([Image.fromarray(f) for f in frames], return_tensors="pt"), vlm.device, 1)
+    return {"preprocess_fps": len(frames) / ours, "clip_processor_fps": len(frames) / pil,
+            "preprocess_vs_clip_processor": pil / ours}
+
+
 def bench_tower(vlm: SlowFastVLM, args: argparse.Namespace) -> dict:
     size = vlm.config.image_size
     pixels = torch.randn(args.encode_batch * 2, 3, size, size, device=vlm.device, dtype=vlm.dtype)
@@ -288,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     decode_rows = bench_decode(vlm, args)
     if not args.skip_transformers:
         bench_transformers(vlm, args, decode_rows)
+    results |= bench_preprocess(vlm, args)
     results |= bench_tower(vlm, args)
     results |= bench_windows(vlm, args)
     results["decode_ms_per_step"] = decode_rows

@@ -19,7 +19,12 @@ class CompiledOrEager:
     buffers in place with values that depend on the inputs alone.
     """
 
+    # Each batch/length bucket (and cross-attention on/off) is one compiled graph; past the
+    # default limit of 8 per function torch would silently run the rest uncompiled.
+    RECOMPILE_LIMIT = 64
+
     def __init__(self, function: Callable, what: str, mode: str | None = None, backend: str | Callable = "inductor"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, self.RECOMPILE_LIMIT)
         self.function = function
         self.what = what
         self.compiled: Callable | None = torch.compile(function, fullgraph=True, dynamic=False, mode=mode, backend=backend)
