@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "model_bench.py"
 
 
+@pytest.mark.slow
 def test_model_bench_small_mode_prints_ratios_against_baselines():
     args = ["--tiny", "--device", "cpu", "--batches", "1,2", "--window", "4", "--stride", "2", "--new-tokens", "3",
             "--encode-batch", "2"]
