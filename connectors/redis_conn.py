@@ -33,8 +33,10 @@ def connect(
     connect_timeout: float = SOCKET_TIMEOUT_S,
     health_check_interval: int = 30,
     client_name: str | None = None,
+    decode_responses: bool = True,
 ) -> redis.Redis:
-    """A redis-py client for `url`, returning str (not bytes) values.
+    """A redis-py client for `url`, returning str values (bytes with `decode_responses=False`,
+    for binary values such as pictures).
 
     Retries connection errors and timeouts `retries` times with exponential backoff and jitter
     (10 ms up to 1 s); a command the server refuses is never retried. `health_check_interval`
@@ -46,7 +48,7 @@ def connect(
         raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use redis://, rediss:// or unix://")
     return redis.Redis.from_url(
         url,
-        decode_responses=True,
+        decode_responses=decode_responses,
         # A producer may write any bytes; a decode error would make the entry unreadable and
         # block the intake on every retry, so bad bytes become U+FFFD and fail validation.
         encoding_errors="replace",

@@ -38,6 +38,12 @@ QUESTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,79}$")
 INTAKE_MAXLEN = 10_000
 MAX_QUESTION_CHARS = 2000
 MAX_MESSAGE_BYTES = 16 * 1024  # a raw question/control entry larger than this is refused
+# Pictures: the latest frame of each stream and a snapshot per event window, as JPEG bytes in
+# the `JPEG` field (binary: read it with a client that does not decode responses).
+JPEG = "jpeg"
+FRAME_MAX_SIDE = 576  # px of the longer side; the model's input size, so usually no resize
+FRAME_JPEG_QUALITY = 80
+SNAPSHOTS_MAXLEN = 500  # event snapshots kept per stream (XADD MAXLEN ~), about 50 KB each
 
 
 def check_stream_id(value: str) -> str:
@@ -97,8 +103,17 @@ class Keys:
         """Hash: ingest/processing status of the stream."""
         return f"{self.prefix}:{{{sid}}}:status"
 
+    def frame(self, sid: str) -> str:
+        """Hash: the newest window's last frame: `jpeg` (JPEG bytes), `data` (FrameInfo JSON)."""
+        return f"{self.prefix}:{{{sid}}}:frame"
+
+    def snapshots(self, sid: str) -> str:
+        """Stream: `jpeg` of an event's window, entry id = the window's entry id; capped."""
+        return f"{self.prefix}:{{{sid}}}:snapshots"
+
     def per_stream(self, sid: str) -> tuple[str, ...]:
-        return (self.captions(sid), self.answers(sid), self.events(sid), self.state(sid), self.status(sid))
+        return (self.captions(sid), self.answers(sid), self.events(sid), self.state(sid), self.status(sid),
+                self.frame(sid), self.snapshots(sid))
 
     @property
     def registry(self) -> str:
@@ -313,7 +328,26 @@ class Event(Model):
     start: float
     end: float
     wall_end: float
+    snapshot_key: str | None = Field(default=None, description="stream holding the window's JPEG")
+    snapshot_id: str | None = Field(default=None, description="its entry id in `snapshot_key`")
     created_at: float = Field(default_factory=now)
+
+
+class FrameInfo(Model):
+    """What the latest-frame picture (`sfs:{sid}:frame`) shows: the last frame of a window."""
+
+    stream: StreamId
+    window: int = Field(ge=0)
+    run: int = Field(ge=1)
+    time: float = Field(description="stream time of the frame, seconds")
+    wall_time: float = Field(description="wall-clock capture time of the frame, unix s")
+    width: int
+    height: int
+    created_at: float = Field(default_factory=now)
+
+    @property
+    def entry_id(self) -> str:
+        return window_entry_id(self.run, self.window)
 
 
 def _redact_values(value: Any) -> Any:

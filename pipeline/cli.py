@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
-from connectors.redis_schema import Caption, IngestState, NotificationKind, check_stream_id
+from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id
 
 from .config import ConfigError, PipelineConfig, StreamConfig, load_config
 from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
@@ -33,6 +34,42 @@ app.add_typer(streams_app, name="streams")
 console = Console()
 
 RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="SLOWFAST_REDIS_URL", help="Redis of the running pipeline")]
+WebAddress = Annotated[Optional[str], typer.Option("--web", help="serve the web page on HOST:PORT [default: 127.0.0.1:8080 or the next free port]")]
+NoWeb = Annotated[bool, typer.Option("--no-web", help="do not serve the web page")]
+WebToken = Annotated[Optional[str], typer.Option("--web-token", envvar="SLOWFAST_WEB_TOKEN", help="token the web page asks for (needed off loopback)")]
+
+
+def web_beside(address: Optional[str], no_web: bool, token: Optional[str]):
+    """The `beside` context of run_pipeline serving the web page, or None with --no-web.
+    Bad addresses and missing tokens fail here, before anything starts."""
+    from .web.server import WebError, check_token, parse_address, serving
+
+    if no_web:
+        return None
+    try:
+        if address is not None:
+            check_token(parse_address(address)[0], token)
+    except WebError as exc:
+        fail(str(exc))
+
+    @contextlib.contextmanager
+    def beside(redis_url: str) -> Iterator[None]:
+        with serving(redis_url, address, token) as server:
+            console.print(f"web page: {server.url}", markup=False, highlight=False)
+            beside.url = server.url
+            yield
+
+    beside.url = None
+    return beside
+
+
+def run_with_web(config: PipelineConfig, beside, **kwargs) -> dict[str, dict]:
+    from .web.server import WebError
+
+    try:
+        return run_pipeline(config, beside=beside, **kwargs)
+    except WebError as exc:
+        fail(str(exc))
 
 
 def parse_source_arg(value: str) -> tuple[str, str]:
@@ -133,6 +170,9 @@ def run(
     max_new_tokens: Annotated[Optional[int], typer.Option()] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Prometheus port of the local Ray (default 9464; 0: any)")] = None,
+    web: WebAddress = None,
+    no_web: NoWeb = False,
+    web_token: WebToken = None,
 ) -> None:
     """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
     try:
@@ -154,9 +194,10 @@ def run(
         fail(str(exc))
     if not config.streams:
         fail("no streams: give --source URI or streams in the config file")
+    beside = web_beside(web, no_web, web_token)
     try:
         with run_log(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
-            summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+            summaries = run_with_web(config, beside, stop=stop, on_event=console.print, on_caption=on_caption)
     except ConfigError as exc:
         fail(str(exc))
     print_summaries(summaries)
@@ -210,6 +251,46 @@ def tail(
             console.print(format_caption(caption), markup=False, highlight=False)
     for caption in follow_captions(redis_url, stream, threading.Event()):
         console.print(format_caption(caption), markup=False, highlight=False)
+
+
+def format_event(event: Event) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event.created_at))
+    p_yes = f" (P(yes)={event.probability:.2f})" if event.probability is not None else ""
+    return (f"{when} {event.stream} #{event.window} [{event.start:.2f}s-{event.end:.2f}s] "
+            f"{event.question} -> {event.text}{p_yes}  [{event.trigger}]")
+
+
+@app.command()
+def events(
+    redis_url: RedisUrl,
+    stream: Annotated[Optional[str], typer.Argument()] = None,
+    count: Annotated[int, typer.Option(help="print this many past events per stream first")] = 5,
+) -> None:
+    """Print standing-question events as they fire (all streams, or one)."""
+    client = SlowFastClient(redis_url)
+    new_events = client.follow_events(stream, stop=threading.Event())
+    past = [e for sid in ([stream] if stream else [s.id for s in client.streams()])
+            for e in (client.events(sid, count=count) if count > 0 else [])]
+    for event in itertools.chain(past, new_events):  # one line each, however long: made to grep
+        console.print(format_event(event), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def web(
+    redis_url: RedisUrl,
+    host: Annotated[str, typer.Option(help="address to listen on; not loopback needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8080,
+    token: Annotated[Optional[str], typer.Option(envvar="SLOWFAST_WEB_TOKEN", help="token the page asks for")] = None,
+) -> None:
+    """Serve the monitoring page of a running pipeline (reads and writes only its Redis)."""
+    from .web.server import WebError, WebServer
+
+    try:
+        server = WebServer(redis_url, host, port, token)
+    except (WebError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"web page: {server.url}  (Ctrl-C stops)", markup=False, highlight=False)
+    server.run()
 
 
 @app.command()
@@ -304,12 +385,17 @@ def demo(
         help="how long the live camera copy runs from its first frame (longer if the file copy is not done)")] = 30.0,
     window: Annotated[int, typer.Option(help="frames per window (16 so the camera fills one in 4 s)")] = 16,
     stride: Annotated[int, typer.Option()] = 8,
+    web: WebAddress = None,
+    no_web: NoWeb = False,
+    web_token: WebToken = None,
 ) -> None:
     """Generated clip -> tiny model -> embedded Redis: a file copy captioned to its end and a live
     looping copy for `--seconds` from its first frame."""
     from connectors.embedded import EmbeddedRedis
 
     from .demo_clip import write_clip
+
+    beside = web_beside(web, no_web, web_token)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as embedded:
         clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
         out = Path("out") / "demo"
@@ -323,8 +409,11 @@ def demo(
             with run_log(out / "slowfast.log"), stop_on_signals() as stop:
                 stop_demo(SlowFastClient(embedded.url), "camera", seconds, "file", stop)
                 with file_progress(config) as on_caption:
-                    summaries = run_pipeline(config, stop=stop, on_event=console.print, on_caption=on_caption)
+                    summaries = run_with_web(config, beside, stop=stop, on_event=console.print,
+                                             on_caption=on_caption)
         except ConfigError as exc:
             fail(str(exc))
         print_summaries(summaries)
         console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")
+        if beside is not None and beside.url:
+            console.print(f"web page (served while the demo ran): {beside.url}", markup=False, highlight=False)

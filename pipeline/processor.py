@@ -7,6 +7,7 @@ questions. Tasks of several streams' windows run in batched generate calls.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from model import SlowFastVLM, VideoQuery
 
 from .config import GenerationConfig, StandingQuestion, StreamConfig
 from .outputs import CaptionFiles
+from .pictures import window_picture
 from .window import FrameRef, Window
 
+log = logging.getLogger("slowfast.pipeline")
 FrameFetcher = Callable[[Sequence[FrameRef]], list[np.ndarray]]
 
 
@@ -135,7 +138,7 @@ class WindowProcessor:
                 text=caption_text if caption_text is not None else "", model=self.model_name,
                 prompt=state.config.caption_prompt if caption_text is not None else None, latency_s=latency,
             )
-            result = self.publisher.publish_window(caption, answers, events)
+            result = self.publisher.publish_window(caption, answers, events, frame=self._picture(window, caption))
             # A window re-sent after an ingest restart is a duplicate: it is in the files already.
             if state.files is not None and caption_text is not None and result != PublishResult.DUPLICATE:
                 state.files.write(caption)
@@ -185,6 +188,16 @@ class WindowProcessor:
                     start=window.start, end=window.end, wall_end=window.wall_end,
                 ))
         return answers, events
+
+    def _picture(self, window: Window, caption: Caption):
+        """The window's last frame as JPEG, or None if that frame is gone (e.g. its ingest actor
+        died after the frame was encoded): a window is never lost for want of its picture."""
+        try:
+            (image,) = self.fetch_frames(window.frames[-1:])
+        except Exception as exc:  # whatever the frame store raises: publish without a picture
+            log.warning("window %d of %s published without a picture: %s", window.seq, window.stream, exc)
+            return None
+        return window_picture(image, caption)
 
     # ---- ad-hoc questions ----------------------------------------------------------
     def answer(self, question: Question) -> Answer:

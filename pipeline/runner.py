@@ -369,15 +369,20 @@ def run_pipeline(
     stop: threading.Event | None = None,
     on_event: Callable[[str], None] = print,
     on_caption: Callable[[Caption], None] | None = None,
+    beside: Callable[[str], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, dict]:
-    """Run until every file is done and no live stream remains, or until `stop` is set."""
+    """Run until every file is done and no live stream remains, or until `stop` is set.
+
+    `beside(redis_url)`: a context (e.g. the web app) entered once Redis is up and left before
+    an embedded Redis stops."""
     stop = stop or threading.Event()
     if not ray.is_initialized():  # before anything starts: a busy port stops the run cleanly
         port, note = local_metrics_port(config)
         config = config.model_copy(update={"metrics_port": port})
         if note:
             on_event(note)
-    with tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url:
+    with (tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url,
+          beside(redis_url) if beside else contextlib.nullcontext()):
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()
         printer = None

@@ -1,0 +1,252 @@
+"""The web app's HTTP API on a real socket and a real Redis: data published through the
+contract (Publisher) or by the real pipeline, questions answered through the real intake."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from connectors.publisher import Publisher
+from connectors.redis_schema import FRAME_MAX_SIDE, IngestState, StreamInfo, StreamStatus
+from pipeline.cli import app as cli_app
+from pipeline.config import load_config
+from pipeline.outputs import CaptionFiles
+from pipeline.pictures import window_picture
+from pipeline.runner import run_pipeline
+from pipeline.web.server import WebServer, serving
+from tests.support.media import cfr_times, make_clip
+from tests.support.records import make_caption, make_event
+
+
+def picture(seed: int, size: int = 576) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def seed_stream(redis_url: str, windows: int, sid: str = "cam1", event_windows: tuple[int, ...] = ()) -> StreamInfo:
+    with Publisher(redis_url) as pub:
+        info = pub.register_stream(StreamInfo(id=sid, source="rtsp://viewer:secret@10.0.0.7/stream1"))
+        for w in range(windows):
+            caption = make_caption(w, stream=sid, run=info.run, latency_s=0.5)
+            events = [make_event(w, stream=sid, run=info.run)] if w in event_windows else []
+            pub.publish_window(caption, events=events, frame=window_picture(picture(w), caption))
+        pub.publish_status(StreamStatus(stream=sid, state=IngestState.LIVE, frames_in=4 * windows))
+    return info
+
+
+def test_streams_captions_events_and_pictures(redis_url, web_server):
+    info = seed_stream(redis_url, 5, event_windows=(3,))
+    api = httpx.Client(base_url=web_server.url, timeout=10)
+
+    (summary,) = api.get("/api/streams").json()
+    assert summary["id"] == "cam1" and summary["state"] == "live"
+    assert summary["source"] == "rtsp://viewer:***@10.0.0.7/stream1"  # credentials never shown
+    assert summary["caption"]["window"] == 4 and summary["frame"]["window"] == 4
+    assert [e["window"] for e in summary["events"]] == [3]  # the last hour's events
+
+    # Captions newest first, paged back with `before` and forward with `after`.
+    first = api.get("/api/streams/cam1/captions", params={"count": 2}).json()
+    assert [c["window"] for c in first] == [4, 3]
+    older = api.get("/api/streams/cam1/captions", params={"count": 2, "before": first[-1]["entry_id"]}).json()
+    assert [c["window"] for c in older] == [2, 1]
+    newer = api.get("/api/streams/cam1/captions", params={"after": older[-1]["entry_id"]}).json()
+    assert [c["window"] for c in newer] == [4, 3, 2]
+
+    # The latest frame is the last window's picture; the event keeps its own window's.
+    frame = api.get("/api/streams/cam1/frame.jpg")
+    assert frame.headers["content-type"] == "image/jpeg" and frame.headers["x-window"] == "4"
+    assert Image.open(io.BytesIO(frame.content)).size == (FRAME_MAX_SIDE, FRAME_MAX_SIDE)
+    (event,) = api.get("/api/streams/cam1/events").json()
+    assert event["snapshot_id"] == make_caption(3, run=info.run).entry_id
+    snapshot = api.get(event["snapshot_url"])
+    assert snapshot.content == window_picture(picture(3), make_caption(3, run=info.run))[1]
+    assert snapshot.content != frame.content
+
+    assert api.get("/api/streams/nope").status_code == 404
+    assert api.get("/api/streams/nope/frame.jpg").status_code == 404
+    assert api.get("/api/streams/bad%20id").status_code == 422
+    assert api.get("/openapi.json").json()["paths"]["/api/streams/{stream}/captions"]
+
+
+def test_downloads_are_the_pipeline_files_built_from_redis(redis_url, web_server, tmp_path):
+    info = seed_stream(redis_url, 4)
+    api = httpx.Client(base_url=web_server.url, timeout=10)
+    jsonl = api.get("/api/streams/cam1/captions.jsonl")
+    vtt = api.get("/api/streams/cam1/captions.vtt")
+    assert "attachment" in jsonl.headers["content-disposition"]
+    files = CaptionFiles(tmp_path, 0.25)  # what the pipeline writes for a file stream
+    for w in range(4):
+        files.write(make_caption(w, run=info.run, latency_s=0.5))
+    files.close()
+    assert jsonl.text == files.jsonl_path.read_text()
+    assert vtt.text == files.vtt_path.read_text()
+    assert [json.loads(line)["window"] for line in jsonl.text.splitlines()] == [0, 1, 2, 3]
+
+
+def test_questions_go_through_the_intake(redis_url, web_server, answerer):
+    seed_stream(redis_url, 1)
+    api = httpx.Client(base_url=web_server.url, timeout=30)
+    ok = api.post("/api/streams/cam1/questions", json={"text": "Is the door open?", "kind": "yesno"})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["text"] == "Yes: Is the door open?" and ok.json()["probability"] == 0.75
+
+    failed = api.post("/api/streams/cam1/questions", json={"text": "please fail"})
+    assert failed.status_code == 422 and failed.json()["detail"] == "model failure: out of memory"
+
+    too_long = api.post("/api/streams/cam1/questions", json={"text": "x" * 2001})
+    assert too_long.status_code == 422 and "2000" in too_long.text
+    assert api.post("/api/streams/cam1/questions", json={"text": ""}).status_code == 422
+    assert api.post("/api/streams/nope/questions", json={"text": "hi"}).status_code == 404
+    # A form post from another site (no JSON content type) is not a question.
+    assert api.post("/api/streams/cam1/questions", content="text=hi",
+                    headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 422
+
+
+def test_no_pipeline_answering_is_a_timeout_reply(redis_url, web_server):
+    seed_stream(redis_url, 1)
+    api = httpx.Client(base_url=web_server.url, timeout=30)
+    resp = api.post("/api/streams/cam1/questions", json={"text": "anyone?", "timeout_s": 0.5})
+    assert resp.status_code == 504 and "no answer within 0.5 s" in resp.json()["detail"]
+
+
+def test_token_required_off_loopback_and_host_checked_on_it(redis_url, web_server):
+    seed_stream(redis_url, 1)
+    # Loopback: no token, but only requests addressed to a loopback name (DNS rebinding).
+    assert httpx.get(web_server.url + "api/streams").status_code == 200
+    assert httpx.get(web_server.url + "api/streams", headers={"host": "evil.example"}).status_code == 400
+
+    with pytest.raises(ValueError, match="needs a token"):
+        WebServer(redis_url, "0.0.0.0", 0)
+    server = WebServer(redis_url, "0.0.0.0", 0, token="s3cret").start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(base + "/api/streams").status_code == 401
+        assert httpx.get(base + "/api/streams", headers={"x-slowfast-token": "wrong"}).status_code == 401
+        assert httpx.get(base + "/api/streams", headers={"authorization": "Bearer s3cret"}).status_code == 200
+        page = httpx.get(base + "/streams/cam1")
+        assert page.status_code == 303 and page.headers["location"] == "/login?next=/streams/cam1"
+        bad = httpx.post(base + "/login", data={"token": "nope", "next": "/"})
+        assert bad.status_code == 303 and "failed=1" in bad.headers["location"] and "set-cookie" not in bad.headers
+        good = httpx.post(base + "/login", data={"token": "s3cret", "next": "https://evil.example/"})
+        assert good.headers["location"] == "/"  # never redirects off the site
+        assert "httponly" in good.headers["set-cookie"].lower() and "samesite=strict" in good.headers["set-cookie"].lower()
+        assert httpx.get(base + "/api/streams", cookies=good.cookies).status_code == 200
+        assert "access-control-allow-origin" not in httpx.get(
+            base + "/api/streams", headers={"origin": "https://evil.example", "x-slowfast-token": "s3cret"}).headers
+    finally:
+        server.stop()
+
+    result = CliRunner().invoke(cli_app, ["web", "--redis-url", redis_url, "--host", "0.0.0.0"], env={"SLOWFAST_WEB_TOKEN": ""})
+    assert result.exit_code == 2 and "needs a token" in result.output and "Traceback" not in result.output
+
+
+def test_events_command_follows_events(redis_url):
+    info = seed_stream(redis_url, 2, event_windows=(1,))
+    slowfast = str(Path(sys.executable).parent / "slowfast")
+    proc = subprocess.Popen([slowfast, "events", "--redis-url", redis_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "cam1 #1" in proc.stdout.readline()  # the past event first
+        time.sleep(1.0)  # let it subscribe (a nudge before that is only pushed, not stored)
+        with Publisher(redis_url) as pub:
+            caption = make_caption(2, run=info.run)
+            pub.publish_window(caption, events=[make_event(2, run=info.run, text="Yes, a <b>van</b>")])
+        line = proc.stdout.readline()
+        assert "cam1 #2" in line and "anyone? -> Yes, a <b>van</b>" in line and "P(yes)=0.90" in line
+        seed_stream(redis_url, 1, sid="cam2", event_windows=(0,))  # a stream that appears later
+        assert "cam2 #0" in proc.stdout.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_real_pipeline_publishes_pictures_the_page_serves(ray_session, redis_url, tiny_model_dir, tmp_path):
+    clip = make_clip(tmp_path / "yard.mp4", cfr_times(8, 4.0)).path
+    config = load_config(None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path / "out", window=8,
+                         stride=4, fps=4.0, streams=[{"id": "yard", "source": str(clip)}],
+                         generation={"max_new_tokens": 4})
+    run_pipeline(config, beside=lambda url: serving(url, "127.0.0.1:0"))
+    server = WebServer(redis_url, "127.0.0.1", 0).start()
+    try:
+        api = httpx.Client(base_url=server.url, timeout=10)
+        summary = api.get("/api/streams/yard").json()
+        assert summary["state"] == "ended" and summary["frame"]["window"] == summary["caption"]["window"]
+        jpeg = Image.open(io.BytesIO(api.get("/api/streams/yard/frame.jpg").content))
+        assert jpeg.format == "JPEG" and jpeg.size == (576, 576)
+        # The downloads equal the files the pipeline itself wrote.
+        for name in ("captions.jsonl", "captions.vtt"):
+            assert api.get(f"/api/streams/yard/{name}").text == (tmp_path / "out" / "yard" / name).read_text()
+    finally:
+        server.stop()
+
+
+def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
+    from connectors.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as redis:
+        seed_stream(redis.url, 1)
+        server = WebServer(redis.url, "127.0.0.1", 0).start()
+        try:
+            api = httpx.Client(base_url=server.url, timeout=30)
+            assert api.get("/api/streams").status_code == 200
+            redis.stop()
+            down = api.get("/api/streams")
+            assert down.status_code == 503 and down.json()["detail"].startswith("Redis unreachable")
+            assert api.get("/api/streams/cam1/frame.jpg").status_code == 503
+            redis.start()  # same port, empty data: the app serves again without a restart
+            assert api.get("/api/streams").status_code == 200
+        finally:
+            server.stop()
+
+
+def test_an_older_window_never_replaces_the_newer_picture(redis_url):
+    from connectors.client import SlowFastClient
+    from connectors.publisher import PublishResult
+
+    with Publisher(redis_url) as pub, SlowFastClient(redis_url) as client:
+        info = pub.register_stream(StreamInfo(id="cam1", source="/data/a.mp4"))
+        newer, older = make_caption(2, run=info.run), make_caption(1, run=info.run)
+        assert pub.publish_window(newer, frame=window_picture(picture(2), newer)) == PublishResult.PUBLISHED
+        late = pub.publish_window(older, events=[make_event(1, run=info.run)], frame=window_picture(picture(1), older))
+        assert late == PublishResult.OUT_OF_ORDER
+        frame_info, jpeg = client.frame("cam1")
+        assert frame_info.window == 2 and jpeg == window_picture(picture(2), newer)[1]
+        # An event that did get in (its stream had nothing newer) keeps its own window's picture.
+        for event in client.events("cam1"):
+            assert client.snapshot("cam1", event.snapshot_id) == window_picture(picture(1), older)[1]
+
+
+def test_slowfast_web_stops_cleanly_on_ctrl_c_and_names_a_taken_port(redis_url):
+    import signal
+    import socket
+
+    slowfast = str(Path(sys.executable).parent / "slowfast")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([slowfast, "web", "--redis-url", redis_url, "--port", str(port)],
+                                 capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and refused.stderr == ""
+    assert refused.stdout.strip() == f"error: cannot serve the web page on 127.0.0.1, port {port}: Address already in use"
+
+    proc = subprocess.Popen([slowfast, "web", "--redis-url", redis_url, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = proc.stdout.readline().split()[2]
+        with httpx.stream("GET", url + "api/updates", timeout=30) as updates:  # an open update stream
+            next(updates.iter_lines())
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        proc.kill()

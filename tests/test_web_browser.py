@@ -1,0 +1,239 @@
+"""The pages in headless Chromium (Debian's, driven by Playwright) against a real Redis and web
+server: live updates, the reconnecting badge, the ask box, escaping, the token, screenshots."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from connectors.publisher import Publisher
+from connectors.redis_schema import Answer, AnswerKind, IngestState, StreamInfo, StreamStatus
+from pipeline.pictures import window_picture
+from pipeline.web.server import WebServer
+from tests.support.records import make_caption, make_event
+
+OUT = Path(__file__).resolve().parents[1] / "out" / "web"
+SHOWN_WITHIN_MS = 5000  # a caption must be on / within 5 s of its publication
+
+# Records when each caption text first appears on the page (Date.now(), same clock as Python).
+WATCH_CAPTIONS = """
+window.__shown = {};
+new MutationObserver(() => {
+  for (const node of document.querySelectorAll('.caption')) {
+    const text = node.textContent;
+    if (!(text in window.__shown)) window.__shown[text] = Date.now();
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+def scene(seed: int) -> np.ndarray:
+    """A calm picture (gradient and a block) rather than noise, so screenshots look like frames."""
+    y, x = np.mgrid[0:576, 0:576]
+    image = np.stack([(x * 0.3 + seed * 20) % 256, (y * 0.35 + 40) % 256, np.full_like(x, 90 + seed * 10)], -1)
+    image[200 + seed * 10:330, 150 + seed * 30:300 + seed * 30] = (220, 200, 60)
+    return image.astype(np.uint8)
+
+
+class Camera:
+    """Publishes a stream through the contract as the pipeline does."""
+
+    def __init__(self, redis_url: str, sid: str, source: str = "rtsp://viewer:secret@10.0.0.7/stream1") -> None:
+        self.pub = Publisher(redis_url)
+        self.sid = sid
+        self.info = self.pub.register_stream(StreamInfo(id=sid, source=source))
+        self.window = 0
+
+    def caption(self, text: str, events: int = 0) -> float:
+        now = time.time()
+        caption = make_caption(self.window, stream=self.sid, run=self.info.run, text=text, latency_s=0.8,
+                               wall_start=now - 15.75, wall_end=now)
+        evs = [make_event(self.window, stream=self.sid, run=self.info.run, question="Is a vehicle at the gate?",
+                          text="Yes, a white van.") for _ in range(events)]
+        standing = [Answer(question_id="vehicle", stream=self.sid, question="Is a vehicle at the gate?",
+                           kind=AnswerKind.STANDING, window=self.window, start=caption.start, end=caption.end,
+                           text="Yes, a white van." if events else "No.", probability=0.93 if events else 0.04)]
+        published_at = time.time()
+        self.pub.publish_window(caption, standing, evs, frame=window_picture(scene(self.window % 5), caption))
+        self.window += 1
+        return published_at
+
+    def status(self, state: IngestState, error: str | None = None) -> None:
+        self.pub.publish_status(StreamStatus(stream=self.sid, state=state, last_error=error,
+                                             frames_in=40 * self.window, windows_done=self.window))
+
+    def close(self) -> None:
+        self.pub.close()
+
+
+@pytest.fixture
+def page(browser, web_server):
+    # bypass_csp: the escaping must hold by itself (the CSP header is a second line of defence).
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.errors = errors
+    yield page
+    context.close()
+
+
+def open_grid(page, web_server) -> None:
+    page.add_init_script(WATCH_CAPTIONS)
+    page.goto(web_server.url)
+    page.wait_for_selector("#conn:text('live updates')", timeout=15000)
+
+
+def test_captions_show_within_5_s_and_state_changes_follow(page, web_server, redis_url):
+    cam = Camera(redis_url, "gate")
+    cam.status(IngestState.LIVE)
+    cam.caption("first caption")
+    open_grid(page, web_server)
+    page.wait_for_selector(".card[data-stream='gate'] .caption:text('first caption')", timeout=15000)
+
+    delays = []
+    for i in range(5):
+        text = f"a white van stops at the gate ({i})"
+        published_at = cam.caption(text)
+        page.wait_for_function(f"window.__shown[{text!r}] !== undefined", timeout=15000)
+        delays.append(page.evaluate(f"window.__shown[{text!r}]") / 1000 - published_at)
+    print(f"\nRedis -> screen: median {statistics.median(delays) * 1000:.0f} ms, "
+          f"max {max(delays) * 1000:.0f} ms over {len(delays)} captions")
+    assert max(delays) * 1000 < SHOWN_WITHIN_MS, delays
+
+    # The camera drops: the badge turns to reconnecting with the reason, then back to live.
+    published_at = time.time()
+    cam.status(IngestState.RECONNECTING, "connection lost: rtsp://viewer:***@10.0.0.7/stream1 (timeout)")
+    card = page.locator(".card[data-stream='gate']")
+    card.locator(".badge:text-is('reconnecting')").wait_for(timeout=5000)
+    print(f"state change -> screen: {(time.time() - published_at) * 1000:.0f} ms (as seen by the test, an upper bound)")
+    assert "connection lost" in card.locator(".error").text_content()
+    cam.status(IngestState.LIVE)
+    card.locator(".badge:text-is('live')").wait_for(timeout=5000)
+
+    # An event highlights the card within 2 s of its publication.
+    assert "alert" not in card.get_attribute("class")
+    published_at = cam.caption("a person walks to the gate", events=1)
+    page.wait_for_selector(".card.alert[data-stream='gate']", timeout=5000)
+    print(f"event -> screen: {(time.time() - published_at) * 1000:.0f} ms (upper bound)")
+    assert "Is a vehicle at the gate? → Yes, a white van." in card.locator(".events").text_content()
+    assert page.errors == []
+    cam.close()
+
+
+def test_model_output_is_shown_as_text_and_never_runs(page, web_server, redis_url):
+    cam = Camera(redis_url, "lobby")
+    cam.status(IngestState.LIVE)
+    hostile = ['<script>window.__pwned = 1</script>', '<img src=x onerror="window.__pwned = 2">']
+    for text in hostile:
+        cam.caption(text, events=0)
+    open_grid(page, web_server)
+    page.wait_for_selector(".card[data-stream='lobby']", timeout=15000)
+    assert page.locator(".card[data-stream='lobby'] .caption").text_content() == hostile[1]
+    assert page.locator(".card[data-stream='lobby'] .caption img").count() == 0
+
+    page.goto(web_server.url + "streams/lobby")
+    page.wait_for_selector(".timeline li", timeout=15000)
+    timeline = page.locator(".timeline").text_content()
+    assert hostile[0] in timeline and hostile[1] in timeline
+    assert page.locator("main script, main img[src='x']").count() == 0
+    assert page.evaluate("window.__pwned") is None
+    assert page.errors == []
+    cam.close()
+
+
+def test_asking_a_question_shows_the_answer_or_the_error(page, web_server, redis_url, answerer):
+    cam = Camera(redis_url, "dock")
+    cam.status(IngestState.LIVE)
+    cam.caption("a forklift moves pallets")
+    page.goto(web_server.url + "streams/dock")
+    page.wait_for_selector(".timeline li", timeout=15000)
+
+    page.fill("#question", "Is the <b>door</b> open?")
+    page.select_option("#kind", "yesno")
+    page.click("#ask-button")
+    page.wait_for_selector("#reply .answer", timeout=30000)
+    assert page.locator("#reply .answer").text_content() == "Yes: Is the <b>door</b> open?  P(yes) = 0.75"
+
+    page.fill("#question", "please fail")
+    page.click("#ask-button")
+    page.wait_for_selector("#reply.err", timeout=30000)
+    assert page.locator("#reply").text_content() == "model failure: out of memory"
+    assert page.errors == []
+    cam.close()
+
+
+def test_off_loopback_the_page_needs_the_token(browser, redis_url):
+    Camera(redis_url, "yard").status(IngestState.LIVE)
+    server = WebServer(redis_url, "0.0.0.0", 0, token="s3cret").start()
+    context = browser.new_context(bypass_csp=True)
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.port}/streams/yard")
+        assert "/login" in page.url and page.locator(".card").count() == 0
+        assert page.evaluate("fetch('/api/streams').then(r => r.status)") == 401
+        page.fill("#token", "wrong")
+        page.click("button[type=submit]")
+        page.wait_for_selector("#failed:visible")
+        page.fill("#token", "s3cret")
+        page.click("button[type=submit]")
+        page.wait_for_url(f"http://127.0.0.1:{server.port}/streams/yard")
+        page.wait_for_selector("#badge .badge:text-is('live')", timeout=15000)
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_screenshots_for_a_person_to_look_at(browser, web_server, redis_url):
+    cams = {sid: Camera(redis_url, sid, source) for sid, source in
+            [("loading-bay", "rtsp://viewer:secret@10.0.0.21/stream1"), ("lobby", "rtsp://10.0.0.22/main"),
+             ("archive", "/data/videos/2026-11-20.mp4")]}
+    texts = {"loading-bay": ["A forklift carries a pallet past two workers.", "A white van backs up to door 3."],
+             "lobby": ["An empty lobby; the revolving door turns slowly.", "Two visitors sign in at the desk."],
+             "archive": ["A delivery truck leaves the yard.", "The yard is empty."]}
+    for sid, cam in cams.items():
+        for text in texts[sid]:
+            cam.caption(text, events=1 if sid == "loading-bay" and "van" in text else 0)
+    cams["loading-bay"].status(IngestState.LIVE)
+    cams["lobby"].status(IngestState.RECONNECTING, "connection lost: rtsp://10.0.0.22/main (read timeout)")
+    cams["archive"].status(IngestState.ENDED)
+    OUT.mkdir(parents=True, exist_ok=True)
+    shots = {"grid-1280.png": ("", 1280, 800), "grid-phone.png": ("", 390, 844),
+             "stream-1280.png": ("streams/loading-bay", 1280, 1000), "stream-phone.png": ("streams/loading-bay", 390, 844)}
+    for name, (path, width, height) in shots.items():
+        context = browser.new_context(viewport={"width": width, "height": height}, bypass_csp=True)
+        page = context.new_page()
+        page.goto(web_server.url + path)
+        page.wait_for_selector(".picture img:visible", timeout=15000)
+        page.wait_for_function("[...document.images].every(i => i.complete)")
+        page.screenshot(path=str(OUT / name), full_page=True)
+        context.close()
+    assert all((OUT / name).stat().st_size > 10_000 for name in shots)
+    for cam in cams.values():
+        cam.close()
+
+
+def test_stream_page_timeline_pages_back_and_follows_live_without_duplicates(page, web_server, redis_url):
+    cam = Camera(redis_url, "yard")
+    cam.status(IngestState.LIVE)
+    for i in range(35):
+        cam.caption(f"caption {i}")
+    page.goto(web_server.url + "streams/yard")
+    page.wait_for_selector(".timeline li", timeout=15000)
+    assert page.locator(".timeline li").count() == 30  # one page, newest first
+    page.click("#older")
+    page.wait_for_function("document.querySelectorAll('.timeline li').length === 35", timeout=15000)
+    assert page.locator("#older").is_hidden()
+
+    for i in range(35, 45):  # a burst: many updates while fetches are in flight
+        cam.caption(f"caption {i}")
+    page.wait_for_selector(".timeline li:first-child:has-text('caption 44')", timeout=15000)
+    page.wait_for_timeout(1500)  # let any late duplicate show up
+    windows = [int(t.split(" ")[0].lstrip("#")) for t in page.locator(".timeline .range").all_text_contents()]
+    assert windows == list(range(44, -1, -1))
+    assert page.errors == []
+    cam.close()
