@@ -237,3 +237,19 @@ def test_stream_page_timeline_pages_back_and_follows_live_without_duplicates(pag
     assert windows == list(range(44, -1, -1))
     assert page.errors == []
     cam.close()
+
+
+def test_a_failed_window_and_a_silent_pipeline_are_said_plainly(page, web_server, redis_url):
+    cam = Camera(redis_url, "dock")
+    failed = make_caption(0, stream="dock", run=cam.info.run, text="", error="RuntimeError: CUDA out of memory")
+    cam.pub.publish_window(failed)
+    # The last status came a minute ago: the pipeline stopped refreshing it.
+    cam.pub.publish_status(StreamStatus(stream="dock", state=IngestState.LIVE, updated_at=time.time() - 60))
+    open_grid(page, web_server)
+    card = page.locator(".card[data-stream='dock']")
+    card.locator(".caption:text('model failed on this window: RuntimeError: CUDA out of memory')").wait_for(timeout=15000)
+    card.locator(".error:text('is the pipeline running?')").wait_for(timeout=5000)
+    cam.status(IngestState.LIVE)  # fresh again: the warning goes
+    card.locator(".error").wait_for(state="hidden", timeout=5000)
+    assert page.errors == []
+    cam.close()

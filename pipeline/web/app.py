@@ -31,6 +31,7 @@ from connectors.redis_conn import UNREACHABLE
 from connectors.redis_schema import (
     DEFAULT_KEYS,
     MAX_QUESTION_CHARS,
+    STATUS_INTERVAL_S,
     STREAM_ID_RE,
     Caption,
     Keys,
@@ -50,6 +51,7 @@ TOKEN_HEADER = "x-slowfast-token"
 EVENT_WINDOW_S = 3600.0  # "recent" events: the last hour
 RESYNC_S = 5.0  # full re-read of every stream by the update thread (not by browsers)
 KEEPALIVE_S = 15.0
+STALE_AFTER_INTERVALS = 10
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # Scripts, styles and pictures from this server only: even a caption that slipped into HTML
 # could not run inline script or load anything from elsewhere.
@@ -102,6 +104,9 @@ def stream_summary(client: SlowFastClient, info: StreamInfo) -> dict:
         "frame": None if frame is None else frame.model_dump(mode="json") | {
             "entry_id": frame.entry_id, "url": f"/api/streams/{sid}/frame.jpg?w={frame.entry_id}"},
         "events": [event_json(sid, eid, e) for eid, e in recent],
+        # A running stream's status is re-published every STATUS_INTERVAL_S: much older means
+        # the pipeline itself is gone, whatever the last state says.
+        "stale_after_s": STALE_AFTER_INTERVALS * STATUS_INTERVAL_S,
     }
 
 

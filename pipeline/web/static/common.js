@@ -78,3 +78,18 @@ function eventLine(ev) {
   li.append(document.createTextNode(`${ev.question} → ${ev.text}${p}`));
   return li;
 }
+
+// A running stream's status is refreshed every second; a much older one means the pipeline
+// (or its link to Redis) is gone.
+function staleness(summary) {
+  const st = summary.status;
+  if (!st || ["ended", "failed", "stopped"].includes(summary.state)) return "";
+  const age = Date.now() / 1000 - st.updated_at;
+  return age > summary.stale_after_s ? `no status update for ${Math.round(age)} s: is the pipeline running?` : "";
+}
+
+function captionText(c) {
+  if (!c) return "waiting for the first caption…";
+  if (c.error) return `model failed on this window: ${c.error}`;
+  return c.text || "(window without a caption)";
+}

@@ -45,20 +45,13 @@ function render(summary) {
   card.summary = summary;
   const p = card.parts;
   p.badgeSlot.replaceChildren(badge(summary.state));
-  p.error.textContent = summary.last_error || "";
-  p.error.hidden = !summary.last_error;
   if (summary.frame) {
     if (p.img.dataset.src !== summary.frame.url) { p.img.src = summary.frame.url; p.img.dataset.src = summary.frame.url; }
     p.img.hidden = false; p.nopic.hidden = true; p.stamp.hidden = false;
   }
   const c = summary.caption;
-  if (c && c.text) {
-    p.caption.textContent = c.text;
-    p.caption.classList.remove("none");
-  } else {
-    p.caption.textContent = c ? "(window without a caption)" : "waiting for the first caption…";
-    p.caption.classList.add("none");
-  }
+  p.caption.textContent = captionText(c);
+  p.caption.classList.toggle("none", !(c && c.text && !c.error));
   p.caption.dataset.entry = c ? c.entry_id : "";
   const recent = summary.events || [];
   card.root.classList.toggle("alert", recent.length > 0);
@@ -72,6 +65,9 @@ function render(summary) {
 // Relative times ("12 s ago") move on by themselves; the data only changes on updates.
 function tick(card) {
   const s = card.summary, c = s.caption, p = card.parts;
+  const problem = [staleness(s), s.last_error].filter(Boolean).join(" · ");
+  p.error.textContent = problem;
+  p.error.hidden = !problem;
   p.meta.textContent = c
     ? `${c.start.toFixed(1)}–${c.end.toFixed(1)} s · latency ${secs(c.latency_s)} · ${ago(c.created_at)}`
     : "";

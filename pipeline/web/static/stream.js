@@ -19,7 +19,7 @@ function captionItem(c) {
   const li = el("li");
   li.dataset.entry = c.entry_id;
   li.append(el("span", "range", `#${c.window} · ${c.start.toFixed(1)}–${c.end.toFixed(1)} s · ${clock(c.wall_end)} · latency ${secs(c.latency_s)}`));
-  li.append(el("span", c.text ? "" : "meta", c.text || "(no caption)"));
+  li.append(el("span", c.error ? "error" : (c.text ? "" : "meta"), c.error ? captionText(c) : (c.text || "(no caption)")));
   return li;
 }
 
@@ -44,17 +44,17 @@ function showSummary(s) {
   current = s;
   $("badge").replaceChildren(badge(s.state));
   $("source").textContent = s.source;
-  $("last-error").textContent = s.last_error || "";
-  $("last-error").hidden = !s.last_error;
   if (s.frame) {
     const img = $("frame");
     if (img.dataset.src !== s.frame.url) { img.src = s.frame.url; img.dataset.src = s.frame.url; }
     img.hidden = false; $("nopic").hidden = true; $("stamp").hidden = false;
   }
   const c = s.caption;
-  $("latest").textContent = c ? (c.text || "(no caption)") : "waiting for the first caption…";
+  $("latest").textContent = captionText(c);
   const st = s.status || {};
-  const stats = [["frames in", st.frames_in], ["windows done", st.windows_done], ["skipped", st.windows_skipped],
+  const rate = (v) => (v === undefined ? "–" : `${Number(v).toFixed(1)}/s`);
+  const stats = [["frames in", st.frames_in], ["fps in", rate(st.fps_in)], ["fps out", rate(st.fps_out)],
+                 ["windows done", st.windows_done], ["skipped", st.windows_skipped], ["failed", st.windows_failed],
                  ["lag", secs(st.lag_s)], ["latency", secs(st.latency_s)], ["reconnects", st.reconnects],
                  ["dropped offline", st.offline_dropped]];
   $("stats").replaceChildren(...stats.map(([label, value]) => {
@@ -65,6 +65,9 @@ function showSummary(s) {
 
 function tick() {
   if (!current) return;
+  const problem = [staleness(current), current.last_error].filter(Boolean).join(" · ");
+  $("last-error").textContent = problem;
+  $("last-error").hidden = !problem;
   const c = current.caption;
   $("latest-meta").textContent = c ? `${c.start.toFixed(1)}–${c.end.toFixed(1)} s · latency ${secs(c.latency_s)} · ${ago(c.created_at)}` : "";
   if (current.frame) $("stamp").textContent = `window ${current.frame.window} · ${clock(current.frame.wall_time)}`;
