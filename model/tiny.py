@@ -77,17 +77,18 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def _write_tokenizer(folder: Path) -> dict[str, int]:
+def write_tokenizer(folder: Path, corpus: list[str] = _CORPUS, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> dict[str, int]:
+    """A byte-level BPE tokenizer trained on `corpus`, saved as a Qwen2 folder ships it."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.save(str(folder / "tokenizer.json"))
     tokenizer.model.save(str(folder))  # vocab.json + merges.txt, as Qwen2 folders ship them
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
@@ -157,22 +158,11 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, shards: int = 2) 
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a tiny random checkpoint folder; `overrides` replace config.json fields."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    token_ids = _write_tokenizer(folder)
-    config_dict = TINY_CONFIG | {
-        "vocab_size": token_ids["vocab_size"],
-        "bos_token_id": token_ids["<|endoftext|>"],
-        "eos_token_id": token_ids["<|im_end|>"],
-    } | overrides
-    config = SlowFastConfig.from_source(config_dict)
-    torch.manual_seed(seed)
-    network = SlowFastForCausalLM(config)
-    _randomize(network, seed)
-    state = network.state_dict() | _classifier_head(config.vision_config.dims[-1], seed)
-    save_sharded(state, folder)
+def write_checkpoint(folder: Path, network: SlowFastForCausalLM, config_dict: dict[str, Any], token_ids: dict[str, int],
+                     extra_tensors: dict[str, torch.Tensor] | None = None, shards: int = 2) -> Path:
+    """config.json, generation_config.json and safetensors shards of `network` in `folder`."""
+    state = {name: tensor.detach() for name, tensor in network.state_dict().items()} | (extra_tensors or {})
+    save_sharded(state, folder, shards)
     (folder / "config.json").write_text(json.dumps(config_dict, indent=2))
     generation_config = {
         "bos_token_id": token_ids["<|endoftext|>"],
@@ -181,6 +171,29 @@ def write_tiny_model(folder: str | Path, seed: int = 0, **overrides: Any) -> Pat
     }
     (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     return folder
+
+
+def config_with_tokens(base: dict[str, Any], token_ids: dict[str, int], **overrides: Any) -> dict[str, Any]:
+    """config.json fields: `base`, the tokenizer's vocabulary size and special ids, `overrides`."""
+    return base | {
+        "vocab_size": token_ids["vocab_size"],
+        "bos_token_id": token_ids["<|endoftext|>"],
+        "eos_token_id": token_ids["<|im_end|>"],
+    } | overrides
+
+
+def write_tiny_model(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a tiny random checkpoint folder; `overrides` replace config.json fields."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    token_ids = write_tokenizer(folder)
+    config_dict = config_with_tokens(TINY_CONFIG, token_ids, **overrides)
+    config = SlowFastConfig.from_source(config_dict)
+    torch.manual_seed(seed)
+    network = SlowFastForCausalLM(config)
+    _randomize(network, seed)
+    return write_checkpoint(folder, network, config_dict, token_ids,
+                            extra_tensors=_classifier_head(config.vision_config.dims[-1], seed))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from rich.table import Table
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id
 
-from .config import ConfigError, PipelineConfig, StreamConfig, load_config
+from .config import ConfigError, PipelineConfig, StandingQuestion, StreamConfig, load_config
 from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
 from .window import expected_windows
 
@@ -383,8 +383,8 @@ def demo(
     model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
     seconds: Annotated[float, typer.Option(
         help="how long the live camera copy runs from its first frame (longer if the file copy is not done)")] = 30.0,
-    window: Annotated[int, typer.Option(help="frames per window (16 so the camera fills one in 4 s)")] = 16,
-    stride: Annotated[int, typer.Option()] = 8,
+    window: Annotated[int, typer.Option(help="frames per window (16: one 4 s scene at 4 fps)")] = 16,
+    stride: Annotated[int, typer.Option()] = 16,
     web: WebAddress = None,
     no_web: NoWeb = False,
     web_token: WebToken = None,
@@ -393,18 +393,22 @@ def demo(
     looping copy for `--seconds` from its first frame."""
     from connectors.embedded import EmbeddedRedis
 
-    from .demo_clip import write_clip
+    from .demo_clip import RED_CIRCLE_SCENES, demo_scenes, write_clip
 
     beside = web_beside(web, no_web, web_token)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as embedded:
-        clip = write_clip(Path(tmp) / "clip.mp4", seconds=24)
+        scenes = demo_scenes()
+        clip = write_clip(Path(tmp) / "clip.mp4", scenes)
+        question = StandingQuestion(id="red-circle", prompt="Is there a red circle?", trigger={"p_yes_above": 0.5})
         out = Path("out") / "demo"
         config = load_config(
             None, model=model, out_dir=out, window=window, stride=stride, redis_url=embedded.url,
-            streams=[StreamConfig(id="file", source=str(clip), live=False),
+            streams=[StreamConfig(id="file", source=str(clip), live=False, standing_questions=[question]),
                      StreamConfig(id="camera", source=f"loop://{clip}", live=True)],
             generation={"max_new_tokens": 16},
         )
+        for index, scene in enumerate(scenes):
+            console.print(f"scene {index} on screen: {scene.caption}", markup=False, highlight=False)
         try:
             with run_log(out / "slowfast.log"), stop_on_signals() as stop:
                 stop_demo(SlowFastClient(embedded.url), "camera", seconds, "file", stop)
@@ -414,6 +418,9 @@ def demo(
         except ConfigError as exc:
             fail(str(exc))
         print_summaries(summaries)
+        fired = sorted(event.window for event in SlowFastClient(embedded.url).events("file"))
+        console.print(f"'{question.prompt}' fired on file windows {fired}; a red circle is on screen in "
+                      f"scenes {list(RED_CIRCLE_SCENES)} (with --window 16 --stride 16 window i is scene i)")
         console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")
         if beside is not None and beside.url:
             console.print(f"web page (served while the demo ran): {beside.url}", markup=False, highlight=False)

@@ -1,26 +1,31 @@
-"""A synthetic clip for `slowfast demo` (no file needed, nothing downloaded)."""
+"""The clip of `slowfast demo`: scenes of the synthetic world the shipped small model knows."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
 
+from model.synthetic_world import Scene, random_scene, write_scene_file
 
-def write_clip(path: Path, seconds: float = 24.0, fps: int = 24, size: tuple[int, int] = (640, 360)) -> Path:
-    """A synthetic H.264 clip: a moving bright square over a slowly shifting gradient."""
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width]
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for index in range(int(seconds * fps)):
-            image = np.stack([(x + 3 * index) % 256, (y + index) % 256, np.full_like(x, 96)], -1).astype(np.uint8)
-            left = (index * 7) % (width - 80)
-            image[140:220, left : left + 80] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+SCENE_SECONDS = 4.0  # one 16-frame window at 4 fps
+DEMO_SEED = 2026
+RED_CIRCLE = ("red", "circle")
+RED_CIRCLE_SCENES = (1, 3, 4)  # scenes where the standing question should fire
+
+
+def demo_scenes(count: int = 6, seed: int = DEMO_SEED, red_circle_in: tuple[int, ...] = RED_CIRCLE_SCENES) -> list[Scene]:
+    """Fixed random scenes; a red circle appears in the scenes `red_circle_in` and nowhere else."""
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for index in range(count):
+        while True:
+            scene = random_scene(rng)
+            if scene.has(*RED_CIRCLE) == (index in red_circle_in):
+                break
+        scenes.append(scene)
+    return scenes
+
+
+def write_clip(path: Path, scenes: list[Scene]) -> Path:
+    return write_scene_file(path, scenes, seconds_per_scene=SCENE_SECONDS, fps=8, size=(640, 360))
