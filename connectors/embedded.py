@@ -145,8 +145,11 @@ class EmbeddedRedis:
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and
+        # the server must outlive the pipeline's drain (the owner stops it afterwards).
         self._proc = subprocess.Popen(
-            self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout
         client = connect(self.url, retries=0, socket_timeout=1.0, connect_timeout=0.5)
@@ -193,6 +196,11 @@ class EmbeddedRedis:
                 proc.wait()
         if proc.stderr:
             proc.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server now, without waiting (a crash, or a forced exit of the owner)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     def restart(self) -> EmbeddedRedis:
         """Stop and start again on the same port (clients reconnect to the same URL)."""

@@ -10,6 +10,10 @@ Delivery is at least once, replies exactly once:
 Malformed entries (bad JSON, missing fields, oversize, unknown stream) are never returned for
 processing: they get an error reply, a dead-letter record and an XACK right away, so they
 cannot block the intake. Entries are decoded only as JSON through pydantic.
+
+An unreachable Redis raises redis-py's ConnectionError/TimeoutError from the calls (the caller
+retries); a Redis that came back empty gets its stream and consumer group created again by the
+next poll() or reclaim().
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Generic, TypeVar
 import redis
 
 from .redis_conn import block_ms as capped_block_ms
-from .redis_conn import connect
+from .redis_conn import UNREACHABLE, connect
 from .redis_schema import (
     CONTROL_GROUP,
     DATA,
@@ -101,7 +105,10 @@ class _GroupIntake(Generic[R]):
         self.redis = connect(redis_url, client_name=f"sfs-intake-{consumer_name}")
         self._reply_script = self.redis.register_script(_REPLY_ONCE)
         self._cursor = "0-0"
-        self.ensure_group()
+        try:
+            self.ensure_group()
+        except UNREACHABLE:
+            pass  # created by the first poll() once Redis answers
 
     # ------------------------------------------------------------------ group plumbing
 
@@ -123,7 +130,8 @@ class _GroupIntake(Generic[R]):
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self.ensure_group()  # the stream was deleted under us (FLUSHDB, trimming to nothing)
+            self.ensure_group()  # gone under us: a restart without persistence, a FLUSHDB
+            self._cursor = "0-0"
             return []
         entries = resp[0][1] if resp else []
         self.stats.received += len(entries)
@@ -144,6 +152,7 @@ class _GroupIntake(Generic[R]):
             if "NOGROUP" not in str(exc):
                 raise
             self.ensure_group()
+            self._cursor = "0-0"
             return []
         self._cursor = cursor
         for entry_id in deleted[0] if deleted else ():

@@ -9,6 +9,10 @@ When Redis is unreachable, writes queue in a bounded in-memory buffer and are fl
 once it answers again. When the buffer is full the oldest window is dropped; drops are counted
 per stream in `stats` and, after reconnecting, added to the stream's status hash field
 `offline_dropped`. A buffered status is superseded by a newer one of the same stream.
+
+A background thread (`maintain_interval_s`) flushes the buffer as soon as Redis answers again,
+even when nothing new is published, and writes back the registry entries and latest statuses
+this publisher wrote if Redis lost them (a restart without persistence, a FLUSHDB).
 """
 
 from __future__ import annotations
@@ -67,6 +71,13 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
+# Write a status hash back only if it is missing, so a fresher status written meanwhile wins.
+_SET_IF_MISSING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 
 class PublishResult(StrEnum):
     PUBLISHED = "published"
@@ -118,6 +129,8 @@ class Publisher:
     the keys of an unregistered stream. buffer_size: writes kept while Redis is unreachable.
     reconnect_interval_s: while offline, how often a write tries Redis instead of buffering
     straight away (so a dead Redis costs the pipeline no time per window).
+    maintain_interval_s: how often the background thread flushes the buffer and restores lost
+    registry entries and statuses (None: no thread; call `maintain()` yourself).
     """
 
     def __init__(
@@ -136,6 +149,7 @@ class Publisher:
         notify: bool = True,
         retries: int = 2,
         socket_timeout: float = 5.0,
+        maintain_interval_s: float | None = 2.0,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be >= 1")
@@ -157,6 +171,18 @@ class Publisher:
         self._last_result = PublishResult.PUBLISHED
         self._lock = threading.RLock()
         self._set_state = self.redis.register_script(_SET_STATE_IF_NEWER)
+        self._set_if_missing = self.redis.register_script(_SET_IF_MISSING)
+        # What this publisher last wrote that describes the present (not history): written
+        # back by maintain() if Redis lost it.
+        self._registered: dict[str, StreamInfo] = {}
+        self._statuses: dict[str, StreamStatus] = {}
+        self._closed = threading.Event()
+        self._maintainer = None
+        if maintain_interval_s:
+            self._maintainer = threading.Thread(
+                target=self._maintain_every, args=(maintain_interval_s,), name="sfs-publisher-maintain", daemon=True
+            )
+            self._maintainer.start()
 
     # ------------------------------------------------------------------ public API
 
@@ -223,6 +249,7 @@ class Publisher:
     def publish_status(self, status: StreamStatus) -> PublishResult:
         """Replace the stream's status hash (its `offline_dropped` counter is kept)."""
         sid = status.stream
+        self._statuses[sid] = status
 
         def build(p: Pipeline) -> None:
             p.hset(self.keys.status(sid), mapping=encode_hash(status, STATUS_FLAT))
@@ -247,11 +274,14 @@ class Publisher:
             p.hset(self.keys.registry, sid, info.to_json())
             self._refresh_ttl(p, sid)
 
+        self._registered[sid] = info
         self._submit(_Op(sid, "registry", build))
         return info
 
     def unregister_stream(self, stream_id: str) -> PublishResult:
         """Remove a stream from the registry; its keys expire after `removed_ttl_s`."""
+        self._registered.pop(stream_id, None)
+        self._statuses.pop(stream_id, None)
 
         def build(p: Pipeline) -> None:
             p.hdel(self.keys.registry, stream_id)
@@ -287,12 +317,65 @@ class Publisher:
             self._next_try = 0.0
             return self._drain()
 
+    def maintain(self) -> None:
+        """Flush the buffer if Redis answers again, then write back the registry entries and
+        statuses this publisher wrote that Redis no longer has. Never raises for an
+        unreachable Redis (the next call tries again)."""
+        try:
+            if self._buffer or self._pending_drops or not self.stats.online:
+                self.redis.ping()  # outside the lock: writers never wait on this probe
+                with self._lock:
+                    if not self.flush():
+                        return
+            self._restore()
+        except UNREACHABLE:
+            pass  # still down: the write path logged the outage when it began
+
+    def _maintain_every(self, interval_s: float) -> None:
+        while not self._closed.wait(interval_s):
+            try:
+                self.maintain()
+            except Exception:  # a refused write (PublishError...) must not end the thread
+                log.exception("publisher maintenance failed")
+
+    def _restore(self) -> None:
+        registered, statuses = dict(self._registered), dict(self._statuses)
+        if not registered and not statuses:
+            return
+        ids = sorted(set(registered) | set(statuses))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(self.keys.registry, ids)
+        for sid in ids:
+            pipe.exists(self.keys.status(sid))
+        in_registry, *status_exists = pipe.execute()
+        present = {sid for sid, raw in zip(ids, in_registry) if raw is not None}
+        lost_registry = [registered[sid] for sid in ids if sid in registered and sid not in present]
+        # Only statuses of registered streams: a stream removed elsewhere stays removed.
+        lost_status = [statuses[sid] for sid, exists in zip(ids, status_exists)
+                       if sid in statuses and not exists and (sid in present or sid in registered)]
+        if not lost_registry and not lost_status:
+            return
+        pipe = self.redis.pipeline(transaction=True)
+        for info in lost_registry:
+            pipe.hsetnx(self.keys.registry, info.id, info.to_json())
+            self._refresh_ttl(pipe, info.id)
+        for status in lost_status:
+            flat = [x for pair in encode_hash(status, STATUS_FLAT).items() for x in pair]
+            self._set_if_missing(keys=[self.keys.status(status.stream)], args=flat, client=pipe)
+            self._refresh_ttl(pipe, status.stream)
+        pipe.execute()
+        log.warning("Redis had lost %d registry entries and %d statuses (restarted without persistence?); "
+                    "written again", len(lost_registry), len(lost_status))
+
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
     def close(self) -> None:
-        """Try a last flush, then close the connection pool."""
+        """Stop the maintenance thread, try a last flush, then close the connection pool."""
+        self._closed.set()
+        if self._maintainer is not None and self._maintainer is not threading.current_thread():
+            self._maintainer.join(timeout=10)
         try:
             if self._buffer:
                 self.flush()

@@ -8,6 +8,8 @@ The URL carries everything deployment-specific: `redis://[user:password@]host:po
 
 from __future__ import annotations
 
+import logging
+import time
 from urllib.parse import urlsplit
 
 import redis
@@ -21,7 +23,8 @@ UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 SOCKET_TIMEOUT_S = 5.0
 # Blocking reads (XREAD/XREADGROUP BLOCK, BLPOP) stay well below the socket timeout, otherwise
-# redis-py takes the wait for a dead socket and retries it (conventions, pitfall 1).
+# redis-py takes the wait for a dead socket and retries it (a 7 s XREAD BLOCK then surfaced
+# as a TimeoutError only after ~58 s).
 MAX_BLOCK_S = 2.0
 
 
@@ -64,3 +67,64 @@ def connect(
 def block_ms(seconds: float) -> int:
     """A BLOCK/timeout argument in ms, capped at MAX_BLOCK_S (never 0, which blocks forever)."""
     return max(1, int(min(seconds, MAX_BLOCK_S) * 1000))
+
+
+def describe_redis_error(url: str, exc: BaseException) -> str:
+    """One line for an unreachable or refusing Redis, naming the server (never the password)."""
+    parts = urlsplit(url)
+    where = parts.path if parts.scheme == "unix" else f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        return f"Redis at {where} refused the credentials in the URL ({exc})"
+    if isinstance(exc, redis.ResponseError) and "NOPERM" in str(exc):
+        return f"Redis at {where}: the URL's user lacks a permission ({exc})"
+    return f"Redis at {where} is unreachable ({exc})"
+
+
+def check_reachable(url: str, timeout: float = 3.0) -> None:
+    """PING once with the URL's credentials, no retries; redis-py's error if that fails
+    (`describe_redis_error` words it)."""
+    client = connect(url, retries=0, socket_timeout=timeout, connect_timeout=timeout)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+class Outage:
+    """One component's view of Redis outages: a log line when an outage starts and one when it
+    ends (never one per retry), and the backoff to wait before the next try.
+
+    >>> outage = Outage("question intake", log)
+    >>> try: work(); outage.ended()
+    ... except UNREACHABLE as exc: stop.wait(outage.failed(exc))
+    """
+
+    def __init__(self, what: str, logger: logging.Logger, *, base: float = 0.2, cap: float = 5.0,
+                 level: int = logging.WARNING) -> None:
+        self.what, self.log, self.level = what, logger, level
+        self.backoff = ExponentialWithJitterBackoff(cap=cap, base=base)
+        self.since: float | None = None  # time.monotonic() of the first failure of this outage
+        self.failures = 0
+        self.outages = 0  # how many ended so far
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def failed(self, exc: BaseException) -> float:
+        """Record a failed try; returns the seconds to wait before the next one."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self.log.log(self.level, "%s: Redis unreachable, retrying until it is back (%s)", self.what, exc)
+        self.failures += 1
+        return self.backoff.compute(self.failures)
+
+    def ended(self) -> float | None:
+        """Record a success; returns the outage's length in seconds if one just ended."""
+        if self.since is None:
+            return None
+        seconds = time.monotonic() - self.since
+        self.since, self.failures = None, 0
+        self.outages += 1
+        self.log.log(self.level, "%s: Redis reachable again after %.1f s", self.what, seconds)
+        return seconds

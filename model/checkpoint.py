@@ -58,6 +58,31 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
         ) from exc
 
 
+def check_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
+    """Check a checkpoint without reading its weights, so a caller can fail fast: a local
+    folder must hold a config.json this implementation supports and every weight file it
+    lists; a hub id must be in the HF cache or reachable (only its config.json is fetched).
+    Raises CheckpointError or UnsupportedConfigError naming what is wrong."""
+    from .config import SlowFastConfig
+
+    name = str(path_or_hub_id)
+    if Path(name).expanduser().is_dir() or not _looks_like_hub_id(name):
+        folder = resolve_checkpoint(name)
+        checkpoint_files(folder)
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo_id=name, allow_patterns=["config.json"]))
+        except Exception as exc:  # offline and not cached, unknown repo, auth
+            raise CheckpointError(
+                f"checkpoint {name!r} is not a local folder, and as a hub id it is neither in the Hugging "
+                f"Face cache nor reachable ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            ) from exc
+    SlowFastConfig.from_source(folder)
+    return folder
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():

@@ -349,6 +349,14 @@ class ModelWorker:
                           "windows_failed": counts.failed, "queued": self.scheduler.waiting(sid)}
         return stats
 
+    async def flush_publisher(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the publisher's offline buffer to reach Redis (a clean
+        stop after an outage); returns how many writes are still buffered."""
+        deadline = time.monotonic() + timeout_s
+        while not await asyncio.to_thread(self.publisher.flush) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        return self.publisher.buffered
+
     async def _loop(self) -> None:
         while True:
             await self.wakeup.wait()

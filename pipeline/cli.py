@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import av
+import pydantic
 import redis
 
 import typer
@@ -22,16 +24,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
+from connectors.redis_conn import describe_redis_error
 from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id
+from model.errors import CheckpointError, UnsupportedConfigError
 
 from .config import ConfigError, PipelineConfig, StandingQuestion, StreamConfig, load_config
-from .runner import follow_captions, format_caption, run_pipeline, stop_on_signals
+from .runner import follow_captions, format_caption, preflight, run_pipeline, stop_on_signals
 from .window import expected_windows
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 streams_app = typer.Typer(help="Add or remove streams of a running pipeline.", no_args_is_help=True)
 app.add_typer(streams_app, name="streams")
 console = Console()
+errors = Console(stderr=True)
+debug = False  # --debug / SLOWFAST_DEBUG=1: expected errors show their traceback too
 
 RedisUrl = Annotated[str, typer.Option("--redis-url", envvar="SLOWFAST_REDIS_URL", help="Redis of the running pipeline")]
 WebAddress = Annotated[Optional[str], typer.Option("--web", help="serve the web page on HOST:PORT [default: 127.0.0.1:8080 or the next free port]")]
@@ -148,13 +154,59 @@ def print_table(table: Table) -> None:
     Console(file=console.file, width=max(natural, console.width)).print(table)
 
 
-def fail(message: str) -> None:
+@app.callback()
+def main(
+    debug_flag: Annotated[bool, typer.Option("--debug", envvar="SLOWFAST_DEBUG",
+                                             help="show tracebacks of errors")] = False,
+) -> None:
+    """Streaming video analysis with the Slow-Fast video LLM."""
+    global debug
+    debug = debug_flag
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line `error: ...` on stderr and exit `code` (2: usage or configuration, 1: at run time)."""
     # soft_wrap: keep the message on one line; markup off: values may contain [brackets].
-    console.print(f"error: {message}", style="red", soft_wrap=True, markup=False, highlight=False)
-    raise typer.Exit(2)
+    errors.print(f"error: {message}", style="red", soft_wrap=True, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def describe(exc: BaseException, redis_url: str | None) -> tuple[str, int]:
+    """The one-line message and exit code of an expected error."""
+    if isinstance(exc, pydantic.ValidationError):  # e.g. a question of 2,001 characters
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
+                         for e in exc.errors()), 2
+    if isinstance(exc, (ConfigError, CheckpointError, UnsupportedConfigError, ValueError)):
+        return str(exc), 2
+    if isinstance(exc, redis.AuthenticationError) or (
+            isinstance(exc, redis.ResponseError) and any(w in str(exc) for w in ("NOAUTH", "WRONGPASS", "NOPERM"))):
+        return describe_redis_error(redis_url or "", exc), 2
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, ConnectionError)):
+        return describe_redis_error(redis_url or "", exc), 1
+    if isinstance(exc, (QuestionError, TimeoutError)):
+        return str(exc), 1
+    return f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Expected errors end the command with one `error:` line and an exit code, no traceback
+    (unless --debug)."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if debug:
+                raise
+            message, code = describe(exc, kwargs.get("redis_url"))
+            fail(message, code)
+    return wrapper
 
 
 @app.command()
+@reports_errors
 def run(
     config_file: Annotated[Optional[Path], typer.Option("-c", "--config", envvar="SLOWFAST_CONFIG", help="YAML config")] = None,
     source: Annotated[Optional[list[str]], typer.Option("--source", help="[ID=]URI, repeatable")] = None,
@@ -195,12 +247,16 @@ def run(
     if not config.streams:
         fail("no streams: give --source URI or streams in the config file")
     beside = web_beside(web, no_web, web_token)
+    preflight(config)  # before the log file and progress bars, so a bad setting prints its one line alone
     try:
         with run_log(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
-            summaries = run_with_web(config, beside, stop=stop, on_event=console.print, on_caption=on_caption)
+            summaries = run_with_web(config, beside, stop=stop, on_event=console.print, on_caption=on_caption,
+                                     check=False)
     except ConfigError as exc:
         fail(str(exc))
     print_summaries(summaries)
+    if summaries and all(s.get("state") == "failed" for s in summaries.values()):
+        fail("every source failed (see the summary)", 1)
 
 
 def print_summaries(summaries: dict[str, dict]) -> None:
@@ -215,6 +271,7 @@ def print_summaries(summaries: dict[str, dict]) -> None:
 
 
 @app.command()
+@reports_errors
 def ask(
     stream: str,
     question: str,
@@ -227,14 +284,15 @@ def ask(
     try:
         answer = client.ask(stream, question, timeout=timeout, kind="yesno" if yes_no else "open")
     except QuestionError as exc:
-        fail(str(exc))
+        fail(str(exc), 1)
     except TimeoutError:
-        fail(f"no answer within {timeout:g} s (is the pipeline running?)")
+        fail(f"no answer within {timeout:g} s (is the pipeline running?)", 1)
     suffix = f"  (P(yes)={answer.probability:.2f})" if answer.probability is not None else ""
     console.print(f"[{answer.start:.1f}s-{answer.end:.1f}s] {answer.text}{suffix}")
 
 
 @app.command()
+@reports_errors
 def tail(
     redis_url: RedisUrl,
     stream: Annotated[Optional[str], typer.Argument()] = None,
@@ -245,7 +303,7 @@ def tail(
     client = SlowFastClient(redis_url)
     sids = [stream] if stream else [s.id for s in client.streams()]
     if not sids:
-        fail("no streams registered")
+        fail("no streams registered", 1)
     for sid in sids:
         for caption in client.history(sid, count=count)[-count:]:
             console.print(format_caption(caption), markup=False, highlight=False)
@@ -294,6 +352,7 @@ def web(
 
 
 @app.command()
+@reports_errors
 def status(
     redis_url: RedisUrl,
     all_runs: Annotated[bool, typer.Option("--all", help="also streams of earlier pipeline runs")] = False,
@@ -321,6 +380,7 @@ def status(
 
 
 @streams_app.command("add")
+@reports_errors
 def streams_add(
     source: Annotated[str, typer.Argument(help="[ID=]URI")],
     redis_url: RedisUrl,
@@ -332,21 +392,22 @@ def streams_add(
     try:
         SlowFastClient(redis_url).add_stream(sid, uri, live=live, timeout=timeout)
     except QuestionError as exc:
-        fail(str(exc))
+        fail(str(exc), 1)
     except TimeoutError:
-        fail(f"no reply within {timeout:g} s (is the pipeline running?)")
+        fail(f"no reply within {timeout:g} s (is the pipeline running?)", 1)
     console.print(f"added {sid}")
 
 
 @streams_app.command("remove")
+@reports_errors
 def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> None:
     """Remove a stream from the running pipeline."""
     try:
         SlowFastClient(redis_url).remove_stream(stream, timeout=timeout)
     except QuestionError as exc:
-        fail(str(exc))
+        fail(str(exc), 1)
     except TimeoutError:
-        fail(f"no reply within {timeout:g} s (is the pipeline running?)")
+        fail(f"no reply within {timeout:g} s (is the pipeline running?)", 1)
     console.print(f"removed {stream}")
 
 
@@ -379,6 +440,7 @@ def stop_demo(client: SlowFastClient, camera: str, seconds: float, file: str, st
 
 
 @app.command()
+@reports_errors
 def demo(
     model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
     seconds: Annotated[float, typer.Option(

@@ -1,28 +1,34 @@
-"""The driver: starts Ray, Redis and the actors, routes questions and control messages,
-waits for files, and drains on Ctrl-C / SIGTERM."""
+"""The driver: checks its inputs, starts Ray, Redis and the actors, routes questions and
+control messages, waits for files, and drains on Ctrl-C / SIGTERM. A Redis outage pauses the
+routing (retried with backoff), never the run."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+import redis
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from connectors.embedded import EmbeddedRedis
 from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
 from connectors.client import SlowFastClient
+from connectors.redis_conn import UNREACHABLE, Outage, check_reachable, describe_redis_error
 from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
+from model.checkpoint import check_checkpoint
 
 from .config import ConfigError, PipelineConfig, StreamConfig
 from .actors import IngestActor, ModelWorker
@@ -33,7 +39,9 @@ WORKER_CHECK_INTERVAL_S = 2.0
 WORKER_HEALTH_TIMEOUT_S = 5.0
 ACTOR_EXIT_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
+DRAIN_FLUSH_S = 10.0  # at a stop, how long workers wait for an unreachable Redis to take their buffer
 PLACEMENT_WARN_S = 15.0
+FORCED_EXIT_CLEANUP_S = 3.0  # a second signal exits within this (plus process teardown)
 
 
 @dataclass
@@ -58,7 +66,35 @@ def redis_for(config: PipelineConfig) -> Iterator[str]:
         yield config.redis_url
         return
     with EmbeddedRedis() as redis:
-        yield redis.url
+        _forced_exit_cleanups.append(redis.kill)
+        try:
+            yield redis.url
+        finally:
+            _forced_exit_cleanups.remove(redis.kill)
+
+
+def preflight(config: PipelineConfig) -> None:
+    """What a run checks before it starts Ray, so a wrong setting fails in a second, not after
+    Ray and the model workers are up: the checkpoint (config and weight files, or a hub id that
+    is cached or reachable), Redis with the URL's credentials, a writable output folder.
+    Raises ConfigError naming what is wrong."""
+    if config.model:
+        try:
+            check_checkpoint(config.model)
+        except (OSError, ValueError, RuntimeError) as exc:  # CheckpointError, UnsupportedConfigError
+            raise ConfigError(f"model: {exc}") from exc
+    if config.redis_url:
+        try:
+            check_reachable(config.redis_url)
+        except (redis.RedisError, OSError) as exc:
+            raise ConfigError(describe_redis_error(config.redis_url, exc)) from exc
+    out = Path(config.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output folder {str(out)!r} is not writable ({exc.strerror or exc})") from exc
 
 
 def local_metrics_port(config: PipelineConfig) -> tuple[int, str | None]:
@@ -84,15 +120,35 @@ def local_metrics_port(config: PipelineConfig) -> tuple[int, str | None]:
     return free, f"metrics port {port} is in use; serving metrics on {free} instead"
 
 
-def start_ray(config: PipelineConfig) -> None:
+def start_ray(config: PipelineConfig) -> bool:
     """Join the configured cluster, or start a local Ray serving metrics on `metrics_port`.
 
     Ray's own log lines (start-up notes, the token-auth warning) propagate to the root logger,
-    which the application points at its log file, instead of Ray's stderr handler."""
+    which the application points at its log file, instead of Ray's stderr handler.
+
+    The caller's SIGINT / SIGTERM handlers are kept: ray.init replaces the SIGTERM handler with
+    one that exits (SystemExit(15)), and its core worker installs a native one that dumps a
+    stack trace and aborts (a SIGTERM then ended the run with 134 and no summary). False if a
+    SIGTERM arrived during ray.init (handed to the caller's handler)."""
     logging.getLogger("ray").propagate = True
     options = {"_metrics_export_port": config.metrics_port} if config.ray_address is None and config.metrics_port else {}
-    ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
-             log_to_driver=False, configure_logging=False, **options)
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False, **options)
+    except SystemExit as exc:
+        if not (main and exc.code == signal.SIGTERM and callable(kept[signal.SIGTERM])):
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        kept[signal.SIGTERM](signal.SIGTERM, None)
+        return False
+    finally:
+        for sig, handler in kept.items():  # only the main thread may set handlers
+            if handler is not None:
+                signal.signal(sig, handler)
+    return True
 
 
 def metrics_url() -> str:
@@ -326,6 +382,13 @@ class Pipeline:
             for sid, counts in stats.items():
                 if sid in self.streams and self.streams[sid].summary is not None:
                     self.streams[sid].summary |= counts
+        live_workers = [w for i, w in enumerate(self.workers) if i not in self.dead]
+        flushes = [w.flush_publisher.remote(DRAIN_FLUSH_S) for w in live_workers]
+        undelivered = sum(_results_within(flushes, DRAIN_FLUSH_S + WORKER_HEALTH_TIMEOUT_S).values())
+        if undelivered:
+            log.warning("%d writes never reached Redis (unreachable at the stop); file streams have "
+                        "them in captions.jsonl", undelivered)
+        self.publisher.close()
 
 
 def format_caption(caption: Caption) -> str:
@@ -333,13 +396,36 @@ def format_caption(caption: Caption) -> str:
 
 
 def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -> Iterator[Caption]:
-    """Captions as they are published (push notifications, then the latest state)."""
+    """Every caption as it is published, in window order per stream, until `stop` is set.
+
+    Push notifications wake it up; the captions are read from the streams after the last one
+    seen, so a missed nudge loses nothing. A Redis outage pauses it (retried with backoff):
+    it subscribes again and catches up on what was published meanwhile."""
     client = SlowFastClient(redis_url)
-    for note in client.notifications(stream, stop=stop):
-        if note.kind == NotificationKind.CAPTION:
-            caption = client.latest(note.stream)
-            if caption is not None:
-                yield caption
+    outage = Outage("caption printer", log, level=logging.INFO)
+    seen: dict[str, str] = {}  # stream -> entry id of the last caption yielded
+
+    def since_last(sid: str) -> list[Caption]:
+        last = seen.get(sid)  # first caption of a stream: start from its newest
+        captions = client.history(sid, count=1) if last is None else client.history(sid, since=last, count=1000)
+        if captions:
+            seen[sid] = captions[-1].entry_id
+        return captions
+
+    try:
+        while not stop.is_set():
+            try:
+                notes = client.notifications(stream, stop=stop)  # subscribed from here on
+                for sid in list(seen):  # published while we were not subscribed
+                    yield from since_last(sid)
+                outage.ended()
+                for note in notes:
+                    if note.kind == NotificationKind.CAPTION:
+                        yield from since_last(note.stream)
+            except UNREACHABLE as exc:
+                stop.wait(outage.failed(exc))
+    finally:
+        client.close()
 
 
 def _results_within(refs: list, timeout_s: float) -> dict:
@@ -374,8 +460,10 @@ def run_pipeline(
     """Run until every file is done and no live stream remains, or until `stop` is set.
 
     `beside(redis_url)`: a context (e.g. the web app) entered once Redis is up and left before
-    an embedded Redis stops."""
+    an embedded Redis stops. Raises ConfigError (before starting anything) for a setting that
+    cannot work."""
     stop = stop or threading.Event()
+    preflight(config)
     if not ray.is_initialized():  # before anything starts: a busy port stops the run cleanly
         port, note = local_metrics_port(config)
         config = config.model_copy(update={"metrics_port": port})
@@ -391,8 +479,10 @@ def run_pipeline(
                 target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
             )
             printer.start()
-        if not ray.is_initialized():
-            start_ray(config)
+        if not ray.is_initialized() and not start_ray(config):
+            on_event("stopped while Ray was starting")
+            printer_stop.set()
+            return {}
         pipeline = Pipeline(config, resolve_model(config, Path(tmp)))
         pipeline.start_workers()
         on_event(f"redis {redis_url}")
@@ -409,6 +499,8 @@ def run_pipeline(
         questions = QuestionIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         controls = ControlIntake(redis_url, consumer_name=f"driver-{socket.gethostname()}")
         pending_answers: dict[Any, tuple[str, Any]] = {}
+        replies: deque[Callable[[], object]] = deque()  # written in order once Redis takes them
+        outage = Outage("driver", log, level=logging.INFO)
         last_check = time.monotonic()
         try:
             while not stop.is_set():
@@ -416,17 +508,32 @@ def run_pipeline(
                     on_event(f"stream {sid} done: {pipeline.streams[sid].summary}")
                 if files_only and not pipeline.files_pending():
                     break
-                _route_questions(pipeline, questions, pending_answers)
-                _handle_controls(pipeline, controls, on_event)
-                _finish_answers(questions, pending_answers)
-                if time.monotonic() - last_check >= WORKER_CHECK_INTERVAL_S:
-                    last_check = time.monotonic()
-                    for message in pipeline.check_workers() + pipeline.check_placement():
-                        on_event(message)
+                try:
+                    if time.monotonic() - last_check >= WORKER_CHECK_INTERVAL_S:
+                        last_check = time.monotonic()
+                        for message in pipeline.check_workers() + pipeline.check_placement():
+                            on_event(message)
+                    _send_replies(replies)
+                    _route_questions(pipeline, questions, pending_answers, replies)
+                    _handle_controls(pipeline, controls, on_event, replies)
+                    _finish_answers(questions, pending_answers, replies)
+                    _send_replies(replies)
+                    if (seconds := outage.ended()) is not None:
+                        on_event(f"redis reachable again after {seconds:.1f} s; questions and control resumed")
+                except UNREACHABLE as exc:
+                    if not outage.down:
+                        on_event(f"redis unreachable ({exc}); the run goes on, questions and control wait for it")
+                    stop.wait(outage.failed(exc))
+            if stop.is_set():
+                on_event("stopping: draining windows in flight (a second Ctrl-C / SIGTERM exits at once)")
         finally:
             pipeline.drain()
             printer_stop.set()
-            _finish_answers(questions, pending_answers, wait=True)
+            _finish_answers(questions, pending_answers, replies, wait=True)
+            try:
+                _send_replies(replies)
+            except UNREACHABLE:
+                on_event(f"redis unreachable at exit: {len(replies)} question/control replies not delivered")
             questions.close()
             controls.close()
             pipeline.shutdown()
@@ -435,20 +542,21 @@ def run_pipeline(
         return pipeline.failed | {sid: h.summary or {} for sid, h in pipeline.streams.items()}
 
 
-def _route_questions(pipeline: Pipeline, intake: QuestionIntake, pending: dict) -> None:
+def _route_questions(pipeline: Pipeline, intake: QuestionIntake, pending: dict, replies: deque) -> None:
     for entry_id, question in intake.poll(block_ms=POLL_MS, count=16) + intake.reclaim(count=16):
         if isinstance(question, InvalidMessage):
             continue  # the intake already replied with the error and acknowledged it
         handle = pipeline.streams.get(question.stream)
         if handle is None:
-            intake.complete(entry_id, question, Answer(
-                question_id=question.id, stream=question.stream, question=question.text,
-                error=f"stream {question.stream!r} is not running"))
+            error = Answer(question_id=question.id, stream=question.stream, question=question.text,
+                           error=f"stream {question.stream!r} is not running")
+            replies.append(lambda e=entry_id, q=question, a=error: intake.complete(e, q, a))
             continue
         pending[pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)
 
 
-def _finish_answers(intake: QuestionIntake, pending: dict, wait: bool = False) -> None:
+def _finish_answers(intake: QuestionIntake, pending: dict, replies: deque, wait: bool = False) -> None:
+    """Queue the replies of the questions the workers have answered (sent by _send_replies)."""
     if not pending:
         return
     ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=30 if wait else 0)
@@ -459,10 +567,18 @@ def _finish_answers(intake: QuestionIntake, pending: dict, wait: bool = False) -
         except Exception as exc:  # a worker that died mid-question still owes a reply
             answer = Answer(question_id=question.id, stream=question.stream, question=question.text,
                             error=f"answering failed: {type(exc).__name__}: {exc}")
-        intake.complete(entry_id, question, answer)
+        replies.append(lambda e=entry_id, q=question, a=answer: intake.complete(e, q, a))
 
 
-def _handle_controls(pipeline: Pipeline, intake: ControlIntake, on_event: Callable[[str], None]) -> None:
+def _send_replies(replies: deque) -> None:
+    """Write queued replies in order; one that fails (Redis unreachable) stays first in line."""
+    while replies:
+        replies[0]()
+        replies.popleft()
+
+
+def _handle_controls(pipeline: Pipeline, intake: ControlIntake, on_event: Callable[[str], None],
+                     replies: deque) -> None:
     for entry_id, control in intake.poll(block_ms=0, count=8):
         if isinstance(control, InvalidMessage):
             continue
@@ -476,18 +592,43 @@ def _handle_controls(pipeline: Pipeline, intake: ControlIntake, on_event: Callab
             else:
                 pipeline.remove_stream(control.stream)
             on_event(f"control: {control.action} {control.stream}")
+        except UNREACHABLE:
+            raise
         except Exception as exc:  # a bad request affects only itself
             error = str(exc)
-        intake.complete(entry_id, control, error)
+        replies.append(lambda e=entry_id, c=control, err=error: intake.complete(e, c, err))
+
+
+# Run by a second signal before exiting at once (e.g. kill the embedded Redis, which runs in its
+# own session so a terminal's Ctrl-C does not stop it under a draining run).
+_forced_exit_cleanups: list[Callable[[], None]] = []
+
+
+def _force_exit(signum: int) -> None:
+    code = 128 + signum
+    threading.Timer(FORCED_EXIT_CLEANUP_S, os._exit, (code,)).start()  # if a cleanup hangs
+    for cleanup in list(_forced_exit_cleanups):
+        with contextlib.suppress(Exception):
+            cleanup()
+    with contextlib.suppress(Exception):
+        ray.shutdown()
+    os._exit(code)
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """SIGINT / SIGTERM set the event (drain and exit 0) instead of killing the run."""
+    """The first SIGINT / SIGTERM sets the event: the run drains, publishes final status and
+    returns (exit 0). A second one exits at once with 128 + the signal number."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            _force_exit(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
