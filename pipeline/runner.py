@@ -456,14 +456,16 @@ def run_pipeline(
     on_event: Callable[[str], None] = print,
     on_caption: Callable[[Caption], None] | None = None,
     beside: Callable[[str], contextlib.AbstractContextManager] | None = None,
+    check: bool = True,
 ) -> dict[str, dict]:
     """Run until every file is done and no live stream remains, or until `stop` is set.
 
     `beside(redis_url)`: a context (e.g. the web app) entered once Redis is up and left before
     an embedded Redis stops. Raises ConfigError (before starting anything) for a setting that
-    cannot work."""
+    cannot work (`check`: run `preflight`; False where the caller just did)."""
     stop = stop or threading.Event()
-    preflight(config)
+    if check:
+        preflight(config)
     if not ray.is_initialized():  # before anything starts: a busy port stops the run cleanly
         port, note = local_metrics_port(config)
         config = config.model_copy(update={"metrics_port": port})

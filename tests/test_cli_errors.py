@@ -1,0 +1,119 @@
+"""Expected errors at the CLI: one `error:` line, exit 2 (usage/config) or 1 (run time), no
+traceback (unless --debug), and `run` fails before it starts Ray. Real redis-server processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from connectors.embedded import EmbeddedRedis, free_port
+from connectors.redis_conn import connect
+from connectors.redis_schema import Keys
+from pipeline.cli import app
+
+runner = CliRunner()
+HUB_ID = "shi-labs/slowfast-video-mllm-qwen2-7b-convnext-576-frame64-s1t4"
+
+
+def one_error_line(result, code: int, *words: str) -> str:
+    """The command exited `code` with exactly one `error:` line holding `words`, no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def dead_redis_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+
+
+@pytest.fixture(scope="module")
+def protected_redis():
+    with EmbeddedRedis(password="right") as server:
+        yield server
+
+
+def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir):
+    source = ["--source", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, ["run", *source, "--model", str(tmp_path / "no-such-model")])
+    one_error_line(result, 2, "model:", "no-such-model", "does not exist")
+    result = runner.invoke(app, ["run", *source, "--model", HUB_ID])
+    one_error_line(result, 2, HUB_ID, "not a local folder", "neither in the Hugging Face cache nor reachable")
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weight files
+    one_error_line(runner.invoke(app, ["run", *source, "--model", str(broken)]), 2, "model:", "broken-model")
+    assert not ray.is_initialized()
+
+
+def test_run_checks_redis_and_the_output_folder(tmp_path, tiny_model_dir, dead_redis_url, protected_redis):
+    base = ["run", "--source", str(tmp_path / "clip.mp4"), "--model", str(tiny_model_dir)]
+    one_error_line(runner.invoke(app, [*base, "--redis-url", dead_redis_url, "--out", str(tmp_path)]), 2,
+                   "unreachable", dead_redis_url.split("//")[1].rsplit("/", 1)[0])
+    wrong = protected_redis.url.replace(":right@", ":wrong@")
+    line = one_error_line(runner.invoke(app, [*base, "--redis-url", wrong, "--out", str(tmp_path)]), 2,
+                          "refused the credentials")
+    assert "wrong" not in line  # the password is never shown
+    (tmp_path / "file").write_text("")
+    one_error_line(runner.invoke(app, [*base, "--out", str(tmp_path / "file" / "out")]), 2,
+                   "output folder", "not writable")
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["tail"], ["ask", "cam", "anyone?"], ["streams", "add", "cam=rtsp://x/1"], ["streams", "remove", "cam"],
+])
+def test_client_commands_with_unreachable_redis_exit_1(command, dead_redis_url):
+    one_error_line(runner.invoke(app, [*command, "--redis-url", dead_redis_url]), 1, "unreachable")
+
+
+def test_client_commands_with_refused_credentials_exit_2(protected_redis):
+    wrong = protected_redis.url.replace(":right@", ":wrong@")
+    one_error_line(runner.invoke(app, ["status", "--redis-url", wrong]), 2, "refused the credentials")
+
+
+@pytest.mark.parametrize("stream, question, words", [
+    ("cam", "x" * 2001, ["text", "at most 2000 characters"]),
+    ("cam", "", ["text", "at least 1 character"]),
+    ("bad id!", "anyone?", ["invalid stream id 'bad id!'"]),
+])
+def test_bad_questions_exit_2_and_send_nothing(redis_url, stream, question, words):
+    one_error_line(runner.invoke(app, ["ask", stream, question, "--redis-url", redis_url]), 2, *words)
+    assert connect(redis_url).exists(Keys().questions) == 0
+
+
+def test_runtime_replies_exit_1(redis_url):
+    one_error_line(runner.invoke(app, ["ask", "cam", "anyone?", "--redis-url", redis_url, "--timeout", "0.5"]), 1,
+                   "no answer within 0.5 s")
+    one_error_line(runner.invoke(app, ["tail", "--redis-url", redis_url]), 1, "no streams registered")
+    one_error_line(runner.invoke(app, ["streams", "add", f"{'x' * 65}=rtsp://x/1", "--redis-url", redis_url]), 2,
+                   "invalid stream id")
+
+
+def test_debug_shows_the_traceback(dead_redis_url):
+    result = runner.invoke(app, ["--debug", "status", "--redis-url", dead_redis_url])
+    assert result.exit_code == 1 and result.exception is not None and not isinstance(result.exception, SystemExit)
+    result = runner.invoke(app, ["status", "--redis-url", dead_redis_url], env={"SLOWFAST_DEBUG": "1"})
+    assert result.exception is not None and not isinstance(result.exception, SystemExit)
+
+
+def test_a_real_process_prints_only_the_error_line(tmp_path):
+    """Outside the test runner too: stderr holds the one line, nothing else (no logs, no traceback)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from pipeline.cli import app; app()", "run", "--source", str(tmp_path / "x.mp4"), "--model",
+         str(tmp_path / "missing"), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
+        f"error: model: checkpoint folder {tmp_path / 'missing'} does not exist (and '{tmp_path / 'missing'}' is "
+        "not a hub id)"]
