@@ -43,6 +43,7 @@ def protected_redis():
 
 
 def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir):
+    ray_was_up = ray.is_initialized()
     source = ["--source", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, ["run", *source, "--model", str(tmp_path / "no-such-model")])
     one_error_line(result, 2, "model:", "no-such-model", "does not exist")
@@ -52,10 +53,11 @@ def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir):
     broken.mkdir()
     (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weight files
     one_error_line(runner.invoke(app, ["run", *source, "--model", str(broken)]), 2, "model:", "broken-model")
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
 
 
 def test_run_checks_redis_and_the_output_folder(tmp_path, tiny_model_dir, dead_redis_url, protected_redis):
+    ray_was_up = ray.is_initialized()
     base = ["run", "--source", str(tmp_path / "clip.mp4"), "--model", str(tiny_model_dir)]
     one_error_line(runner.invoke(app, [*base, "--redis-url", dead_redis_url, "--out", str(tmp_path)]), 2,
                    "unreachable", dead_redis_url.split("//")[1].rsplit("/", 1)[0])
@@ -66,7 +68,7 @@ def test_run_checks_redis_and_the_output_folder(tmp_path, tiny_model_dir, dead_r
     (tmp_path / "file").write_text("")
     one_error_line(runner.invoke(app, [*base, "--out", str(tmp_path / "file" / "out")]), 2,
                    "output folder", "not writable")
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == ray_was_up
 
 
 @pytest.mark.parametrize("command", [
@@ -117,3 +119,13 @@ def test_a_real_process_prints_only_the_error_line(tmp_path):
     assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
         f"error: model: checkpoint folder {tmp_path / 'missing'} does not exist (and '{tmp_path / 'missing'}' is "
         "not a hub id)"]
+
+
+def test_a_run_whose_every_source_failed_exits_1(ray_session, redis_url, tiny_model_dir, tmp_path):
+    result = runner.invoke(app, [
+        "run", "--source", f"gone={tmp_path / 'missing.mp4'}", "--source", "odd=ftp://host/x.mp4",
+        "--redis-url", redis_url, "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"),
+        "--window", "8", "--stride", "4"])
+    assert result.exit_code == 1, result.output
+    assert "stream gone failed" in result.output and "stream odd failed" in result.output
+    assert result.output.strip().splitlines()[-1] == "error: every source failed (see the summary)"

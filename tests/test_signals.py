@@ -1,0 +1,118 @@
+"""SIGTERM / SIGINT to a real `slowfast run` process: the first drains, prints the summary and
+exits 0; a second one exits at once. Real Ray, real Redis, the tiny model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from connectors.embedded import EmbeddedRedis
+from tests.support.media import cfr_times, make_clip
+
+
+class SlowfastProcess:
+    """`slowfast run` in a subprocess (its own session, like a container's PID 1 would be
+    signalled alone); stdout and stderr lines are collected as they come."""
+
+    def __init__(self, args: list[str]) -> None:
+        env = os.environ | {"PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.cli import app; app()", "run", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, l=lines: l.extend(iter(s.readline, "")), daemon=True).start()
+
+    def wait_for_line(self, text: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.out):
+            assert self.proc.poll() is None, f"exited {self.proc.returncode}: {''.join(self.out + self.err)[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout:.0f} s: {''.join(self.out)[-2000:]}"
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-e", "-o", "sid=,pid=,comm="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.split()[0] == str(sid)]
+
+
+@pytest.fixture
+def clip(tmp_path):
+    return make_clip(tmp_path / "cam.mp4", cfr_times(8, 6.0)).path
+
+
+def run_args(clip: Path, tmp_path: Path, model: Path, redis_url: str | None = None) -> list[str]:
+    args = ["--source", f"cam=loop://{clip}", "--model", str(model), "--out", str(tmp_path / "out"),
+            "--window", "8", "--stride", "4", "--max-new-tokens", "4"]
+    return args + (["--redis-url", redis_url] if redis_url else [])
+
+
+def test_sigint_and_sigterm_set_the_stop_event_in_process():
+    from pipeline.runner import stop_on_signals
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with stop_on_signals() as stop:
+            os.kill(os.getpid(), signum)
+            assert stop.wait(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.slow
+def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_model_dir):
+    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
+    try:
+        run.wait_for_line("cam #1 ")
+        run.proc.send_signal(signal.SIGTERM)
+        code = run.proc.wait(timeout=120)
+        time.sleep(0.5)  # the reader threads catch up
+        output = "".join(run.out)
+        assert code == 0, output + "".join(run.err)
+        assert "stopping: draining" in output and "run summary" in output
+        assert "│ cam " in output and "stopped" in output
+        assert "SIGTERM received" not in "".join(run.err)  # Ray's native handler no longer fires
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
+    """SIGINT starts the drain (as SIGTERM does), SIGTERM then forces the exit; the run's
+    processes (Ray's, the embedded Redis) go with it."""
+    with EmbeddedRedis() as server:
+        run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir, server.url))
+        try:
+            run.wait_for_line("cam #1 ")
+            # With Redis gone the drain waits (bounded) for the workers' buffered writes: certainly
+            # longer than the second signal takes to come.
+            server.kill()
+            server.stop()
+            run.proc.send_signal(signal.SIGINT)
+            run.wait_for_line("stopping: draining", timeout=60)
+            time.sleep(1.0)
+            assert run.proc.poll() is None, "the drain ended before the second signal"
+            sent = time.monotonic()
+            run.proc.send_signal(signal.SIGTERM)
+            code = run.proc.wait(timeout=30)
+            assert time.monotonic() - sent < 5.0
+            assert code == 128 + signal.SIGTERM
+            # Ray's processes share the driver's fate; nothing of the run is left in its session.
+            wait_s = time.monotonic() + 30
+            while session_processes(run.proc.pid) and time.monotonic() < wait_s:
+                time.sleep(0.5)
+            assert session_processes(run.proc.pid) == []
+        finally:
+            run.close()
