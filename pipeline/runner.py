@@ -65,12 +65,12 @@ def redis_for(config: PipelineConfig) -> Iterator[str]:
     if config.redis_url:
         yield config.redis_url
         return
-    with EmbeddedRedis() as redis:
-        _forced_exit_cleanups.append(redis.kill)
+    with EmbeddedRedis() as server:
+        _forced_exit_cleanups.append(server.kill)
         try:
-            yield redis.url
+            yield server.url
         finally:
-            _forced_exit_cleanups.remove(redis.kill)
+            _forced_exit_cleanups.remove(server.kill)
 
 
 def preflight(config: PipelineConfig) -> None:
