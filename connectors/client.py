@@ -25,6 +25,7 @@ from .redis_schema import (
     JPEG,
     MAX_MESSAGE_BYTES,
     OFFLINE_DROPPED,
+    STATE_SUMMARY,
     Answer,
     Caption,
     Control,
@@ -40,6 +41,7 @@ from .redis_schema import (
     QuestionKind,
     StreamInfo,
     StreamStatus,
+    Summary,
     decode_entry,
     encode_entry,
 )
@@ -83,7 +85,12 @@ class SlowFastClient:
     def latest(self, stream: str) -> Caption | None:
         """The newest window's caption, or None if the stream has none yet."""
         fields = self.redis.hgetall(self.keys.state(stream))
-        return decode_entry(Caption, fields) if fields else None
+        return decode_entry(Caption, fields) if DATA in fields else None
+
+    def latest_summary(self, stream: str) -> Summary | None:
+        """The newest summary (rolling, or the final one of a file), or None."""
+        raw = self.redis.hget(self.keys.state(stream), STATE_SUMMARY)
+        return Summary.model_validate_json(raw) if raw else None
 
     def latest_answers(self, stream: str) -> list[Answer]:
         """Answers computed on the newest window (standing questions, ad-hoc ones)."""
@@ -134,6 +141,9 @@ class SlowFastClient:
         """The JPEG of an event's window (Event.snapshot_id), or None once trimmed or expired."""
         entries = self._binary().xrange(self.keys.snapshots(stream), snapshot_id, snapshot_id, count=1)
         return entries[0][1].get(JPEG.encode()) if entries else None
+
+    def summaries(self, stream: str, since: str | None = None, count: int = 100) -> list[Summary]:
+        return self._range(self.keys.summaries(stream), Summary, since, count)
 
     def follow(
         self, stream: str, since: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0

@@ -35,6 +35,7 @@ from .redis_schema import (
     DEFAULT_KEYS,
     OFFLINE_DROPPED,
     STATUS_FLAT,
+    STATE_SUMMARY,
     Answer,
     JPEG,
     SNAPSHOTS_MAXLEN,
@@ -46,6 +47,7 @@ from .redis_schema import (
     NotificationKind,
     StreamInfo,
     StreamStatus,
+    Summary,
     encode_entry,
     encode_hash,
     window_entry_id,
@@ -246,6 +248,17 @@ class Publisher:
 
         return self._submit(_Op(sid, "window", build, entry=(self.keys.captions(sid), caption.entry_id)))
 
+    def publish_summary(self, summary: Summary) -> PublishResult:
+        """Add a summary to the stream's summaries (idempotent id) and make it the state hash's latest."""
+        sid = summary.stream
+
+        def build(p: Pipeline) -> None:
+            p.xadd(self.keys.summaries(sid), encode_entry(summary), id=summary.entry_id, maxlen=self.history_len)
+            p.hset(self.keys.state(sid), STATE_SUMMARY, summary.to_json())
+            self._refresh_ttl(p, sid)
+
+        return self._submit(_Op(sid, "window", build, entry=(self.keys.summaries(sid), summary.entry_id)))
+
     def publish_status(self, status: StreamStatus) -> PublishResult:
         """Replace the stream's status hash (its `offline_dropped` counter is kept)."""
         sid = status.stream
@@ -310,6 +323,15 @@ class Publisher:
                 self.redis.hdel(self.keys.registry, sid)
                 pruned.append(sid)
         return pruned
+
+    def forget_stream(self, stream_id: str) -> int:
+        """Delete the stream's keys and registry entry now (a restart from scratch); returns
+        how many keys existed. Needs Redis: raises when it is unreachable."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(*self.keys.per_stream(stream_id))
+        pipe.hdel(self.keys.registry, stream_id)
+        deleted, _ = pipe.execute()
+        return int(deleted)
 
     def flush(self) -> bool:
         """Try to write everything buffered now. True if the buffer is empty afterwards."""

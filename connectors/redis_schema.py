@@ -95,8 +95,12 @@ class Keys:
         """Stream: standing-question triggers."""
         return f"{self.prefix}:{{{sid}}}:events"
 
+    def summaries(self, sid: str) -> str:
+        """Stream: rolling summaries and the final summary of a file, capped."""
+        return f"{self.prefix}:{{{sid}}}:summaries"
+
     def state(self, sid: str) -> str:
-        """Hash: the latest window's caption and answers."""
+        """Hash: the latest window's caption and answers, and the latest summary."""
         return f"{self.prefix}:{{{sid}}}:state"
 
     def status(self, sid: str) -> str:
@@ -112,8 +116,8 @@ class Keys:
         return f"{self.prefix}:{{{sid}}}:snapshots"
 
     def per_stream(self, sid: str) -> tuple[str, ...]:
-        return (self.captions(sid), self.answers(sid), self.events(sid), self.state(sid), self.status(sid),
-                self.frame(sid), self.snapshots(sid))
+        return (self.captions(sid), self.answers(sid), self.events(sid), self.summaries(sid), self.state(sid),
+                self.status(sid), self.frame(sid), self.snapshots(sid))
 
     @property
     def registry(self) -> str:
@@ -215,6 +219,39 @@ class Caption(Model):
         return window_entry_id(self.run, self.window)
 
 
+class SummaryKind(StrEnum):
+    ROLLING = "rolling"  # the captions since the previous summary, given that summary
+    PARTIAL = "partial"  # an inner node of a file's final summary (not published)
+    FINAL = "final"  # the whole file
+
+
+# State-hash field holding the latest Summary JSON.
+STATE_SUMMARY = "summary"
+
+
+class Summary(Model):
+    """A summary of windows first_window..last_window (`sfs:{sid}:summaries`)."""
+
+    stream: StreamId
+    run: int = Field(ge=1)
+    seq: int = Field(ge=0, description="number of this summary within the run's summaries of its kind")
+    kind: SummaryKind
+    level: int = Field(default=0, ge=0, description="0: over captions; n: over level n-1 summaries")
+    first_window: int = Field(ge=0)
+    last_window: int = Field(ge=0)
+    start: float = Field(description="stream time of the first window's first frame, seconds")
+    end: float = Field(description="stream time of the last window's last frame, seconds")
+    text: str
+    model: str = ""
+    created_at: float = Field(default_factory=now)
+
+    @property
+    def entry_id(self) -> str:
+        """Rolling summaries are ordered by their last window; the final one comes after the
+        last rolling summary, which ends at the same window."""
+        return window_entry_id(self.run, self.last_window, 1 if self.kind == SummaryKind.FINAL else 0)
+
+
 class AnswerKind(StrEnum):
     STANDING = "standing"
     ADHOC = "adhoc"
@@ -292,6 +329,7 @@ class StreamStatus(Model):
     windows_done: int = 0
     windows_skipped: int = Field(default=0, description="live windows overtaken by a newer one (newest wins)")
     windows_failed: int = Field(default=0, description="windows the model raised on twice (see Caption.error)")
+    summaries_skipped: int = Field(default=0, description="rolling summaries with no room in a live stream's batch")
     reconnects: int = 0
     latency_s: float | None = Field(default=None, description="latest window's end-to-end latency")
     offline_dropped: int = Field(
@@ -371,6 +409,9 @@ class StreamInfo(Model):
     run: int = Field(default=0, description="current run start (ms); set by register_stream")
     pipeline: int = Field(default=0, description="start (ms) of the pipeline run that registered it; the "
                           "highest in the registry is the current run")
+    window_settings: dict[str, float] = Field(
+        default_factory=dict, description="window, stride, fps of the run: a file resumes only with the same"
+    )
     registered_at: float = Field(default_factory=now)
 
 

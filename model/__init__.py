@@ -1,6 +1,6 @@
 """The Slow-Fast video LLM (arXiv 2504.01328): our implementation, loading the released checkpoints.
 
-Public API: `SlowFastVLM`, `VideoQuery`, `Generation`; see README "Model".
+Public API: `SlowFastVLM`, `VideoQuery`, `TextQuery`, `Generation`; see README "Model".
 """
 
 import torch
@@ -24,7 +24,7 @@ def check_versions(found: dict[str, str]) -> None:
 
 check_versions({"torch": torch.__version__, "transformers": transformers.__version__})
 
-from .api import Generation, SlowFastVLM, VideoQuery
+from .api import Generation, SlowFastVLM, TextQuery, VideoQuery
 from .config import SlowFastConfig
 from .errors import CheckpointError, ModelInputError, UnsupportedConfigError
 
@@ -34,6 +34,7 @@ __all__ = [
     "ModelInputError",
     "SlowFastConfig",
     "SlowFastVLM",
+    "TextQuery",
     "UnsupportedConfigError",
     "VideoQuery",
 ]

@@ -44,6 +44,17 @@ class VideoQuery:
             raise ModelInputError("VideoQuery needs exactly one of frames= or features=")
 
 
+@dataclass
+class TextQuery:
+    """A question without video (e.g. summarising captions): the official text-only path,
+    no fast tokens in the sequence and no cross term in the hybrid layers."""
+
+    question: str
+
+
+Query = VideoQuery | TextQuery
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
@@ -200,7 +211,10 @@ class SlowFastVLM:
         return features.to(device=self.device, dtype=self.dtype)
 
     @torch.inference_mode()
-    def visual_tokens(self, query: VideoQuery) -> VisualTokens:
+    def visual_tokens(self, query: Query) -> VisualTokens:
+        if isinstance(query, TextQuery):  # no visual input: empty fast and slow tokens
+            empty = torch.zeros(0, self.config.hidden_size, device=self.device, dtype=self.dtype)
+            return VisualTokens(fast=empty, slow=empty)
         if query.features is not None:
             return video_tokens(self._check_features(query.features), self.config)
         pixels = self.preprocess(query.frames)
@@ -221,12 +235,15 @@ class SlowFastVLM:
             limit = min(limit, self.config.tokenizer_model_max_length)
         return limit
 
-    def _batch(self, queries: list[VideoQuery], room_for_answer: int) -> generation.PromptBatch:
+    def _batch(self, queries: list[Query], room_for_answer: int) -> generation.PromptBatch:
         if not queries:
             raise ModelInputError("no queries given")
         tokenizer = self._require_tokenizer()
         samples = [
-            generation.Sample(build_prompt(tokenizer, q.question), self.visual_tokens(q)) for q in queries
+            generation.Sample(
+                build_prompt(tokenizer, q.question, image=not isinstance(q, TextQuery)), self.visual_tokens(q)
+            )
+            for q in queries
         ]
         return generation.assemble(self.network, samples, self.context_length - room_for_answer)
 
@@ -238,7 +255,7 @@ class SlowFastVLM:
 
     def generate(
         self,
-        queries: list[VideoQuery],
+        queries: list[Query],
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -246,7 +263,8 @@ class SlowFastVLM:
         decode_cross_attention: bool = False,
         seed: int | None = None,
     ) -> list[Generation]:
-        """Answer several (clip, question) pairs in one batched call; temperature 0 is greedy."""
+        """Answer several (clip, question) pairs and text-only questions in one batched call;
+        temperature 0 is greedy."""
         settings = generation.SamplingSettings(
             max_new_tokens, temperature, top_p, repetition_penalty, decode_cross_attention, seed
         )
@@ -261,7 +279,7 @@ class SlowFastVLM:
             for seq in sequences
         ]
 
-    def next_token_logits(self, query: VideoQuery) -> torch.Tensor:
+    def next_token_logits(self, query: Query) -> torch.Tensor:
         """Float32 logits [vocab] for the first answer token."""
         return generation.prefill_logits(self.network, self._batch([query], room_for_answer=1))[0].cpu()
 
@@ -271,7 +289,7 @@ class SlowFastVLM:
         firsts = (tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in (word, " " + word))
         return list(dict.fromkeys(ids[0] for ids in firsts if ids))
 
-    def yes_probability(self, query: VideoQuery) -> float:
+    def yes_probability(self, query: Query) -> float:
         """P(yes) / (P(yes) + P(no)) for the first answer token, for yes/no alerts."""
         probs = self.next_token_logits(query).softmax(-1)
         yes = probs[self.answer_token_ids("Yes")].sum()

@@ -15,6 +15,8 @@ CHAT_TEMPLATE = (
     "<|im_start|>user\n" + IMAGE_PLACEHOLDER + "\n{question}<|im_end|>\n"
     "<|im_start|>assistant\n"
 )
+# Without an image the user turn is the question alone (the official text-only prompt).
+TEXT_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(IMAGE_PLACEHOLDER + "\n", "")
 END_OF_TURN = "<|im_end|>"
 MAX_QUESTION_CHARS = 16_000
 
@@ -27,7 +29,10 @@ class PromptIds:
     after_image: list[int]
 
 
-def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str = SYSTEM_PROMPT) -> PromptIds:
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, system: str = SYSTEM_PROMPT, image: bool = True
+) -> PromptIds:
+    """Prompt ids around the `<image>` spot; with `image=False` the text-only prompt (all in `before_image`)."""
     if not isinstance(question, str):
         raise ModelInputError(f"question must be a string, got {type(question).__name__}")
     if not question.strip():
@@ -36,6 +41,9 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, system: str 
         raise ModelInputError(f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
     if IMAGE_PLACEHOLDER in question:
         raise ModelInputError(f"question must not contain the {IMAGE_PLACEHOLDER!r} placeholder")
+    if not image:
+        text = TEXT_CHAT_TEMPLATE.format(system=system, question=question)
+        return PromptIds(before_image=tokenizer(text, add_special_tokens=False)["input_ids"], after_image=[])
     # <image> is not a vocabulary token: tokenize the text on either side of it.
     before, after = CHAT_TEMPLATE.format(system=system, question=question).split(IMAGE_PLACEHOLDER)
     return PromptIds(

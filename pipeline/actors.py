@@ -14,14 +14,16 @@ from typing import Any
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
-from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question, StreamStatus
+from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question, StreamStatus, SummaryKind, window_entry_id
 from connectors.sources import SourceError, SourceState, open_source
 
 from .config import PipelineConfig, StreamConfig
 from .outputs import CaptionFiles
 from .rates import RateMeter
 from .scheduler import FINAL, Outcome, Policy, Resolution, Scheduler
+from .summaries import MAX_PENDING_FACTOR, default_summary_every
 from .window import FrameRef, SlidingWindow, Window
 
 log = logging.getLogger("slowfast.pipeline")
@@ -127,8 +129,9 @@ class IngestActor:
             return
         self.state = IngestState.CONNECTING
         try:
+            # Files skip decoding frames that sampling never needs (see open_source).
             with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size,
-                             live=self.stream.live, retry_connect=True) as source:
+                             live=self.stream.live, retry_connect=True, skip_nonref=not self.stream.live) as source:
                 self.source, self.source_running = source, True
                 self.live = source.is_live
                 windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
@@ -206,7 +209,7 @@ class IngestActor:
             if self.final_sent or self.worker is None:
                 self.final_sent = final or self.final_sent
                 return
-            status = self._status()
+            status = self._status() | {"final": final}
             ref = self.worker.ingest_status.remote(self.stream.id, status)
             self.final_sent = final
         if final:
@@ -263,6 +266,7 @@ class ModelWorker:
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor (state lost)
         self.ingest: dict[str, dict] = {}
         self.fps_out: dict[str, RateMeter] = {}
+        self.files_ended: deque[str] = deque()  # files whose final summary is still to write
         self.wakeup = asyncio.Event()
         self.lock = asyncio.Lock()
         self.loop_task: asyncio.Task | None = None
@@ -285,12 +289,34 @@ class ModelWorker:
         """Take a stream; `next_window` > 0 when re-adding it after a restart (files append)."""
         files = None
         if not live:
-            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, append=next_window > 0)
-        self.processor.add_stream(stream, run, files)
+            earlier = await asyncio.to_thread(self._run_captions, stream.id, run) if next_window else []
+            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, earlier)
+        every = stream.summary_every_n_windows
+        if every is None:
+            every = default_summary_every(self.config.window, self.config.stride, self.config.fps)
+        summaries = await asyncio.to_thread(self._earlier_summaries, stream.id, run, every) if every and next_window else ([], [])
+        self.processor.add_stream(stream.model_copy(update={"live": live}), run, files, every, summaries)
         self.scheduler.add_lane(stream.id, Policy.NEWEST if live else Policy.ORDERED, next_window)
         self.fps_out[stream.id] = RateMeter()
         if self.loop_task is None:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    def _run_captions(self, stream: str, run: int) -> list:
+        """Every caption of this run of the stream that Redis holds, in window order."""
+        with SlowFastClient(self.config.redis_url) as client:
+            return [c for c in client.history(stream, since=f"{run - 1}-0", count=self.config.history_len)
+                    if c.run == run]
+
+    def _earlier_summaries(self, stream: str, run: int, every: int) -> tuple[list, list]:
+        """A stream continuing its run (worker restart, resumed file): its rolling summaries so
+        far and the captions after the last one, from Redis."""
+        with SlowFastClient(self.config.redis_url) as client:
+            done = [s for s in client.summaries(stream, count=self.config.history_len)
+                    if s.run == run and s.kind == SummaryKind.ROLLING]
+            after = window_entry_id(run, done[-1].last_window) if done else f"{run - 1}-0"
+            since = [c for c in client.history(stream, since=after, count=MAX_PENDING_FACTOR * every + 16)
+                     if c.run == run]
+        return done, since
 
     async def remove_stream(self, stream: str) -> None:
         async with self.lock:
@@ -330,6 +356,9 @@ class ModelWorker:
     async def ingest_status(self, stream: str, status: dict) -> None:
         """The ingest's side of the stream's status (its heartbeat); published with the worker's."""
         self.ingest[stream] = status
+        if status["final"] and not status["live"] and status["state"] == IngestState.ENDED:
+            self.files_ended.append(stream)  # every window is done: summarise the file
+            self.wakeup.set()
         await asyncio.to_thread(self._publish_status, stream)
 
     async def answer(self, question: Question):
@@ -339,14 +368,16 @@ class ModelWorker:
     async def stats(self, drain: bool = False) -> dict[str, dict]:
         """Per stream: frames encoded (each once), feature-ring size, window outcomes, queued.
         With `drain`, first let every queued and running window finish (a clean stop)."""
-        while drain and not self.scheduler.idle:
+        while drain and (not self.scheduler.idle or self.files_ended):
             await asyncio.sleep(0.05)
         stats = {}
         for sid, st in self.processor.streams.items():
             counts = self.scheduler.counts(sid)
             stats[sid] = {"frames_encoded": st.frames_encoded, "ring_size": len(st.ring),
                           "windows_done": counts.done, "windows_skipped": counts.skipped,
-                          "windows_failed": counts.failed, "queued": self.scheduler.waiting(sid)}
+                          "windows_failed": counts.failed, "queued": self.scheduler.waiting(sid),
+                          "summaries": len(st.summaries.done) if st.summaries else 0,
+                          "summaries_skipped": st.summaries.skipped if st.summaries else 0}
         return stats
 
     async def flush_publisher(self, timeout_s: float) -> int:
@@ -361,7 +392,14 @@ class ModelWorker:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while (batch := self.scheduler.next_batch()) is not None:
+            while True:
+                batch = self.scheduler.next_batch()
+                if batch is None:  # no window waits: one step of a file's final summary, if any
+                    if not self.files_ended:
+                        break
+                    if await self._final_summary_step(self.files_ended[0]):
+                        self.files_ended.popleft()
+                    continue
                 error = None
                 async with self.lock:
                     try:
@@ -392,6 +430,16 @@ class ModelWorker:
             if not resolution.token.done():
                 resolution.token.set_result(resolution.outcome)
 
+    async def _final_summary_step(self, stream: str) -> bool:
+        """One model call towards a file's final summary (windows that arrive meanwhile go
+        first); True when it is written, or failed."""
+        async with self.lock:
+            try:
+                return await asyncio.to_thread(self.processor.final_summary_step, stream)
+            except Exception:  # the captions are done; a failed summary must not stop the worker
+                log.exception("final summary of %s failed", stream)
+                return True
+
     def _publish_status(self, stream: str) -> None:
         state = self.processor.streams.get(stream)
         counts = self.scheduler.counts(stream)
@@ -409,4 +457,5 @@ class ModelWorker:
             windows_done=counts.done, windows_skipped=counts.skipped, windows_failed=counts.failed,
             reconnects=ingest["reconnects"], latency_s=state.latency_s, last_error=error, last_error_at=error_at,
             lag_s=max(0.0, time.time() - state.latest.wall_end) if state.latest and live else 0.0,
+            summaries_skipped=state.summaries.skipped if state.summaries else 0,
         ))

@@ -20,15 +20,20 @@ import redis
 import typer
 from rich.console import Console
 from rich.measure import Measurement
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
 from rich.table import Table
 
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_conn import describe_redis_error
 from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id
+from connectors.sources import SourceError
 from model.errors import CheckpointError, UnsupportedConfigError
 
 from .config import ConfigError, PipelineConfig, StandingQuestion, StreamConfig, load_config
+from .summaries import clock
+from .resume import ResumeRefused, restart_stream, resume_point
 from .runner import follow_captions, format_caption, preflight, run_pipeline, stop_on_signals
 from .window import expected_windows
 
@@ -104,10 +109,13 @@ def estimated_windows(source: str, config: PipelineConfig) -> int | None:
 @contextlib.contextmanager
 def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]:
     """Print captions as they arrive, with a progress bar (windows done / total) per file."""
-    files = {s.id: estimated_windows(s.source, config) for s in config.streams if s.is_file()}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    streams = [s for s in config.streams if s.is_file()]
+    files = {s.id: estimated_windows(s.source, config) for s in streams}
+    done = resumed_windows(config, streams)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   console=console, transient=False, disable=not files) as progress:
-        tasks = {sid: progress.add_task(sid, total=total) for sid, total in files.items()}
+        tasks = {sid: progress.add_task(sid, total=total, completed=done.get(sid, 0)) for sid, total in files.items()}
 
         def on_caption(caption: Caption) -> None:
             progress.console.print(format_caption(caption), markup=False, highlight=False)
@@ -152,6 +160,20 @@ def print_table(table: Table) -> None:
         return
     natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
     Console(file=console.file, width=max(natural, console.width)).print(table)
+
+
+def resumed_windows(config: PipelineConfig, streams: list[StreamConfig]) -> dict[str, int]:
+    """Windows already captioned of the files that resume (they start the progress bars)."""
+    if not config.redis_url:
+        return {}
+    done = {}
+    with SlowFastClient(config.redis_url) as client:
+        for stream in streams:
+            with contextlib.suppress(ResumeRefused):  # refused before this; the run reports it
+                point = resume_point(client, stream, False, config)
+                if point is not None:
+                    done[stream.id] = point.next_window
+    return done
 
 
 @app.callback()
@@ -225,6 +247,8 @@ def run(
     web: WebAddress = None,
     no_web: NoWeb = False,
     web_token: WebToken = None,
+    restart: Annotated[bool, typer.Option("--restart", help="files start over: clear their Redis keys and "
+                                          "output files first (default: resume after the last captioned window)")] = False,
 ) -> None:
     """Run the pipeline: files until done, live sources until interrupted (Ctrl-C drains)."""
     try:
@@ -248,6 +272,7 @@ def run(
         fail("no streams: give --source URI or streams in the config file")
     beside = web_beside(web, no_web, web_token)
     preflight(config)  # before the log file and progress bars, so a bad setting prints its one line alone
+    prepare_resume(config, restart)
     try:
         with run_log(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
             summaries = run_with_web(config, beside, stop=stop, on_event=console.print, on_caption=on_caption,
@@ -257,6 +282,26 @@ def run(
     print_summaries(summaries)
     if summaries and all(s.get("state") == "failed" for s in summaries.values()):
         fail("every source failed (see the summary)", 1)
+
+
+def prepare_resume(config: PipelineConfig, restart: bool) -> None:
+    """--restart clears the streams' keys and files; otherwise a file whose id has captions of
+    another source or other window settings is refused here, before anything starts."""
+    if restart:
+        for stream in config.streams:
+            if config.redis_url:
+                console.print(restart_stream(config.redis_url, stream.id, config.out_dir), markup=False, soft_wrap=True)
+        return
+    if not config.redis_url:
+        return  # an embedded Redis starts empty: nothing to resume
+    with SlowFastClient(config.redis_url) as client:
+        for stream in config.streams:
+            try:
+                resume_point(client, stream, stream.is_live(), config)
+            except ResumeRefused as exc:
+                fail(str(exc))
+            except SourceError:
+                pass  # the run reports a source that cannot work, for that stream alone
 
 
 def print_summaries(summaries: dict[str, dict]) -> None:
@@ -349,6 +394,18 @@ def web(
         fail(str(exc))
     console.print(f"web page: {server.url}  (Ctrl-C stops)", markup=False, highlight=False)
     server.run()
+
+
+@app.command()
+@reports_errors
+def summary(stream: str, redis_url: RedisUrl) -> None:
+    """Print the stream's latest summary (rolling, or a file's final one)."""
+    latest = SlowFastClient(redis_url).latest_summary(check_stream_id(stream))
+    if latest is None:
+        fail(f"stream {stream!r} has no summary yet")
+    console.print(f"{stream} {latest.kind} summary, windows {latest.first_window}-{latest.last_window} "
+                  f"[{clock(latest.start)}-{clock(latest.end)}]", markup=False, highlight=False)
+    console.print(latest.text, markup=False, highlight=False)
 
 
 @app.command()

@@ -62,6 +62,10 @@ class StreamConfig(BaseModel):
     live: bool | None = Field(default=None, description="None: decided by the source (cameras live, files not)")
     caption_prompt: str = DEFAULT_CAPTION_PROMPT
     caption_every_n_windows: int = Field(default=1, ge=1)
+    summary_every_n_windows: int | None = Field(
+        default=None, ge=0, le=1000,
+        description="a rolling summary of the captions every N windows; None: the windows of about one minute; 0: none",
+    )
     standing_questions: list[StandingQuestion] = Field(default_factory=list)
 
     @field_validator("id")

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from connectors.redis_schema import Caption
@@ -25,38 +26,24 @@ def vtt_timestamp(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
 
 
-def last_window_end(jsonl_path: Path) -> float | None:
-    """`end` of the last complete record in an existing captions.jsonl (None if none)."""
-    if not jsonl_path.exists():
-        return None
-    end = None
-    for line in jsonl_path.read_text(encoding="utf-8").splitlines():
-        try:
-            end = float(json.loads(line)["end"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a crash
-    return end
-
-
 class CaptionFiles:
     """Appends one JSON line per window and one WebVTT cue per captioned window, flushed as they come."""
 
-    def __init__(self, folder: Path, frame_interval: float, append: bool = False):
+    def __init__(self, folder: Path, frame_interval: float, earlier: Sequence[Caption] = ()):
+        """`earlier`: the captions a continuing run already has (from Redis, the source of
+        truth): the files are rewritten with them, so a run killed between Redis and the file,
+        or mid-line, still leaves each window exactly once in valid files."""
         folder.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = folder / "captions.jsonl"
         self.vtt_path = folder / "captions.vtt"
         # A cue ends when its last frame's display interval ends, so cues never have zero length.
         self.frame_interval = frame_interval
-        mode = "a" if append and self.vtt_path.exists() else "w"
-        # Where the next cue starts: the end of the last cue written (continued across a restart).
-        self.cue_start: float | None = None
-        if mode == "a":
-            end = last_window_end(self.jsonl_path)
-            self.cue_start = end + frame_interval if end is not None else None
-        self._jsonl = self.jsonl_path.open(mode, encoding="utf-8")
-        self._vtt = self.vtt_path.open(mode, encoding="utf-8")
-        if mode == "w":
-            self._vtt.write("WEBVTT\n\n")
+        self.cue_start: float | None = None  # where the next cue starts: the end of the last one
+        self._jsonl = self.jsonl_path.open("w", encoding="utf-8")
+        self._vtt = self.vtt_path.open("w", encoding="utf-8")
+        self._vtt.write("WEBVTT\n\n")
+        for caption in earlier:
+            self.write(caption)
 
     def write(self, caption: Caption) -> None:
         record = {
@@ -84,6 +71,12 @@ class CaptionFiles:
         self._vtt.write(f"{caption.window}\n{vtt_timestamp(cue_start)} --> {vtt_timestamp(cue_end)}\n{text}\n\n")
         self._vtt.flush()
         self.cue_start = cue_end
+
+    def write_summary(self, markdown: str) -> None:
+        """summary.md, replaced whole (written to a temporary name first)."""
+        partial = self.jsonl_path.with_name("summary.md.partial")
+        partial.write_text(markdown, encoding="utf-8")
+        partial.replace(self.jsonl_path.with_name("summary.md"))
 
     def close(self) -> None:
         self._jsonl.close()

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 
 from connectors.publisher import Publisher, PublishResult
-from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, QuestionKind
-from model import SlowFastVLM, VideoQuery
+from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, QuestionKind, Summary
+from connectors.sources import redact_uri
+from model import SlowFastVLM, TextQuery, VideoQuery
 
 from .config import GenerationConfig, StandingQuestion, StreamConfig
 from .outputs import CaptionFiles
 from .pictures import window_picture
+from .summaries import FinalSummary, RollingSummaries, SummaryTask, summary_markdown
 from .window import FrameRef, Window
 
 log = logging.getLogger("slowfast.pipeline")
@@ -41,6 +43,8 @@ class StreamState:
     frames_dropped: int = 0  # sampled frames no processed window covered (their windows were skipped)
     last_frame_seq: int | None = None  # of the latest processed window; None after a restart
     latency_s: float | None = None
+    summaries: RollingSummaries | None = None
+    final: FinalSummary | None = None
 
 
 class TaskKind(StrEnum):
@@ -78,8 +82,20 @@ class WindowProcessor:
         self.frames_encoded = 0
 
     # ---- streams ----------------------------------------------------------------
-    def add_stream(self, config: StreamConfig, run: int, files: CaptionFiles | None) -> None:
-        self.streams[config.id] = StreamState(config, run, files)
+    def add_stream(
+        self, config: StreamConfig, run: int, files: CaptionFiles | None, summary_every: int = 0,
+        earlier: tuple[list[Summary], list[Caption]] = ([], []),
+    ) -> None:
+        """`summary_every` > 0: rolling summaries every that many windows. `earlier`: this run's
+        rolling summaries and the captions after the last one, when the stream resumes."""
+        state = StreamState(config, run, files)
+        if summary_every:
+            state.summaries = RollingSummaries(config.id, run, summary_every)
+            done, since = earlier
+            state.summaries.done = list(done)
+            state.summaries.previous = done[-1] if done else None
+            state.summaries.pending = list(since)
+        self.streams[config.id] = state
 
     def remove_stream(self, stream: str) -> None:
         state = self.streams.pop(stream, None)
@@ -121,8 +137,16 @@ class WindowProcessor:
         windows = [w for w in windows if w.stream in self.streams]
         features = {(w.stream, w.seq): self.window_features(w) for w in windows}
         tasks = [t for w in windows for t in self.tasks_for(w)]
-        texts = self._generate([VideoQuery(features=features[(t.window.stream, t.window.seq)], question=t.prompt)
-                                for t in tasks])
+        summary_tasks = self._due_summaries(room=self.batch_size - len(tasks))
+        try:
+            texts = self._generate([VideoQuery(features=features[(t.window.stream, t.window.seq)], question=t.prompt)
+                                    for t in tasks] + [TextQuery(t.prompt) for t in summary_tasks])
+        except Exception:
+            for task in summary_tasks:  # their captions stay pending for the next summary
+                self.streams[task.stream].summaries.in_flight = None
+            raise
+        for task, text in zip(summary_tasks, texts[len(tasks):]):
+            self._publish_summary(self.streams[task.stream].summaries.complete(text))
         captions = []
         for window in windows:
             state = self.streams[window.stream]
@@ -143,6 +167,8 @@ class WindowProcessor:
             if state.files is not None and caption_text is not None and result != PublishResult.DUPLICATE:
                 state.files.write(caption)
             state.latency_s = latency
+            if state.summaries is not None and caption_text is not None:
+                state.summaries.add_caption(caption)
             captions.append(caption)
         return captions
 
@@ -160,6 +186,53 @@ class WindowProcessor:
         result = self.publisher.publish_window(caption, [], [])
         if state.files is not None and result != PublishResult.DUPLICATE:
             state.files.write(caption)
+
+    # ---- summaries ------------------------------------------------------------------
+    def _due_summaries(self, room: int) -> list[SummaryTask]:
+        """Rolling summaries that fit in the batch's free slots: they never take a window's
+        place. A live stream's summary without room is skipped (its captions roll into the
+        next one); a file's waits for the next batch."""
+        tasks = []
+        for state in self.streams.values():
+            rolling = state.summaries
+            if rolling is None or not rolling.due():
+                continue
+            if len(tasks) < room:
+                tasks.append(rolling.next_task())
+            elif state.config.live:
+                rolling.next_task()
+                rolling.skip()
+        return tasks
+
+    def _publish_summary(self, summary: Summary) -> None:
+        self.publisher.publish_summary(summary.model_copy(update={"model": self.model_name}))
+
+    def final_summary_step(self, stream: str) -> bool:
+        """One model call towards a file's final summary, after its last window: first a
+        rolling summary of the captions left, then each round of summaries of summaries; at
+        the end it is published and written to summary.md. True when done (or nothing to do)."""
+        state = self.streams.get(stream)
+        if state is None or state.summaries is None:
+            return True
+        rolling = state.summaries
+        if rolling.pending:
+            rolling.in_flight = None
+            (text,) = self._generate([TextQuery(rolling.next_task(force=True).prompt)])
+            self._publish_summary(rolling.complete(text))
+            return False
+        if not rolling.done:
+            return True  # no caption at all
+        if state.final is None:
+            state.final = FinalSummary(rolling.done)
+        if state.final.finished is None:
+            state.final.complete(self._generate([TextQuery(t.prompt) for t in state.final.tasks()]), first_seq=0)
+            if state.final.finished is None:
+                return False
+        summary = state.final.finished.model_copy(update={"model": self.model_name})
+        self.publisher.publish_summary(summary)
+        if state.files is not None:
+            state.files.write_summary(summary_markdown(stream, redact_uri(state.config.source), summary, rolling.done))
+        return True
 
     def _standing_results(self, window: Window, features: torch.Tensor, own) -> tuple[list[Answer], list[Event]]:
         answers, events = [], []
@@ -217,7 +290,7 @@ class WindowProcessor:
         return Answer(**base, window=window.seq, start=window.start, end=window.end, text=text,
                       probability=probability, model=self.model_name)
 
-    def _generate(self, queries: list[VideoQuery]) -> list[str]:
+    def _generate(self, queries: list[VideoQuery | TextQuery]) -> list[str]:
         texts: list[str] = []
         g = self.generation
         for start in range(0, len(queries), self.batch_size):

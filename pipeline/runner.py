@@ -32,6 +32,7 @@ from model.checkpoint import check_checkpoint
 
 from .config import ConfigError, PipelineConfig, StreamConfig
 from .actors import IngestActor, ModelWorker
+from .resume import resume_point, window_settings
 
 log = logging.getLogger("slowfast.pipeline")
 POLL_MS = 200
@@ -289,18 +290,20 @@ class Pipeline:
                 loads[index] = ray.get(self.workers[index].load.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
         return min(loads, key=loads.get) if loads else None
 
-    def add_stream(self, stream: StreamConfig) -> None:
+    def add_stream(self, stream: StreamConfig) -> str | None:
+        """Start a stream; returns a line for the user when a file resumes an earlier run."""
         if stream.id in self.streams:
             raise ValueError(f"stream {stream.id!r} is already running")
         live = stream.is_live()
-        info = self.publisher.register_stream(
-            StreamInfo(id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"),
-                       pipeline=self.started_ms)
-        )
+        resume = resume_point(self.client, stream, live, self.config)  # ResumeRefused: this stream fails
+        info = self.publisher.register_stream(StreamInfo(
+            id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"),
+            pipeline=self.started_ms, run=resume.run if resume else 0, window_settings=window_settings(self.config),
+        ))
         index = self.least_loaded_worker()
         if index is None:
             raise RuntimeError("no model worker is reachable")
-        ray.get(self.workers[index].add_stream.remote(stream, info.run, live))
+        ray.get(self.workers[index].add_stream.remote(stream, info.run, live, resume.next_window if resume else 0))
         stream = stream.model_copy(update={"live": live})
         ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
             stream, self.config, f"worker:{index}", self.frame_size
@@ -309,6 +312,7 @@ class Pipeline:
             stream, info.run, live, index, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote()
         )
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
+        return f"stream {stream.id} resumes after window {resume.next_window - 1}" if resume else None
 
     def report_failure(self, stream_id: str, exc: Exception) -> None:
         self.failed[stream_id] = {"stream": stream_id, "state": "failed", "error": str(exc)}
@@ -491,7 +495,9 @@ def run_pipeline(
         on_event(f"metrics {metrics_url()}")
         for stream in config.streams:
             try:
-                pipeline.add_stream(stream)
+                resumed = pipeline.add_stream(stream)
+                if resumed:
+                    on_event(resumed)
             except Exception as exc:  # a stream that cannot start affects only itself
                 pipeline.report_failure(stream.id, exc)
                 on_event(f"stream {stream.id} failed: {exc}")

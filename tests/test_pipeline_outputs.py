@@ -44,12 +44,16 @@ def test_vtt_continues_contiguously_after_a_restart(tmp_path):
     first = CaptionFiles(tmp_path, DT)
     first.write(window_caption(0, 0.0))
     first.close()
-    second = CaptionFiles(tmp_path, DT, append=True)  # a worker restarted mid-file re-opens the files
-    second.write(window_caption(0, 0.0))  # a window already shown adds no cue
+    # A worker restarted mid-file, or a resumed run, rewrites the files from what Redis holds
+    # (here window 0, whose first file was cut mid-line), then goes on.
+    (tmp_path / "captions.jsonl").write_text((tmp_path / "captions.jsonl").read_text() + '{"window": 1, "sta')
+    second = CaptionFiles(tmp_path, DT, earlier=[window_caption(0, 0.0)])
     second.write(window_caption(1, 2.0))
     second.close()
     cues = read_vtt_cues(tmp_path / "captions.vtt")
     assert [c[:2] for c in cues] == [(0.0, 4.0), (4.0, 6.0)]
+    records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [r["window"] for r in records] == [0, 1]
 
 
 def test_a_failed_window_shows_nothing_for_its_stretch(tmp_path):

@@ -254,3 +254,27 @@ def test_backoff() -> None:
         assert base * 0.75 <= backoff.delay(attempt) <= base * 1.25
     assert not backoff.exhausted(5) and backoff.exhausted(6)
     assert not Backoff().exhausted(10**6)
+
+
+def test_skip_nonref_decodes_less_and_keeps_every_timestamp_true(cfr: Clip) -> None:
+    """Each sampled picture (its barcode) sits at the pts reported for it; samples stay one per
+    tick, at most two frames late (the clip has 2 B-frames between references)."""
+    clip = cfr
+    with open_source(clip.path, fps=4.0, skip_nonref=True) as src:
+        frames = list(src)
+        decoded = src.stats.decoded
+    everything = read_all(clip.path, fps=4.0)
+    assert decoded < len(clip.times)  # B-frames were skipped
+    indices = [decode_index(f.image) for f in frames]
+    assert [f.pts for f in frames] == pytest.approx([clip.times[i] for i in indices], abs=2e-3)
+    assert_well_formed(frames)
+    exact = reference_sample(clip.times, 4.0)
+    assert len(frames) == len(everything) == len(exact)
+    assert all(0 <= i - j <= 2 for i, j in zip(indices, exact))
+
+
+def test_skip_nonref_leaves_fast_sampling_alone(cfr: Clip) -> None:
+    """Sampling near the frame rate needs every frame: nothing is skipped."""
+    with open_source(cfr.path, fps=30.0, skip_nonref=True) as src:
+        frames = list(src)
+    assert [decode_index(f.image) for f in frames] == list(range(300))

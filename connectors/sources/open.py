@@ -34,6 +34,7 @@ def open_source(
     backoff_jitter: float = 0.2,
     max_attempts: int | None = None,
     retry_connect: bool = False,
+    skip_nonref: bool = False,
     av_options: Mapping[str, str] | None = None,
 ) -> VideoSource:
     """Open a video source and connect to it (SourceError if it cannot start).
@@ -43,7 +44,10 @@ def open_source(
     keeps the aspect ratio; size=None keeps the native resolution). loop / loop://PATH:
     replay a file forever (at real time unless realtime=False) as a fake live camera.
     live: override live detection. transport, timeouts, backoff_*, max_attempts
-    (None: forever) govern live sources; retry_connect: a live source that is down at
+    (None: forever) govern live sources; skip_nonref: with fps at most a quarter of the frame
+    rate, FFmpeg skips decoding frames no other frame refers to (B-frames, usually; each sample
+    is then the first reference frame at or after its tick, with its own true timestamp, and
+    source_index counts decoded frames only); retry_connect: a live source that is down at
     start keeps retrying (state connecting) instead of raising. av_options: extra FFmpeg
     options passed to av.open.
     """
@@ -71,5 +75,6 @@ def open_source(
         live=live,
         realtime=realtime,
         retry_connect=retry_connect,
+        skip_nonref=skip_nonref,
     )
     return source.start()

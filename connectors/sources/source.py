@@ -27,6 +27,9 @@ from .uri import Kind, SourceSpec
 log = logging.getLogger(__name__)
 
 LIVE_MAX_FORWARD_GAP = 10.0  # seconds; a live clock jumping further ahead is re-anchored
+# Skip decoding non-reference frames when sampling at most this fraction of the frame rate:
+# reference frames then still come several times per sampling interval.
+SKIP_NONREF_RATIO = 4
 
 
 class VideoSource:
@@ -44,12 +47,14 @@ class VideoSource:
         live: bool | None = None,
         realtime: bool = True,
         retry_connect: bool = False,
+        skip_nonref: bool = False,
     ) -> None:
         self.spec = spec
         self.uri = spec.display  # safe to log/publish
         self._fps, self._frames = fps, frames
         self._scaler, self._settings, self._backoff = scaler, settings, backoff
         self._live_override, self._realtime, self._retry_connect = live, realtime, retry_connect
+        self._skip_nonref = skip_nonref
         self._state = SourceState.CONNECTING
         self._stats = SourceStats()
         self._stop = threading.Event()
@@ -229,6 +234,8 @@ class VideoSource:
             if first:
                 self._init_sampling(stream)
             self._start_segment(stream, first)
+            if self._skips_non_reference(stream):
+                stream.codec_context.skip_frame = "NONREF"
         except BaseException:
             container.close()
             raise
@@ -236,6 +243,15 @@ class VideoSource:
             self._container, self._decoder = container, Decoder(container, stream, self._stats)
         self._stats.attempt = 0
         self._state = SourceState.LIVE
+
+    def _skips_non_reference(self, stream: VideoStream) -> bool:
+        """With skip_nonref, sampling by rate well below the frame rate needs no frame that nothing refers to
+        (B-frames, usually): FFmpeg skips decoding them. A sample is then the first reference
+        frame at or after its tick, a frame or two later at most, with its own true timestamp.
+        Uniform sampling (frames=N) counts every frame, so it decodes them all."""
+        rate = stream.average_rate or stream.guessed_rate
+        return (self._skip_nonref and isinstance(self._sampler, RateSampler) and bool(rate)
+                and float(rate) >= SKIP_NONREF_RATIO * self._fps)
 
     def _init_sampling(self, stream: VideoStream) -> None:
         if self._frames is not None and self.is_live:

@@ -1,0 +1,211 @@
+"""Seconds to caption and summarize one hour of video: measured here, derived for a GPU.
+
+Measured (this machine, tiny model unless --model): a generated H.264 clip of --seconds
+(30 fps, B-frames, 640x360) at the product defaults (64-frame windows, stride 16, 4 fps,
+a rolling summary per minute of windows, then the final summary):
+  decode   open_source over the clip as the pipeline reads files (skip_nonref), alone;
+  model    the model alone on the same frames: each frame encoded once, one caption per
+           window (timed from the second window: steady state), the rolling summaries and the
+           final summary (text-only), one call each;
+  pipeline the whole run through Ray + Redis (`run_pipeline`), from the first caption to the
+           end, final summary included (steady state; start-up, Ray and model loading, apart);
+  overhead pipeline - decode - model (negative: decoding overlaps the model).
+Each is scaled linearly from the clip to one hour (windows and summaries grow linearly).
+
+Derived for a GPU (not measured: no GPU here): FLOPs per window of the 7B model from its
+sizes (ConvNeXt-XXL ~2 TFLOP per 576 px frame, ~14 GFLOP per LLM token) at --gpu-tflops
+of sustained bf16, plus decode steps bound by reading the ~15 GB of weights at --gpu-tbps;
+video decoding from the measured rate per CPU core times --gpu-host-cores.
+
+    .venv/bin/python bench/long_video_bench.py [--seconds 90] [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import ray
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from connectors.embedded import EmbeddedRedis  # noqa: E402
+from connectors.sources import open_source  # noqa: E402
+from model import SlowFastVLM, TextQuery, VideoQuery  # noqa: E402
+from model.tiny import write_tiny_model  # noqa: E402
+from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config  # noqa: E402
+from pipeline.runner import run_pipeline  # noqa: E402
+from pipeline.summaries import FinalSummary, RollingSummaries, default_summary_every  # noqa: E402
+from pipeline.window import expected_windows  # noqa: E402
+from connectors.redis_schema import Caption  # noqa: E402
+
+WINDOW, STRIDE, FPS = 64, 16, 4.0
+HOUR = 3600.0
+
+
+def write_clip(path: Path, seconds: float, rate: int = 30) -> Path:
+    """Moving texture, H.264 with B-frames (libx264 defaults), 640x360."""
+    h, w = 360, 640
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=rate, options={"preset": "veryfast"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for i in range(int(seconds * rate)):
+            image = np.stack([(x + 3 * i) % 256, (y + i) % 256, rng.integers(0, 32, (h, w))], -1).astype(np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def measure_decode(clip: Path, size: int) -> tuple[float, list[np.ndarray], int]:
+    begin = time.perf_counter()
+    with open_source(str(clip), fps=FPS, size=size, skip_nonref=True) as source:
+        frames = [f.image for f in source]
+        decoded = source.stats.decoded
+    return time.perf_counter() - begin, frames, decoded
+
+
+def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int) -> dict[str, float]:
+    """Captions of every window (frames encoded once) then rolling + final summaries."""
+    starts = list(range(0, len(frames) - WINDOW + 1, STRIDE))
+    if (len(frames) - WINDOW) % STRIDE:
+        starts.append(len(frames) - WINDOW)  # the tail window, as the pipeline does
+    every = default_summary_every(WINDOW, STRIDE, FPS)
+    rolling = RollingSummaries("bench", run=1, every_n_windows=every)
+    features: dict[int, torch.Tensor] = {}
+    caption_s = summary_s = 0.0
+    summaries = 0
+    for seq, start in enumerate(starts):
+        if seq == 1:  # steady state from the second window on: the first encodes a whole window
+            caption_s = 0.0
+        begin = time.perf_counter()
+        new = [i for i in range(start, start + WINDOW) if i not in features]
+        if new:
+            features.update(zip(new, vlm.encode_frames(vlm.preprocess(np.stack([frames[i] for i in new])))))
+        stacked = torch.stack([features[i] for i in range(start, start + WINDOW)])
+        (out,) = vlm.generate([VideoQuery(features=stacked, question=DEFAULT_CAPTION_PROMPT)], max_new_tokens=tokens)
+        caption_s += time.perf_counter() - begin
+        rolling.add_caption(Caption(stream="bench", window=seq, run=1, start=start / FPS, end=(start + WINDOW - 1) / FPS,
+                                    wall_start=0, wall_end=0, text=out.text))
+        task = rolling.next_task(force=seq == len(starts) - 1)
+        if task is not None:
+            begin = time.perf_counter()
+            (text,) = vlm.generate([TextQuery(task.prompt)], max_new_tokens=tokens)
+            rolling.complete(text.text)
+            summary_s += time.perf_counter() - begin
+            summaries += 1
+    final = FinalSummary(rolling.done)
+    begin = time.perf_counter()
+    while final.finished is None:
+        texts = [g.text for g in vlm.generate([TextQuery(t.prompt) for t in final.tasks()], max_new_tokens=tokens)]
+        final.complete(texts, first_seq=0)
+    final_s = time.perf_counter() - begin
+    return {"windows": len(starts), "caption_s": caption_s, "summaries": summaries, "summary_s": summary_s,
+            "final_s": final_s, "every": every}
+
+
+def measure_pipeline(clip: Path, model: str, tokens: int, out: Path) -> dict[str, float]:
+    first = threading.Event()
+    marks: dict[str, float] = {}
+
+    def on_caption(caption) -> None:
+        if not first.is_set():
+            marks["first"] = time.perf_counter()
+            first.set()
+
+    begin = time.perf_counter()
+    with EmbeddedRedis() as redis:
+        config = load_config(None, redis_url=redis.url, model=model, out_dir=out, window=WINDOW, stride=STRIDE,
+                             fps=FPS, streams=[{"id": "film", "source": str(clip)}],
+                             generation={"max_new_tokens": tokens})
+        summary = run_pipeline(config, on_event=lambda line: None, on_caption=on_caption)["film"]
+    end = time.perf_counter()
+    if not (out / "film" / "summary.md").exists():
+        sys.exit("the pipeline wrote no summary.md")
+    return {"startup_s": marks["first"] - begin, "steady_s": end - marks["first"], "windows": summary["windows_done"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=90.0, help="length of the generated clip")
+    parser.add_argument("--model", help="checkpoint folder (default: the tiny model)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--gpu-tflops", type=float, default=350.0, help="sustained bf16 TFLOP/s (H100: ~300-400)")
+    parser.add_argument("--gpu-tbps", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM)")
+    parser.add_argument("--gpu-batch", type=int, default=8, help="windows per batched decode on the GPU")
+    parser.add_argument("--gpu-host-cores", type=int, default=16, help="CPU cores decoding video on the GPU box")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        clip = write_clip(tmp / "clip.mp4", args.seconds)
+        model = args.model or str(write_tiny_model(tmp / "tiny"))
+        # One thread, as in the CPU model worker (Ray gives a num_cpus=1 actor one OpenMP
+        # thread): the same work as the pipeline, and no thread oversubscription.
+        torch.set_num_threads(1)
+        vlm = SlowFastVLM.from_pretrained(model, device="cpu")
+        decode_s, frames, decoded = measure_decode(clip, vlm.config.image_size)
+        assert len(frames) >= WINDOW + STRIDE, "clip too short for two windows"
+        m = measure_model(vlm, frames, args.max_new_tokens)
+        del frames
+        ray.init(include_dashboard=False, log_to_driver=False)
+        try:
+            p = measure_pipeline(clip, model, args.max_new_tokens, tmp / "out")
+        finally:
+            ray.shutdown()
+
+    scale = HOUR / args.seconds
+    hour_windows = expected_windows(round(HOUR * FPS), WINDOW, STRIDE)
+    hour_summaries = -(-hour_windows // m["every"])
+    per_window = m["caption_s"] / (m["windows"] - 1)
+    per_summary = (m["summary_s"] + m["final_s"]) / max(1, m["summaries"] + FinalSummary.rounds_needed(m["summaries"]))
+    final_tasks = sum(-(-hour_summaries // 8 ** k) for k in range(1, FinalSummary.rounds_needed(hour_summaries) + 1))
+    hour_model = hour_windows * per_window + (hour_summaries + final_tasks) * per_summary
+    hour_decode = decode_s * scale
+    hour_pipeline = p["steady_s"] * (hour_windows / (p["windows"] - 1))
+    cores = os.cpu_count()
+    print(f"clip {args.seconds:g} s (30 fps H.264 640x360, B-frames): {m['windows']} windows, "
+          f"{m['summaries']} rolling summaries (every {m['every']} windows) + final; {decoded} of "
+          f"{int(args.seconds * 30)} frames decoded (skip_nonref); CPU {cores} cores, torch {torch.__version__}")
+    print(f"MEASURED on this CPU, model {'tiny' if not args.model else args.model}, scaled x{scale:.0f} to one hour "
+          f"({hour_windows} windows, {hour_summaries} rolling summaries, {final_tasks} final-summary calls):")
+    print(f"  decode alone        {decode_s:8.1f} s for the clip -> {hour_decode:8.0f} s per hour")
+    print(f"  model alone         {m['caption_s'] + m['summary_s'] + m['final_s']:8.1f} s for the clip (from window 1) -> {hour_model:8.0f} s per hour "
+          f"({per_window:.2f} s/window, {per_summary:.2f} s/summary)")
+    print(f"  pipeline (Ray+Redis) {p['steady_s']:7.1f} s steady for {p['windows']} windows -> {hour_pipeline:8.0f} s "
+          f"per hour; start-up {p['startup_s']:.0f} s once")
+    print(f"  overhead            {hour_pipeline - hour_decode - hour_model:8.0f} s per hour (pipeline - decode - model; "
+          f"negative = decoding overlaps the model)")
+    print(f"  ONE HOUR: {hour_pipeline + p['startup_s']:.0f} s ({(hour_pipeline + p['startup_s']) / HOUR:.2f}x real time)")
+
+    # Derived: the 7B model on one GPU at the same settings.
+    new_frames = STRIDE  # per window, each frame encoded once
+    vision_tflop = 2.0 * new_frames
+    prompt_tokens = 1296 + 40  # fast tokens + template
+    prefill_tflop = 2 * 7.6e9 * prompt_tokens / 1e12
+    decode_step_s = 15.2e9 / (args.gpu_tbps * 1e12)  # weights read once per step for the whole batch
+    gpu_window = (vision_tflop + prefill_tflop) / args.gpu_tflops + args.max_new_tokens * decode_step_s / args.gpu_batch
+    summary_tokens = 1500
+    gpu_summary = 2 * 7.6e9 * summary_tokens / 1e12 / args.gpu_tflops + args.max_new_tokens * decode_step_s / args.gpu_batch
+    gpu_model = hour_windows * gpu_window + (hour_summaries + final_tasks) * gpu_summary
+    decode_per_core = hour_decode * cores  # core-seconds per hour of this clip's video
+    gpu_decode = decode_per_core / args.gpu_host_cores
+    print(f"DERIVED for one GPU, 7B bf16 (assumes {args.gpu_tflops:g} TFLOP/s, {args.gpu_tbps:g} TB/s, batch "
+          f"{args.gpu_batch}, decoding on {args.gpu_host_cores} host cores at this CPU's per-core rate):")
+    print(f"  model {gpu_model:.0f} s ({gpu_window * 1000:.0f} ms/window: {vision_tflop:.0f} TFLOP vision + "
+          f"{prefill_tflop:.0f} TFLOP prefill + {args.max_new_tokens} batched decode steps), decode {gpu_decode:.0f} s "
+          f"in parallel")
+    print(f"  ONE HOUR: ~{max(gpu_model, gpu_decode):.0f} s (the larger of the two; they overlap)")
+
+
+if __name__ == "__main__":
+    main()

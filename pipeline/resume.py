@@ -1,0 +1,74 @@
+"""Resuming a file's stream after an interruption, and starting it over (no Ray).
+
+A file stream whose captions are in Redis continues its run after the last captioned
+window, provided it is the same source with the same window settings (both recorded in the
+registry); anything else under the same id is refused, since its windows would not line up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from connectors.client import SlowFastClient
+from connectors.publisher import Publisher
+from connectors.sources import redact_uri
+
+from .config import PipelineConfig, StreamConfig
+
+OUTPUT_FILES = ("captions.jsonl", "captions.vtt", "summary.md")
+
+
+class ResumeRefused(ValueError):
+    """The stream id has captions of another source or other window settings."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    run: int
+    next_window: int  # windows below this are done
+
+
+def window_settings(config: PipelineConfig) -> dict[str, float]:
+    return {"window": config.window, "stride": config.stride, "fps": config.fps}
+
+
+def _describe(settings: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(settings.items())) or "unrecorded window settings"
+
+
+def resume_point(client: SlowFastClient, stream: StreamConfig, live: bool, config: PipelineConfig) -> ResumePoint | None:
+    """Where a file stream continues (None: from the start). Raises ResumeRefused."""
+    info = client.stream(stream.id)
+    if live or info is None or info.live:
+        return None
+    last = next((c for c in reversed(client.history(stream.id, count=1)) if c.run == info.run), None)
+    if last is None:
+        return None
+    source = redact_uri(stream.source)
+    wanted = window_settings(config)
+    if info.source != source:
+        raise ResumeRefused(
+            f"stream {stream.id!r} already has {last.window + 1} windows captioned from {info.source}, not {source}: "
+            "use another id, or --restart to start over"
+        )
+    if info.window_settings != wanted:
+        raise ResumeRefused(
+            f"stream {stream.id!r} was captioned with {_describe(info.window_settings)}, this run has "
+            f"{_describe(wanted)}: use the same settings to resume, another id, or --restart to start over"
+        )
+    return ResumePoint(run=info.run, next_window=last.window + 1)
+
+
+def restart_stream(redis_url: str, stream_id: str, out_dir: Path) -> str:
+    """Delete the stream's Redis keys and output files; says what went."""
+    with Publisher(redis_url) as publisher:
+        keys = publisher.forget_stream(stream_id)
+    removed = []
+    for name in OUTPUT_FILES:
+        path = out_dir / stream_id / name
+        if path.exists():
+            path.unlink()
+            removed.append(name)
+    files = ", ".join(removed) if removed else "no files"
+    return f"restart: cleared stream {stream_id} ({keys} Redis keys; {files})"

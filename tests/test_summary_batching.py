@@ -1,0 +1,78 @@
+"""Rolling summaries ride in the free slots of caption batches (no Ray; real Redis, tiny model).
+
+The worker's skip rule for live windows (newest wins) depends only on which windows a batch
+takes and how many model calls it makes; these tests pin both, deterministically, with and
+without summaries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from connectors.client import SlowFastClient
+from connectors.publisher import Publisher
+from connectors.redis_schema import SummaryKind
+from pipeline.config import GenerationConfig, StreamConfig
+from pipeline.processor import WindowProcessor
+from pipeline.window import FrameRef, Window
+from tests.support.tiny_model import random_frames
+
+WINDOW, STRIDE = 4, 2
+STREAMS = ("cam-a", "cam-b")
+
+
+def windows_of(stream: str, count: int, seed: int) -> list[Window]:
+    images = random_frames(WINDOW + STRIDE * (count - 1), size=64, seed=seed)
+    refs = [FrameRef(i, i / 4.0, 1.7e9 + i / 4.0, images[i]) for i in range(len(images))]
+    return [Window(stream, k, tuple(refs[k * STRIDE : k * STRIDE + WINDOW]), live=True) for k in range(count)]
+
+
+class CountingModel:
+    """The tiny model, counting its generate calls and what each held."""
+
+    def __init__(self, vlm):
+        self.vlm, self.calls = vlm, []
+
+    def __getattr__(self, name):
+        return getattr(self.vlm, name)
+
+    def generate(self, queries, **kwargs):
+        self.calls.append([type(q).__name__ for q in queries])
+        return self.vlm.generate(queries, **kwargs)
+
+
+def run_batches(tiny_vlm, redis_url, batch_size: int, summary_every: int, rounds: int = 4):
+    model = CountingModel(tiny_vlm)
+    processor = WindowProcessor(model, Publisher(redis_url), GenerationConfig(max_new_tokens=3), batch_size,
+                                fetch_frames=lambda refs: [f.ref for f in refs], model_name="tiny")
+    for seed, sid in enumerate(STREAMS):
+        processor.add_stream(StreamConfig(id=sid, source=f"rtsp://cam/{sid}", live=True), run=1, files=None,
+                             summary_every=summary_every)
+    windows = {sid: windows_of(sid, rounds, seed) for seed, sid in enumerate(STREAMS)}
+    captioned = []
+    for k in range(rounds):  # each batch: the newest window of every camera, as the worker takes them
+        captioned += [(c.stream, c.window) for c in processor.process([windows[sid][k] for sid in STREAMS])]
+    return processor, model.calls, captioned
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_summaries_never_take_a_windows_place_or_add_a_model_call(tiny_vlm, redis_url, batch_size):
+    _, plain_calls, plain = run_batches(tiny_vlm, redis_url, batch_size, summary_every=0)
+    processor, calls, captioned = run_batches(tiny_vlm, redis_url, batch_size, summary_every=1)
+    assert captioned == plain  # the same windows, captioned in the same batches
+    assert len(calls) == len(plain_calls)  # summaries join the caption call, never one of their own
+    assert all(call.count("VideoQuery") == 2 and len(call) <= batch_size for call in calls)
+    states = [processor.streams[sid].summaries for sid in STREAMS]
+    client = SlowFastClient(redis_url)
+    if batch_size == 2:  # full batches: every due summary is skipped and counted, captions roll over
+        assert all(call == ["VideoQuery", "VideoQuery"] for call in calls)
+        assert [s.skipped for s in states] == [3, 3] and not any(s.done for s in states)
+        assert [len(s.pending) for s in states] == [4, 4]
+    else:  # one free slot per batch: the summaries take turns in it
+        assert all(call == ["VideoQuery", "VideoQuery", "TextQuery"] for call in calls[1:])
+        summaries = [s for sid in STREAMS for s in client.summaries(sid)]
+        assert len(summaries) == 3 and all(s.kind == SummaryKind.ROLLING for s in summaries)
+        for state in states:  # each summary covers exactly the windows since the one before
+            covered = [w for s in state.done for w in range(s.first_window, s.last_window + 1)]
+            assert covered == list(range(len(covered)))
