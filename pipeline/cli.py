@@ -400,7 +400,11 @@ def web(
 @reports_errors
 def summary(stream: str, redis_url: RedisUrl) -> None:
     """Print the stream's latest summary (rolling, or a file's final one)."""
-    latest = SlowFastClient(redis_url).latest_summary(check_stream_id(stream))
+    try:
+        check_stream_id(stream)
+    except ValueError as exc:
+        fail(str(exc))
+    latest = SlowFastClient(redis_url).latest_summary(stream)
     if latest is None:
         fail(f"stream {stream!r} has no summary yet")
     console.print(f"{stream} {latest.kind} summary, windows {latest.first_window}-{latest.last_window} "

@@ -73,6 +73,8 @@ def test_summary_command_prints_the_latest_or_says_there_is_none(redis_url):
     from tests.support.records import RUN, make_caption
 
     runner = CliRunner()
+    bad = runner.invoke(app, ["summary", "no{pe}", "--redis-url", redis_url])
+    assert bad.exit_code == 2 and bad.output.startswith("error: invalid stream id")
     missing = runner.invoke(app, ["summary", "film", "--redis-url", redis_url])
     assert missing.exit_code == 2 and "error: stream 'film' has no summary yet" in missing.output
     rolling = RollingSummaries("film", RUN, every_n_windows=2)

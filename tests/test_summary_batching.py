@@ -7,7 +7,6 @@ without summaries.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from connectors.client import SlowFastClient
