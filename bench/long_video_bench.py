@@ -12,10 +12,11 @@ a rolling summary per minute of windows, then the final summary):
   overhead pipeline - decode - model (negative: decoding overlaps the model).
 Each is scaled linearly from the clip to one hour (windows and summaries grow linearly).
 
-Derived for a GPU (not measured: no GPU here): FLOPs per window of the 7B model from its
-sizes (ConvNeXt-XXL ~2 TFLOP per 576 px frame, ~14 GFLOP per LLM token) at --gpu-tflops
-of sustained bf16, plus decode steps bound by reading the ~15 GB of weights at --gpu-tbps;
-video decoding from the measured rate per CPU core times --gpu-host-cores.
+Derived for a GPU (no GPU here): from the model bench's figures for the 7B model measured
+on an H200 (README, Sizing: 5.4 windows/s for the whole per-window step, 16 new frames +
+prefill + 64 tokens, at batch 32; tower 183 frames/s); a text-only summary costs a
+window's step without the tower. Video decoding from this CPU's measured rate per core,
+spread over --gpu-host-cores.
 
     .venv/bin/python bench/long_video_bench.py [--seconds 90] [--model PATH]
 """
@@ -139,9 +140,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=90.0, help="length of the generated clip")
     parser.add_argument("--model", help="checkpoint folder (default: the tiny model)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--gpu-tflops", type=float, default=350.0, help="sustained bf16 TFLOP/s (H100: ~300-400)")
-    parser.add_argument("--gpu-tbps", type=float, default=3.35, help="GPU memory bandwidth, TB/s (H100 SXM)")
-    parser.add_argument("--gpu-batch", type=int, default=8, help="windows per batched decode on the GPU")
+    parser.add_argument("--gpu-windows-per-s", type=float, default=5.4,
+                        help="per-window steps per second on the GPU (H200, batch 32, measured by model_bench)")
+    parser.add_argument("--gpu-tower-fps", type=float, default=183.0, help="vision tower frames/s on the GPU (H200)")
     parser.add_argument("--gpu-host-cores", type=int, default=16, help="CPU cores decoding video on the GPU box")
     args = parser.parse_args()
 
@@ -187,23 +188,18 @@ def main() -> None:
           f"negative = decoding overlaps the model)")
     print(f"  ONE HOUR: {hour_pipeline + p['startup_s']:.0f} s ({(hour_pipeline + p['startup_s']) / HOUR:.2f}x real time)")
 
-    # Derived: the 7B model on one GPU at the same settings.
-    new_frames = STRIDE  # per window, each frame encoded once
-    vision_tflop = 2.0 * new_frames
-    prompt_tokens = 1296 + 40  # fast tokens + template
-    prefill_tflop = 2 * 7.6e9 * prompt_tokens / 1e12
-    decode_step_s = 15.2e9 / (args.gpu_tbps * 1e12)  # weights read once per step for the whole batch
-    gpu_window = (vision_tflop + prefill_tflop) / args.gpu_tflops + args.max_new_tokens * decode_step_s / args.gpu_batch
-    summary_tokens = 1500
-    gpu_summary = 2 * 7.6e9 * summary_tokens / 1e12 / args.gpu_tflops + args.max_new_tokens * decode_step_s / args.gpu_batch
+    # Derived: the 7B model on one GPU, from the model bench's figures measured on an H200
+    # (README, Sizing): windows/s of the whole per-window step at a batch of 32, and the
+    # tower's frames/s. A text-only summary costs a window's step without its 16 frames.
+    gpu_window = 1.0 / args.gpu_windows_per_s
+    gpu_summary = max(0.0, gpu_window - STRIDE / args.gpu_tower_fps)
     gpu_model = hour_windows * gpu_window + (hour_summaries + final_tasks) * gpu_summary
-    decode_per_core = hour_decode * cores  # core-seconds per hour of this clip's video
-    gpu_decode = decode_per_core / args.gpu_host_cores
-    print(f"DERIVED for one GPU, 7B bf16 (assumes {args.gpu_tflops:g} TFLOP/s, {args.gpu_tbps:g} TB/s, batch "
-          f"{args.gpu_batch}, decoding on {args.gpu_host_cores} host cores at this CPU's per-core rate):")
-    print(f"  model {gpu_model:.0f} s ({gpu_window * 1000:.0f} ms/window: {vision_tflop:.0f} TFLOP vision + "
-          f"{prefill_tflop:.0f} TFLOP prefill + {args.max_new_tokens} batched decode steps), decode {gpu_decode:.0f} s "
-          f"in parallel")
+    gpu_decode = hour_decode * cores / args.gpu_host_cores  # this CPU's core-seconds, spread
+    print(f"DERIVED for one GPU, 7B bf16, from measured H200 figures ({args.gpu_windows_per_s:g} windows/s at "
+          f"batch 32, tower {args.gpu_tower_fps:g} frames/s), decoding on {args.gpu_host_cores} host cores at this "
+          f"CPU's per-core rate:")
+    print(f"  model {gpu_model:.0f} s ({gpu_window * 1000:.0f} ms/window, {gpu_summary * 1000:.0f} ms/summary), "
+          f"decode {gpu_decode:.0f} s in parallel")
     print(f"  ONE HOUR: ~{max(gpu_model, gpu_decode):.0f} s (the larger of the two; they overlap)")
 
 
