@@ -197,7 +197,7 @@ class HybridDecoderLayer(Qwen2DecoderLayer):
 
     def forward(self, hidden_states: torch.Tensor, slow_context: SlowTokenContext | None = None, **kwargs):
         slow_kv = None
-        if slow_context is not None and slow_context.states.shape[1] > 0:  # a text-only batch has none
+        if slow_context is not None and slow_context.valid.shape[1] > 0:  # a text-only batch has none
             slow_kv = slow_context.keys_values(
                 self.self_attn.layer_idx,
                 lambda: self.self_attn.slow_keys_values(self.input_layernorm(slow_context.states)),
