@@ -46,6 +46,10 @@ from .redis_schema import (
     encode_entry,
 )
 
+# Quiet seconds after which a follower re-reads its streams: redis-py re-subscribes on its own
+# after a short Redis restart, and the nudges sent in between never arrive.
+FOLLOW_CATCH_UP_S = 3.0
+
 
 class QuestionError(RuntimeError):
     """The pipeline replied to a question with an error; `.reply` holds the whole reply."""
@@ -176,47 +180,64 @@ class SlowFastClient:
         stream, starting after the newest ones at the time of the call. Woken by the pub/sub
         nudges, it reads each stream's events after the last one yielded, so a burst is never
         cut short; a stream that appears later starts at the event its first nudge names."""
-        notes = self.notifications(stream, stop=stop, poll_s=poll_s)  # subscribed from here on
+        # subscribed from here on; idle ticks re-read what a silent re-subscription missed
+        notes = self.notifications(stream, stop=stop, poll_s=poll_s, idle_tick_s=FOLLOW_CATCH_UP_S)
         last: dict[str, str] = {}
         for sid in [stream] if stream else [s.id for s in self.streams()]:
             top = self.redis.xrevrange(self.keys.events(sid), count=1)
             last[sid] = top[0][0] if top else "0-0"
         return self._follow_events(notes, last)
 
-    def _follow_events(self, notes: Iterator[Notification], last: dict[str, str]) -> Iterator[Event]:
+    def _follow_events(self, notes: Iterator[Notification | None], last: dict[str, str]) -> Iterator[Event]:
         for note in notes:
-            if note.kind != NotificationKind.EVENT or note.entry_id is None:
-                continue
-            since = last.get(note.stream)
-            key = self.keys.events(note.stream)
-            entries = self.redis.xrange(key, min=f"({since}" if since else note.entry_id, count=1000)
-            for entry_id, fields in entries:
-                last[note.stream] = entry_id
-                yield decode_entry(Event, fields)
+            if note is None:
+                for sid in list(last):
+                    yield from self._events_after(sid, last)
+            elif note.kind == NotificationKind.EVENT and note.entry_id is not None:
+                yield from self._events_after(note.stream, last, first=note.entry_id)
+
+    def _events_after(self, sid: str, last: dict[str, str], first: str = "0-0") -> Iterator[Event]:
+        """The stream's events after the last one yielded (from `first` for a new stream)."""
+        since = last.get(sid)
+        entries = self.redis.xrange(self.keys.events(sid), min=f"({since}" if since else first, count=1000)
+        for entry_id, fields in entries:
+            last[sid] = entry_id
+            yield decode_entry(Event, fields)
 
     def notifications(
-        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
-    ) -> Iterator[Notification]:
+        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0,
+        idle_tick_s: float | None = None,
+    ) -> Iterator[Notification | None]:
         """Yield pub/sub nudges (new caption, event, status, stream removed) for one stream or
         all, subscribing at the time of the call. Push only: messages sent while not subscribed
         are missed; read the data with history()/events() (or use follow(), which misses
-        nothing)."""
+        nothing). With `idle_tick_s`, also yield None after that long without a nudge, so a
+        consumer can re-read the data: redis-py re-subscribes silently after a short Redis
+        restart, and what was published in between never arrives as a nudge."""
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         if stream is None:
             pubsub.psubscribe(self.keys.notify_pattern)
         else:
             pubsub.subscribe(self.keys.notify(stream))
-        return self._notifications(pubsub, stop, poll_s)
+        return self._notifications(pubsub, stop, poll_s, idle_tick_s)
 
-    def _notifications(self, pubsub: PubSub, stop: threading.Event | None, poll_s: float) -> Iterator[Notification]:
+    def _notifications(
+        self, pubsub: PubSub, stop: threading.Event | None, poll_s: float, idle_tick_s: float | None
+    ) -> Iterator[Notification | None]:
+        last_yield = time.monotonic()
         try:
             while stop is None or not stop.is_set():
                 msg = pubsub.get_message(timeout=min(poll_s, self._max_block_s))
                 if msg and msg.get("type") in ("message", "pmessage"):
                     try:
-                        yield Notification.model_validate_json(msg["data"])
+                        note = Notification.model_validate_json(msg["data"])
                     except ValueError:
                         continue  # not ours: a nudge is never worth crashing a consumer
+                    last_yield = time.monotonic()
+                    yield note
+                elif idle_tick_s is not None and time.monotonic() - last_yield >= idle_tick_s:
+                    last_yield = time.monotonic()
+                    yield None
         finally:
             pubsub.close()
 

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from connectors.embedded import EmbeddedRedis
 from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
-from connectors.client import SlowFastClient
+from connectors.client import FOLLOW_CATCH_UP_S, SlowFastClient
 from connectors.redis_conn import UNREACHABLE, Outage, check_reachable, describe_redis_error
 from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
 from model.checkpoint import check_checkpoint
@@ -404,7 +404,8 @@ def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -
 
     Push notifications wake it up; the captions are read from the streams after the last one
     seen, so a missed nudge loses nothing. A Redis outage pauses it (retried with backoff):
-    it subscribes again and catches up on what was published meanwhile."""
+    it subscribes again and catches up on what was published meanwhile, and after a few quiet
+    seconds it re-reads the streams it follows."""
     client = SlowFastClient(redis_url)
     outage = Outage("caption printer", log, level=logging.INFO)
     seen: dict[str, str] = {}  # stream -> entry id of the last caption yielded
@@ -419,12 +420,15 @@ def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -
     try:
         while not stop.is_set():
             try:
-                notes = client.notifications(stream, stop=stop)  # subscribed from here on
+                notes = client.notifications(stream, stop=stop, idle_tick_s=FOLLOW_CATCH_UP_S)
                 for sid in list(seen):  # published while we were not subscribed
                     yield from since_last(sid)
                 outage.ended()
                 for note in notes:
-                    if note.kind == NotificationKind.CAPTION:
+                    if note is None:
+                        for sid in list(seen):
+                            yield from since_last(sid)
+                    elif note.kind == NotificationKind.CAPTION:
                         yield from since_last(note.stream)
             except UNREACHABLE as exc:
                 stop.wait(outage.failed(exc))

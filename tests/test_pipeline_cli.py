@@ -152,7 +152,9 @@ def test_run_prints_its_metrics_url_and_keeps_rays_chatter_in_the_log(redis_url,
         url = next((line.split()[1] for line in seen if line.startswith("metrics ")), None)
         assert url and url.endswith(f":{port}/metrics"), seen
         body = ""
-        while "ray_slowfast_frames_in" not in body and time.monotonic() < deadline:  # exported every few s
+        # Each actor's metrics are exported every few seconds, the worker's after its first window.
+        while not ("ray_slowfast_frames_in" in body and "ray_slowfast_windows_done" in body) \
+                and time.monotonic() < deadline:
             time.sleep(1)
             body = urllib.request.urlopen(url, timeout=10).read().decode()
         assert re.search(r'^ray_slowfast_frames_in_total\{[^}]*stream="cam"[^}]*\} \d', body, re.M), body[-2000:]

@@ -236,8 +236,8 @@ def test_slowfast_web_stops_cleanly_on_ctrl_c_and_names_a_taken_port(redis_url):
         port = taken.getsockname()[1]
         refused = subprocess.run([slowfast, "web", "--redis-url", redis_url, "--port", str(port)],
                                  capture_output=True, text=True, timeout=60)
-    assert refused.returncode == 2 and refused.stderr == ""
-    assert refused.stdout.strip() == f"error: cannot serve the web page on 127.0.0.1, port {port}: Address already in use"
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip() == f"error: cannot serve the web page on 127.0.0.1, port {port}: Address already in use"
 
     proc = subprocess.Popen([slowfast, "web", "--redis-url", redis_url, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
