@@ -46,6 +46,8 @@ BACKGROUNDS = ("solid", "gradient", "noise")
 # some smaller than the model input so upscaling is seen too.
 FRAME_SIZES = [(160, 120), (176, 144), (256, 144), (320, 180), (320, 240), (384, 216), (480, 270),
                (480, 360), (640, 360), (360, 640), (240, 320), (400, 400)]
+# The small model trained on this world (`python -m model.train_tiny`), shipped as package data.
+SHIPPED_MODEL = Path(__file__).with_name("world_model")
 MIN_SIZE, MAX_SIZE = 0.08, 0.25  # object size, fraction of the shorter side
 MIN_TRAVEL, MAX_TRAVEL = 0.30, 0.55  # travel of a moving object, fraction of the visible square
 
@@ -112,6 +114,16 @@ def reversed_scene(scene: Scene) -> Scene:
     """The same scene played backwards: every motion turns round."""
     objects = tuple(WorldObject(o.colour, o.shape, REVERSED_MOTION[o.motion], o.size, o.end, o.start, o.tint)
                     for o in scene.objects)
+    return Scene(objects, scene.background, scene.palette, scene.seed)
+
+
+MIRRORED_MOTION = REVERSED_MOTION | {"moves up": "moves up", "moves down": "moves down"}
+
+
+def mirrored_scene(scene: Scene) -> Scene:
+    """The scene seen in a mirror (left and right swapped)."""
+    objects = tuple(WorldObject(o.colour, o.shape, MIRRORED_MOTION[o.motion], o.size, (1 - o.start[0], o.start[1]),
+                                (1 - o.end[0], o.end[1]), o.tint) for o in scene.objects)
     return Scene(objects, scene.background, scene.palette, scene.seed)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from model import SlowFastVLM
 from model.synthetic_world import (
     COLOURS,
+    SHIPPED_MODEL,
     FRAME_SIZES,
     MOTIONS,
     SHAPES,
@@ -15,9 +18,10 @@ from model.synthetic_world import (
     random_scene,
     render_clip,
     render_frames,
+    mirrored_scene,
     reversed_scene,
 )
-from model.train_tiny import CAPTION_PROMPTS, EVAL_SEED_BASE, TrainSettings, evaluate, train
+from model.train_tiny import CAPTION_PROMPTS, EVAL_SEED_BASE, MARKER, VALIDATION_SEED_BASE, TrainSettings, evaluate, train
 from pipeline.config import DEFAULT_CAPTION_PROMPT
 
 
@@ -42,6 +46,9 @@ def test_scenes_follow_the_rules_of_the_world():
         assert parse_caption(scene.caption) == [(o.colour, o.shape, o.motion) for o in scene.objects]
         assert scene.caption.startswith("a ") and scene.caption.endswith(".")
         assert [o.motion for o in reversed_scene(reversed_scene(scene)).objects] == [o.motion for o in scene.objects]
+        for obj, mirrored in zip(scene.objects, mirrored_scene(scene).objects):  # left and right swap, nothing else
+            assert np.allclose(np.subtract(mirrored.end, mirrored.start), np.multiply(np.subtract(obj.end, obj.start), (-1, 1)))
+            assert MOTIONS[mirrored.motion] == (-MOTIONS[obj.motion][0], MOTIONS[obj.motion][1])
 
 
 def test_objects_are_drawn_where_the_scene_says_in_any_frame_size():
@@ -63,7 +70,8 @@ def test_clips_are_deterministic_and_model_sized():
 
 
 def test_training_is_deterministic_and_writes_an_official_checkpoint(tmp_path):
-    tiny = TrainSettings(clips=3, vision_steps=2, vision_batch=4, language_steps=2, language_batch=2, workers=1)
+    tiny = TrainSettings(clips=3, vision_steps=2, vision_batch=4, language_steps=2, language_batch=2, check_every=1,
+                         check_clips=1, workers=1)
     one, two = train(tmp_path / "one", tiny), train(tmp_path / "two", tiny)
     weights = "model-00001-of-00001.safetensors"
     assert (one / weights).read_bytes() == (two / weights).read_bytes()
@@ -76,5 +84,13 @@ def test_training_is_deterministic_and_writes_an_official_checkpoint(tmp_path):
 
 
 def test_evaluation_clips_never_were_training_clips():
-    assert TrainSettings().clips <= EVAL_SEED_BASE
+    assert TrainSettings().clips <= EVAL_SEED_BASE and TrainSettings().check_clips <= VALIDATION_SEED_BASE - EVAL_SEED_BASE
     assert DEFAULT_CAPTION_PROMPT == CAPTION_PROMPTS[0]
+
+
+def test_the_shipped_model_describes_fresh_clips_well_enough():
+    """The bar of the model `slowfast run` serves by default, on clips whose seeds training never used."""
+    vlm = SlowFastVLM.from_pretrained(SHIPPED_MODEL, device="cpu")  # the released checkpoints' loading path
+    assert json.loads((SHIPPED_MODEL / "config.json").read_text())["slowfast_stream_model"] == MARKER
+    accuracy = evaluate(vlm, count=48)
+    assert accuracy.passes(), accuracy.summary()
