@@ -46,8 +46,6 @@ BACKGROUNDS = ("solid", "gradient", "noise")
 # some smaller than the model input so upscaling is seen too.
 FRAME_SIZES = [(160, 120), (176, 144), (256, 144), (320, 180), (320, 240), (384, 216), (480, 270),
                (480, 360), (640, 360), (360, 640), (240, 320), (400, 400)]
-# The small model trained on this world (`python -m model.train_tiny`), shipped as package data.
-SHIPPED_MODEL = Path(__file__).with_name("world_model")
 MIN_SIZE, MAX_SIZE = 0.08, 0.25  # object size, fraction of the shorter side
 MIN_TRAVEL, MAX_TRAVEL = 0.30, 0.55  # travel of a moving object, fraction of the visible square
 
