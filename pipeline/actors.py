@@ -24,7 +24,7 @@ from .outputs import CaptionFiles
 from .rates import RateMeter
 from .scheduler import FINAL, Outcome, Policy, Resolution, Scheduler
 from .summaries import MAX_PENDING_FACTOR, default_summary_every
-from .window import FrameRef, SlidingWindow, Window
+from .window import FrameRef, FramesLost, SlidingWindow, Window
 
 log = logging.getLogger("slowfast.pipeline")
 RESUBMIT_WAIT_S = 1.0
@@ -233,6 +233,15 @@ class IngestActor:
         }
 
 
+def _fetch_frames(refs: list[FrameRef]) -> list:
+    """The frames from the object store. A frame's owner is the ingest actor that put it: if
+    that actor died, the frame is gone with it (ObjectLostError and its kin)."""
+    try:
+        return ray.get([f.ref for f in refs])
+    except ray.exceptions.ObjectLostError as exc:
+        raise FramesLost(f"frames gone with their ingest actor ({type(exc).__name__})") from exc
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ModelWorker:
     """Owns a SlowFastVLM and runs the scheduler's batches (pipeline/scheduler.py decides what
@@ -260,7 +269,7 @@ class ModelWorker:
         self.publisher = Publisher(config.redis_url, history_len=config.history_len)
         self.processor = WindowProcessor(
             model, self.publisher, config.generation, config.batch_size,
-            fetch_frames=lambda refs: ray.get([f.ref for f in refs]), model_name=Path(str(model_path)).name,
+            fetch_frames=_fetch_frames, model_name=Path(str(model_path)).name,
         )
         self.scheduler = Scheduler(config.batch_size)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor (state lost)
@@ -400,15 +409,22 @@ class ModelWorker:
                     if await self._final_summary_step(self.files_ended[0]):
                         self.files_ended.popleft()
                     continue
-                error = None
+                error, lost = None, None
                 async with self.lock:
                     try:
                         await asyncio.to_thread(self.processor.process, batch.payloads)
+                    except FramesLost as exc:  # not the model's fault: the scheduler re-queues or drops it
+                        lost = next(i for i in batch.items if i.payload is exc.window)
+                        log.warning("window %d of %s: %s", lost.seq, lost.lane, exc)
+                        error = str(exc)
                     except Exception as exc:  # one bad batch must not stop the worker: retried, then failed
                         log.exception("processing failed for windows %s",
                                       [(w.stream, w.seq) for w in batch.payloads])
                         error = f"{type(exc).__name__}: {exc}"
-                resolutions = self.scheduler.finished(batch, error)
+                if lost is not None:
+                    resolutions = self.scheduler.frames_lost(batch, lost, error)
+                else:
+                    resolutions = self.scheduler.finished(batch, error)
                 for resolution in resolutions:
                     if resolution.outcome is Outcome.FAILED:
                         await asyncio.to_thread(self.processor.publish_failure, resolution.item.payload,

@@ -25,10 +25,10 @@ from .config import GenerationConfig, StandingQuestion, StreamConfig
 from .outputs import CaptionFiles
 from .pictures import window_picture
 from .summaries import FinalSummary, RollingSummaries, SummaryTask, summary_markdown
-from .window import FrameRef, Window
+from .window import FrameRef, FramesLost, Window
 
 log = logging.getLogger("slowfast.pipeline")
-FrameFetcher = Callable[[Sequence[FrameRef]], list[np.ndarray]]
+FrameFetcher = Callable[[Sequence[FrameRef]], list[np.ndarray]]  # raises FramesLost for frames that are gone
 
 
 @dataclass
@@ -107,19 +107,25 @@ class WindowProcessor:
         """[T, tokens, hidden] for the window, encoding only frames not in the ring."""
         state = self.streams[window.stream]
         first = window.frames[0].seq
+        # A local copy: a restarting ingest actor may clear the ring meanwhile (resume_point).
+        features = {f.seq: state.ring[f.seq] for f in window.frames if f.seq in state.ring}
+        missing = [f for f in window.frames if f.seq not in features]
+        if missing:
+            try:
+                images = np.stack(self.fetch_frames(missing))
+            except FramesLost as exc:
+                raise FramesLost(str(exc), window) from exc
+            encoded = dict(zip((f.seq for f in missing), self.vlm.encode_frames(self.vlm.preprocess(images))))
+            features |= encoded
+            state.ring.update(encoded)
+            self.frames_encoded += len(missing)
+            state.frames_encoded += len(missing)
         if state.last_frame_seq is not None and first > state.last_frame_seq + 1:
             state.frames_dropped += first - state.last_frame_seq - 1
         state.last_frame_seq = max(state.last_frame_seq or 0, window.frames[-1].seq)
-        missing = [f for f in window.frames if f.seq not in state.ring]
-        if missing:
-            images = np.stack(self.fetch_frames(missing))
-            encoded = self.vlm.encode_frames(self.vlm.preprocess(images))
-            state.ring.update(zip((f.seq for f in missing), encoded))
-            self.frames_encoded += len(missing)
-            state.frames_encoded += len(missing)
         for seq in [s for s in state.ring if s < first]:
             del state.ring[seq]  # slid out: released as the window moves
-        return torch.stack([state.ring[f.seq] for f in window.frames])
+        return torch.stack([features[f.seq] for f in window.frames])
 
     # ---- windows ----------------------------------------------------------------------
     def tasks_for(self, window: Window) -> list[Task]:
@@ -263,11 +269,11 @@ class WindowProcessor:
         return answers, events
 
     def _picture(self, window: Window, caption: Caption):
-        """The window's last frame as JPEG, or None if that frame is gone (e.g. its ingest actor
+        """The window's last frame as JPEG, or None if that frame is gone (its ingest actor
         died after the frame was encoded): a window is never lost for want of its picture."""
         try:
             (image,) = self.fetch_frames(window.frames[-1:])
-        except Exception as exc:  # whatever the frame store raises: publish without a picture
+        except FramesLost as exc:
             log.warning("window %d of %s published without a picture: %s", window.seq, window.stream, exc)
             return None
         return window_picture(image, caption)

@@ -6,7 +6,9 @@ windows). A lane follows one policy:
 - `Policy.ORDERED` (files): items are accepted in sequence order, exactly once. An item
   already accepted answers `Outcome.ALREADY` (its result went to the first submission); one
   beyond the next expected (a gap, e.g. after the worker restarted) answers `Outcome.RETRY`,
-  so the sender re-sends from the oldest unfinished item, in order.
+  so the sender re-sends from the oldest unfinished item, in order. An item re-sent while
+  its first submission still waits takes that one's place (fresh payload, the new token
+  answers); one re-sent while it runs shares that run's outcome.
 - `Policy.NEWEST` (live): a newer item replaces any that is still waiting, which is
   `Outcome.SKIPPED`; the worker always works on the most recent one.
 
@@ -14,6 +16,12 @@ Batches take items round-robin over the lanes (the lane after the previous batch
 goes first), so a busy file cannot starve the cameras. A batch whose model call raised is
 retried item by item, each alone, so one bad item cannot fail the others; an item that
 raises again is `Outcome.FAILED` and never counts as done.
+
+An item whose payload is gone (`frames_lost`: its frames died with the process that owned
+them) is no model failure and is never published. In an ordered lane it goes back to "not
+yet accepted": the lane's next expected seq rolls back to it and the lane's later items are
+dropped, all answering `Outcome.RETRY`, so the (restarted) sender's re-sent items are
+accepted again, in order. In a newest lane it is `Outcome.SKIPPED`: newer items follow.
 
 The scheduler holds opaque tokens (the Ray shell's futures) and returns `Resolution`s;
 another kind of task is another lane (or another payload type in a lane), without changes
@@ -25,7 +33,7 @@ from __future__ import annotations
 from collections import deque
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -56,6 +64,7 @@ class Item:
     payload: Any
     token: Any
     attempts: int = 0
+    followers: list[Any] = field(default_factory=list)  # tokens of re-submissions while it ran
 
 
 @dataclass(frozen=True)
@@ -137,7 +146,7 @@ class Scheduler:
         resolved = []
         if state.policy is Policy.ORDERED:
             if seq < state.next_seq:
-                return [Resolution(token, Outcome.ALREADY, item)]
+                return self._resubmitted(state, item)
             if seq > state.next_seq:
                 return [Resolution(token, Outcome.RETRY, item)]
         else:
@@ -148,6 +157,21 @@ class Scheduler:
         state.next_seq = max(state.next_seq, seq + 1)
         state.waiting.append(item)
         return resolved
+
+    def _resubmitted(self, state: Lane, item: Item) -> list[Resolution]:
+        """An ordered item accepted before: a waiting first submission gives way to this one
+        (its payload may be gone with its sender), a running one shares its outcome."""
+        waiting = next((i for i in state.waiting if i.seq == item.seq), None)
+        if waiting is not None:
+            earlier = Resolution(waiting.token, Outcome.ALREADY, replace(waiting))
+            waiting.payload, waiting.token = item.payload, item.token
+            return [earlier]
+        running = self.running.items if self.running else []
+        match = next((i for i in running if i.lane == item.lane and i.seq == item.seq), None)
+        if match is not None:
+            match.followers.append(item.token)
+            return []
+        return [Resolution(item.token, Outcome.ALREADY, item)]
 
     # ---- batches -----------------------------------------------------------------
     def next_batch(self) -> Batch | None:
@@ -183,11 +207,11 @@ class Scheduler:
         for item in reversed(batch.items):
             state = self.lanes.get(item.lane)
             if state is None:  # removed while running
-                resolved.append(Resolution(item.token, Outcome.REMOVED, item))
+                resolved[:0] = _answers(item, Outcome.REMOVED)
                 continue
             if error is None:
                 state.counts.done += 1
-                resolved.append(Resolution(item.token, Outcome.DONE, item))
+                resolved[:0] = _answers(item, Outcome.DONE)
                 continue
             item.attempts += 1
             state.counts.last_error_at = self.clock()
@@ -197,9 +221,47 @@ class Scheduler:
             elif item.attempts < MAX_ATTEMPTS:  # live, and a newer item waits: that one wins
                 state.counts.skipped += 1
                 state.counts.last_error = f"window {item.seq}: {error} (skipped for a newer window)"
-                resolved.append(Resolution(item.token, Outcome.SKIPPED, item, error))
+                resolved[:0] = _answers(item, Outcome.SKIPPED, error)
             else:
                 state.counts.failed += 1
                 state.counts.last_error = f"window {item.seq} failed after {item.attempts} attempts: {error}"
-                resolved.append(Resolution(item.token, Outcome.FAILED, item, state.counts.last_error))
-        return resolved[::-1]
+                resolved[:0] = _answers(item, Outcome.FAILED, state.counts.last_error)
+        return resolved
+
+    def frames_lost(self, batch: Batch, lost: Item, reason: str) -> list[Resolution]:
+        """Record that the running batch could not run because `lost`'s payload is gone (not a
+        model failure; nothing of the batch ran). The other items go back to the front of
+        their lanes as they were, to run again."""
+        if batch is not self.running:
+            raise ValueError("frames_lost() must be given the running batch")
+        if lost not in batch.items:
+            raise ValueError("the lost item must be one of the batch's")
+        self.running = None
+        resolved: list[Resolution] = []
+        state = self.lanes.get(lost.lane)
+        rolled_back = state is not None and state.policy is Policy.ORDERED
+        for item in reversed(batch.items):
+            if item is lost or (rolled_back and item.lane == lost.lane and item.seq > lost.seq):
+                continue
+            if item.lane in self.lanes:
+                self.lanes[item.lane].waiting.appendleft(item)
+            else:
+                resolved += _answers(item, Outcome.REMOVED)
+        if state is None:
+            return resolved + _answers(lost, Outcome.REMOVED)
+        state.counts.last_error, state.counts.last_error_at = f"window {lost.seq}: {reason}", self.clock()
+        if not rolled_back:  # live: newer items follow
+            state.counts.skipped += 1
+            return resolved + _answers(lost, Outcome.SKIPPED, reason)
+        state.counts.last_error += " (re-sent by its source)"
+        later = [i for i in [*batch.items, *state.waiting] if i.lane == lost.lane and i.seq > lost.seq]
+        state.waiting = deque(i for i in state.waiting if i.seq < lost.seq)
+        state.next_seq = lost.seq
+        for item in [lost, *later]:
+            resolved += _answers(item, Outcome.RETRY, reason)
+        return resolved
+
+
+def _answers(item: Item, outcome: Outcome, error: str | None = None) -> list[Resolution]:
+    """The item's outcome, for its token and the tokens of its re-submissions."""
+    return [Resolution(token, outcome, item, error) for token in (item.token, *item.followers)]

@@ -18,6 +18,15 @@ class FrameRef:
     ref: Any  # ray.ObjectRef of the uint8 [S, S, 3] image (any handle in unit tests)
 
 
+class FramesLost(Exception):
+    """Frames the frame store no longer has (the process that owned them died): not a model
+    failure. `window` is the window that needed them, once known."""
+
+    def __init__(self, reason: str, window: Window | None = None):
+        super().__init__(reason)
+        self.window = window
+
+
 @dataclass(frozen=True)
 class Window:
     stream: str

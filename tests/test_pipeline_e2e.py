@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
 from tests.support.media import cfr_times, make_clip
-from tests.support.model_faults import HoldEachBatch
+from tests.support.model_faults import HoldEachBatch, HoldWhileFileExists
 
 WINDOW, STRIDE, FPS = 8, 4, 4.0
 PROMPT = "Please describe this video in detail."
@@ -240,6 +240,49 @@ def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
     assert [c.window for c in client.history("long", count=100)] == list(range(19))
     lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
+
+
+def test_a_window_whose_frames_died_with_their_ingest_actor_is_captioned_once_after_the_restart(
+    ray_session, redis_url, tiny_model_dir, tmp_path
+):
+    """The worker holds window 0 while window 1 waits, accepted, its frames owned by the ingest
+    actor alone; the actor is killed, so those frames are gone. That is no model failure: the
+    restarted actor's windows replace the lost ones and every window is captioned exactly once."""
+    import ray
+
+    long_clip = make_clip(tmp_path / "long.mp4", cfr_times(8, 20.0)).path  # 80 frames -> 19 windows
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "long", "source": str(long_clip)}],
+                             file_windows_in_flight=1)
+    gate = tmp_path / "hold"
+    gate.touch()
+    config._test_model_wrapper = HoldWhileFileExists(gate)
+    run = BackgroundRun(config)
+    client = SlowFastClient(redis_url)
+
+    def queued() -> int:
+        try:
+            return ray.get(ray.get_actor("worker:0").stats.remote())["long"]["queued"]
+        except (ValueError, KeyError):  # not started yet
+            return 0
+
+    def restarted(ingest) -> bool:
+        try:  # answered by the new incarnation: the old one, which owned the frames, is gone
+            return ray.get(ingest.summary.remote(), timeout=5)["windows"] >= 0
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    try:
+        wait_until(lambda: queued() >= 1, timeout=120)  # window 0 held, window 1 accepted and waiting
+        ingest = ray.get_actor("ingest:long")
+        ray.kill(ingest, no_restart=False)
+        wait_until(lambda: restarted(ingest), timeout=120)
+    finally:
+        gate.unlink()
+    run.finish(stop=False, timeout=180)
+    captions = client.history("long", count=100)
+    assert [(c.window, c.error) for c in captions] == [(w, None) for w in range(19)]
+    lines = [json.loads(line) for line in (tmp_path / "long" / "captions.jsonl").read_text().splitlines()]
+    assert [(c["window"], c.get("error")) for c in lines] == [(w, None) for w in range(19)]  # each exactly once
 
 
 def test_streams_of_a_worker_that_dies_for_good_move_to_another(ray_session, redis_url, tiny_model_dir, tmp_path, clip):

@@ -38,11 +38,16 @@ def test_files_are_accepted_in_order_exactly_once():
     assert s.submit("file", 0, "w0", "a") == []
     assert s.submit("file", 1, "w1", "b") == []
     assert outcomes(s.submit("file", 3, "w3", "c")) == [("c", Outcome.RETRY)]  # gap: re-send in order
-    assert outcomes(s.submit("file", 1, "w1", "d")) == [("d", Outcome.ALREADY)]  # re-sent duplicate
+    # re-sent while its first submission waits: the re-send (fresh payload) takes its place
+    assert outcomes(s.submit("file", 1, "w1'", "d")) == [("b", Outcome.ALREADY)]
     batch = s.next_batch()
     assert seqs(batch) == [("file", 0), ("file", 1)]  # never skipped, in order
-    assert outcomes(s.finished(batch)) == [("a", Outcome.DONE), ("b", Outcome.DONE)]
-    assert s.next_seq("file") == 2 and s.idle
+    assert batch.payloads == ["w0", "w1'"]
+    # re-sent while it runs: it shares the run's outcome
+    assert s.submit("file", 0, "w0'", "e") == []
+    assert outcomes(s.finished(batch)) == [("a", Outcome.DONE), ("e", Outcome.DONE), ("d", Outcome.DONE)]
+    assert outcomes(s.submit("file", 1, "w1", "f")) == [("f", Outcome.ALREADY)]  # done: a duplicate
+    assert s.next_seq("file") == 2 and s.idle and s.counts("file").done == 2
 
 
 def test_a_lane_resumed_after_a_restart_starts_where_it_was():
@@ -187,3 +192,62 @@ def test_rate_meter_follows_the_total_and_falls_to_zero_when_it_stops():
         now[0] = float(second)
         rate = meter.update(16)
     assert rate == 0.0
+
+
+def test_a_file_window_whose_frames_are_lost_is_accepted_again_from_its_restarted_source():
+    """Windows 2 and 3 were accepted, then their sender (which owned their frames) died: window 2
+    cannot run. It is no model failure: the lane goes back to expecting window 2, the later
+    window is dropped too, both answer RETRY, and the restarted sender's re-sends are accepted
+    in order; nothing counts as failed."""
+    s = Scheduler(batch_size=1)
+    s.add_lane("file", Policy.ORDERED, next_seq=2)
+    assert s.submit("file", 2, "w2", "a") == [] and s.submit("file", 3, "w3", "b") == []
+    batch = s.next_batch()
+    assert outcomes(s.frames_lost(batch, batch.items[0], "frames gone")) == [
+        ("a", Outcome.RETRY), ("b", Outcome.RETRY)]
+    assert s.next_seq("file") == 2 and s.waiting("file") == 0 and s.idle
+    # the restarted sender re-sends from window 0: done ones are recognised, 2 and 3 accepted
+    assert outcomes(s.submit("file", 1, "w1", "c")) == [("c", Outcome.ALREADY)]
+    assert outcomes(s.submit("file", 3, "w3'", "d")) == [("d", Outcome.RETRY)]  # still in order
+    assert s.submit("file", 2, "w2'", "e") == [] and s.submit("file", 3, "w3'", "f") == []
+    batch = s.next_batch()
+    assert batch.payloads == ["w2'"]
+    assert outcomes(s.finished(batch)) == [("e", Outcome.DONE)]
+    counts = s.counts("file")
+    assert (counts.done, counts.skipped, counts.failed) == (1, 0, 0)
+    assert counts.last_error == "window 2: frames gone (re-sent by its source)"
+
+
+def test_a_lost_window_running_with_others_sends_back_only_its_lane_from_it():
+    """A batch of two files' windows: file a's window 1 lost its frames. Its lane rolls back to 1
+    (window 2 in the same batch answers RETRY); window 0 of a and b's window run again, untouched;
+    a re-send of the lost window made while it ran answers RETRY with it."""
+    s = Scheduler(batch_size=4)
+    s.add_lane("a", Policy.ORDERED)
+    s.add_lane("b", Policy.ORDERED)
+    for seq in range(3):
+        s.submit("a", seq, f"a{seq}", f"a{seq}")
+    s.submit("b", 0, "b0", "b0")
+    batch = s.next_batch()
+    assert seqs(batch) == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+    assert s.submit("a", 1, "a1'", "a1'") == []  # the restarted sender's re-send, while it runs
+    lost = batch.items[2]
+    assert outcomes(s.frames_lost(batch, lost, "frames gone")) == [
+        ("a1", Outcome.RETRY), ("a1'", Outcome.RETRY), ("a2", Outcome.RETRY)]
+    assert s.next_seq("a") == 1 and s.next_seq("b") == 1
+    again = s.next_batch()
+    assert sorted(seqs(again)) == [("a", 0), ("b", 0)] and all(i.attempts == 0 for i in again.items)
+    assert sorted(outcomes(s.finished(again))) == [("a0", Outcome.DONE), ("b0", Outcome.DONE)]
+    assert s.counts("a").failed == 0
+
+
+def test_a_live_window_whose_frames_are_lost_is_skipped_not_failed():
+    s = Scheduler(batch_size=1)
+    s.add_lane("cam", Policy.NEWEST, next_seq=7)
+    s.submit("cam", 7, "w7", "t7")
+    batch = s.next_batch()
+    s.submit("cam", 8, "w8", "t8")  # newer frames, from the restarted sender
+    assert outcomes(s.frames_lost(batch, batch.items[0], "frames gone")) == [("t7", Outcome.SKIPPED)]
+    assert seqs(s.next_batch()) == [("cam", 8)] and s.next_seq("cam") == 9
+    counts = s.counts("cam")
+    assert (counts.done, counts.skipped, counts.failed) == (0, 1, 0)

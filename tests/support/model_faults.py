@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 __all__: list[str] = []  # helpers only (tests/conftest.py star-imports fixture modules)
@@ -54,6 +55,22 @@ class FailOnPrompt:
         def generate(inner, queries, **kwargs):
             if any(q.question == self.prompt for q in queries):
                 raise RuntimeError(f"injected model failure on prompt {self.prompt!r}")
+            return inner.generate(queries, **kwargs)
+
+        return _Wrapped(model, generate)
+
+
+@dataclass(frozen=True)
+class HoldWhileFileExists:
+    """Every generate call waits while `gate` exists (the worker has fetched and encoded the
+    batch's frames by then): the test decides when the held batch may go on."""
+
+    gate: Path
+
+    def __call__(self, model: Any) -> _Wrapped:
+        def generate(inner, queries, **kwargs):
+            while self.gate.exists():
+                time.sleep(0.05)
             return inner.generate(queries, **kwargs)
 
         return _Wrapped(model, generate)
