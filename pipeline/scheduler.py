@@ -234,7 +234,7 @@ class Scheduler:
         their lanes as they were, to run again."""
         if batch is not self.running:
             raise ValueError("frames_lost() must be given the running batch")
-        if lost not in batch.items:
+        if not any(item is lost for item in batch.items):
             raise ValueError("the lost item must be one of the batch's")
         self.running = None
         resolved: list[Resolution] = []
@@ -243,10 +243,14 @@ class Scheduler:
         for item in reversed(batch.items):
             if item is lost or (rolled_back and item.lane == lost.lane and item.seq > lost.seq):
                 continue
-            if item.lane in self.lanes:
-                self.lanes[item.lane].waiting.appendleft(item)
-            else:
+            other = self.lanes.get(item.lane)
+            if other is None:
                 resolved += _answers(item, Outcome.REMOVED)
+            elif other.policy is Policy.NEWEST and other.waiting:  # a newer one came meanwhile
+                other.counts.skipped += 1
+                resolved += _answers(item, Outcome.SKIPPED)
+            else:
+                other.waiting.appendleft(item)
         if state is None:
             return resolved + _answers(lost, Outcome.REMOVED)
         state.counts.last_error, state.counts.last_error_at = f"window {lost.seq}: {reason}", self.clock()

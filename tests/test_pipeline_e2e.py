@@ -237,9 +237,9 @@ def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
     wait_until(lambda: len(client.history("long", count=100)) >= 3)
     ray.kill(ray.get_actor(actor), no_restart=False)  # Ray restarts it (max_restarts)
     run.finish(stop=False, timeout=180)
-    assert [c.window for c in client.history("long", count=100)] == list(range(19))
-    lines = (tmp_path / "long" / "captions.jsonl").read_text().splitlines()
-    assert [json.loads(line)["window"] for line in lines] == list(range(19))  # each exactly once
+    assert [(c.window, c.error) for c in client.history("long", count=100)] == [(w, None) for w in range(19)]
+    lines = [json.loads(line) for line in (tmp_path / "long" / "captions.jsonl").read_text().splitlines()]
+    assert [(c["window"], c.get("error")) for c in lines] == [(w, None) for w in range(19)]  # each exactly once
 
 
 def test_a_window_whose_frames_died_with_their_ingest_actor_is_captioned_once_after_the_restart(

@@ -251,3 +251,17 @@ def test_a_live_window_whose_frames_are_lost_is_skipped_not_failed():
     assert seqs(s.next_batch()) == [("cam", 8)] and s.next_seq("cam") == 9
     counts = s.counts("cam")
     assert (counts.done, counts.skipped, counts.failed) == (0, 1, 0)
+
+
+def test_a_live_window_sent_back_by_another_lanes_lost_frames_still_gives_way_to_a_newer_one():
+    s = Scheduler(batch_size=2)
+    s.add_lane("file", Policy.ORDERED)
+    s.add_lane("cam", Policy.NEWEST)
+    s.submit("file", 0, "f0", "f0")
+    s.submit("cam", 0, "c0", "c0")
+    batch = s.next_batch()
+    s.submit("cam", 1, "c1", "c1")  # arrives while the batch runs
+    lost = next(i for i in batch.items if i.lane == "file")
+    assert sorted(outcomes(s.frames_lost(batch, lost, "frames gone"))) == [
+        ("c0", Outcome.SKIPPED), ("f0", Outcome.RETRY)]
+    assert seqs(s.next_batch()) == [("cam", 1)] and s.counts("cam").skipped == 1
