@@ -265,20 +265,18 @@ def test_a_window_whose_frames_died_with_their_ingest_actor_is_captioned_once_af
         except (ValueError, KeyError):  # not started yet
             return 0
 
-    def restarted(ingest) -> bool:
-        try:  # answered by the new incarnation: the old one, which owned the frames, is gone
-            return ray.get(ingest.summary.remote(), timeout=5)["windows"] >= 0
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return False
-
+    killed = False
     try:
         wait_until(lambda: queued() >= 1, timeout=120)  # window 0 held, window 1 accepted and waiting
         ingest = ray.get_actor("ingest:long")
-        ray.kill(ingest, no_restart=False)
-        wait_until(lambda: restarted(ingest), timeout=120)
+        running = ingest.run.remote()  # fails once the incarnation that owns the frames is gone
+        ray.kill(ingest, no_restart=False)  # Ray restarts it (max_restarts)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(running, timeout=120)
+        killed = True
     finally:
         gate.unlink()
-    run.finish(stop=False, timeout=180)
+        run.finish(stop=not killed, timeout=180)
     captions = client.history("long", count=100)
     assert [(c.window, c.error) for c in captions] == [(w, None) for w in range(19)]
     lines = [json.loads(line) for line in (tmp_path / "long" / "captions.jsonl").read_text().splitlines()]
