@@ -234,7 +234,7 @@ def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
                              file_windows_in_flight=1)
     run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
-    wait_until(lambda: len(client.history("long", count=100)) >= 3)
+    wait_until(lambda: len(client.history("long", count=100)) >= 3, timeout=180)  # Ray and the model start first
     ray.kill(ray.get_actor(actor), no_restart=False)  # Ray restarts it (max_restarts)
     run.finish(stop=False, timeout=180)
     assert [(c.window, c.error) for c in client.history("long", count=100)] == [(w, None) for w in range(19)]
