@@ -329,7 +329,7 @@ def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
     finally:
         stopped_at = time.time()
         result = run.finish()
-    assert time.time() - stopped_at < 30
+    assert time.time() - stopped_at < 60  # bounds a wait for a placement that never comes, not speed
     assert result["placed"]["state"] == "stopped" and result["unplaced"]["state"] == "not finished"
 
 
