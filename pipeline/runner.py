@@ -121,6 +121,12 @@ def local_metrics_port(config: PipelineConfig) -> tuple[int, str | None]:
     return free, f"metrics port {port} is in use; serving metrics on {free} instead"
 
 
+# Ray starts its worker processes at nice 15, below everything else on the host. Here the
+# actors are the real-time work (camera ingest, the model), so any busy process beside the
+# run would starve them: frames dropped, windows skipped. They run at the driver's priority.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
 def start_ray(config: PipelineConfig) -> bool:
     """Join the configured cluster, or start a local Ray serving metrics on `metrics_port`.
 
@@ -132,7 +138,11 @@ def start_ray(config: PipelineConfig) -> bool:
     stack trace and aborts (a SIGTERM then ended the run with 134 and no summary). False if a
     SIGTERM arrived during ray.init (handed to the caller's handler)."""
     logging.getLogger("ray").propagate = True
-    options = {"_metrics_export_port": config.metrics_port} if config.ray_address is None and config.metrics_port else {}
+    options: dict[str, Any] = {}
+    if config.ray_address is None:  # a cluster's nodes get it from `ray start` (RAY_worker_niceness)
+        options["_system_config"] = LOCAL_RAY_SYSTEM_CONFIG
+        if config.metrics_port:
+            options["_metrics_export_port"] = config.metrics_port
     main = threading.current_thread() is threading.main_thread()
     kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:

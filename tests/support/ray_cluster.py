@@ -7,9 +7,12 @@ from collections.abc import Iterator
 import pytest
 import ray
 
+from pipeline.runner import LOCAL_RAY_SYSTEM_CONFIG
+
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="slowfast-tests")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="slowfast-tests",
+             _system_config=LOCAL_RAY_SYSTEM_CONFIG)
     yield
     ray.shutdown()
