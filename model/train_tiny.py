@@ -5,12 +5,16 @@ own clips (`model.synthetic_world`), then trains the same network, config format
 loading path as a released checkpoint, at small sizes, in two stages:
 
 1. Vision: the ConvNeXt tower and projector learn from single frames through a
-   temporary probe on each pooled token (which object kinds have their centre in that
-   quarter of the frame, and where). The probe is not part of the checkpoint.
+   temporary linear probe on the frame's pooled token: for each object kind, whether the
+   frame shows it and where.
 2. Language: with the tower frozen, its per-frame outputs are computed once and cached;
    the projector and the LLM then learn the captions and yes/no answers with the
    official prompt, token layout and cross-attention rule (prompt text only), through
-   the same reference forward that checks cached decoding.
+   the same reference forward that checks cached decoding. Temporary linear probes on
+   the frame tokens and the last prompt token (`SceneProbe`) teach the early layers to
+   compare positions across frames.
+
+Neither probe is part of the checkpoint.
 
 The result is an official-format checkpoint folder (config.json, safetensors, tokenizer).
 """
@@ -37,6 +41,7 @@ from torch import nn
 from . import generation
 from .api import SlowFastVLM, VideoQuery, load_tokenizer
 from .config import SlowFastConfig
+from .language import FAST_VISUAL
 from .modeling import SlowFastForCausalLM
 from .preprocess import preprocess_frames
 from .prompt import END_OF_TURN, build_prompt
@@ -87,15 +92,17 @@ WORLD_CONFIG: dict[str, Any] = TINY_CONFIG | {
 
 @dataclass(frozen=True)
 class TrainSettings:
-    clips: int = 600
-    vision_steps: int = 1500
+    clips: int = 3000
+    vision_steps: int = 3000
     vision_batch: int = 64
-    language_steps: int = 4000
+    language_steps: int = 3000
     language_batch: int = 48
-    check_every: int = 250  # language steps between checks on validation clips
+    check_every: int = 500  # language steps between checks on validation clips
     check_clips: int = 40
     seed: int = 0
     workers: int = 2
+    probe_layer: int = 1  # decoder layer whose output the scene probe reads at the last prompt token
+    probe_weight: float = 1.0
 
 
 def world_corpus(seed: int = 0, lines: int = 400) -> list[str]:
@@ -227,6 +234,40 @@ def pick_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return yes_no_question(*pool[int(rng.integers(len(pool)))]), "No"
 
 
+def scene_targets(scenes: list[Scene]) -> torch.Tensor:
+    """For each of the 15 kinds: shown, and its travel over the clip (2 dx, 2 dy): [B, 45]."""
+    out = torch.zeros(len(scenes), 3, len(KINDS))
+    for b, scene in enumerate(scenes):
+        for obj in scene.objects:
+            k = KINDS.index(obj.kind)
+            out[b, :, k] = torch.tensor([1.0, 2 * (obj.end[0] - obj.start[0]), 2 * (obj.end[1] - obj.start[1])])
+    return out.flatten(1)
+
+
+class SceneProbe(nn.Module):
+    """Temporary head (not part of the checkpoint) on one decoder layer's output: which kinds
+    the clip shows and how far each travels. Motion means comparing an object's position
+    across frames, which the caption loss alone teaches only after thousands of steps. Read
+    at every frame token but the first (motion is linear, so each frame token can tell it
+    from the frame before it: a previous-token head) and at the last prompt token (where the
+    answer starts), these linear targets teach it in fewer steps."""
+
+    def __init__(self, network: SlowFastForCausalLM, layer: int):
+        super().__init__()
+        self.head = nn.Linear(network.config.hidden_size, 3 * len(KINDS))
+        self.hidden: torch.Tensor | None = None
+        self.hook = network.model.layers[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, rows: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
+        """Squared error of the head on the kept hidden states `rows(hidden)` -> [B, n, hidden]."""
+        assert self.hidden is not None
+        out = self.head(rows)
+        return ((out - scene_targets(scenes)[:, None]) ** 2).sum(-1).mean()
+
+
 def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[RenderedClip], features: torch.Tensor,
                    settings: TrainSettings, generator: torch.Generator, rng: np.random.Generator,
                    check: Callable[[int], bool]) -> None:
@@ -235,7 +276,9 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
     config = network.config
     for param in network.model.vision_tower.parameters():
         param.requires_grad_(False)
+    frame_probe, summary_probe = SceneProbe(network, 0), SceneProbe(network, settings.probe_layer)
     params = [p for p in network.parameters() if p.requires_grad]
+    params += [*frame_probe.parameters(), *summary_probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, settings.language_steps, warmup=100)
     # The reference uncached forward (prompt + answer in one pass), without its inference_mode.
@@ -251,11 +294,12 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         batch, frames = grid_tokens.shape[:2]
         projected = network.model.mm_projector(grid_tokens.flatten(0, 1))
         pooled = pool_frames(projected, config.mm_video_pooling_stride).unflatten(0, (batch, frames))
-        samples, answers = [], []
+        samples, answers, scenes = [], [], []
         for b, clip_id in enumerate(ids):
             scene = clips[clip_id].scene
             scene = mirrored_scene(scene) if mirrored[b] else scene
             scene = reversed_scene(scene) if backwards[b] else scene
+            scenes.append(scene)
             question, answer = pick_task(scene, rng)
             samples.append(generation.Sample(texts.prompt(question), video_tokens(pooled[b], config)))
             answers.append(texts.answer(answer))
@@ -265,18 +309,26 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         logits = forward(network, prompt_batch, targets, decode_cross_attention=False)[:, :longest]
         mask = torch.tensor([[1.0] * len(a) + [0.0] * (longest - len(a)) for a in answers])
         losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(mask)
-        loss = (losses * mask).sum() / mask.sum()
+        caption_loss = (losses * mask).sum() / mask.sum()
+        prompt_length = prompt_batch.valid.shape[1]  # prompts are left-padded: all end here
+        visual = prompt_batch.token_types == FAST_VISUAL  # as many in every row
+        frame_rows = frame_probe.hidden[:, :prompt_length][visual].unflatten(0, (batch, -1))[:, 1:]
+        summary_rows = summary_probe.hidden[:, prompt_length - 1 : prompt_length]
+        probe_loss = frame_probe.loss(frame_rows, scenes) + summary_probe.loss(summary_rows, scenes)
+        loss = caption_loss + settings.probe_weight * probe_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == settings.language_steps - 1:
-            log.info("language step %d/%d: loss %.4f (%.0f s)", step + 1, settings.language_steps, loss.item(),
-                     time.monotonic() - started)
+            log.info("language step %d/%d: caption loss %.4f, scene probe loss %.3f (%.0f s)", step + 1,
+                     settings.language_steps, caption_loss.item(), probe_loss.item(), time.monotonic() - started)
         if (step + 1) % settings.check_every == 0 and check(step + 1):
             log.info("stopping after %d language steps: the validation clips pass", step + 1)
-            return
+            break
+    frame_probe.hook.remove()
+    summary_probe.hook.remove()
 
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 30) -> torch.optim.lr_scheduler.LambdaLR:
