@@ -92,6 +92,22 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
 
 
 @pytest.mark.slow
+def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_dir):
+    """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
+    starved by whatever else the host runs."""
+    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # its own local Ray
+    try:
+        run.wait_for_line("cam #1 ")
+        out = subprocess.run(["ps", "-e", "-o", "sid=,ni=,args="], capture_output=True, text=True).stdout
+        actors = [line.split(None, 2) for line in out.splitlines() if line.split()[0] == str(run.pid)]
+        actors = [(nice, name) for _, nice, name in actors if name.startswith("ray::")]
+        assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
+        assert all(nice == "0" for nice, _ in actors), actors
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
 def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_model_dir):
     """Also as PID 1 where the machine allows it (root)."""
     run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir), pid1=CAN_BE_PID1)  # embedded Redis
