@@ -102,7 +102,6 @@ class TrainSettings:
     seed: int = 0
     workers: int = 2
     probe_layer: int = 1  # decoder layer whose output the scene probe reads at the last prompt token
-    probe_weight: float = 1.0
 
 
 def world_corpus(seed: int = 0, lines: int = 400) -> list[str]:
@@ -261,11 +260,9 @@ class SceneProbe(nn.Module):
     def _keep(self, module: nn.Module, args: Any, output: Any) -> None:
         self.hidden = output[0] if isinstance(output, tuple) else output
 
-    def loss(self, rows: torch.Tensor, scenes: list[Scene]) -> torch.Tensor:
-        """Squared error of the head on the kept hidden states `rows(hidden)` -> [B, n, hidden]."""
-        assert self.hidden is not None
-        out = self.head(rows)
-        return ((out - scene_targets(scenes)[:, None]) ** 2).sum(-1).mean()
+    def loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Squared error of the head on rows [B, n, hidden] of the kept output against [B, 45] targets."""
+        return ((self.head(rows) - targets[:, None]) ** 2).sum(-1).mean()
 
 
 def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[RenderedClip], features: torch.Tensor,
@@ -314,8 +311,9 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         visual = prompt_batch.token_types == FAST_VISUAL  # as many in every row
         frame_rows = frame_probe.hidden[:, :prompt_length][visual].unflatten(0, (batch, -1))[:, 1:]
         summary_rows = summary_probe.hidden[:, prompt_length - 1 : prompt_length]
-        probe_loss = frame_probe.loss(frame_rows, scenes) + summary_probe.loss(summary_rows, scenes)
-        loss = caption_loss + settings.probe_weight * probe_loss
+        truth = scene_targets(scenes)
+        probe_loss = frame_probe.loss(frame_rows, truth) + summary_probe.loss(summary_rows, truth)
+        loss = caption_loss + probe_loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -62,8 +62,9 @@ class SlowfastProcess:
             self.proc.wait()
 
 
-def session_processes(sid: int) -> list[str]:
-    out = subprocess.run(["ps", "-e", "-o", "sid=,pid=,comm="], capture_output=True, text=True).stdout
+def session_processes(sid: int, columns: str = "pid=,comm=") -> list[str]:
+    """`ps` lines (sid first, then `columns`) of the processes in session `sid`."""
+    out = subprocess.run(["ps", "-e", "-o", "sid=," + columns], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
@@ -98,8 +99,7 @@ def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_
     run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # its own local Ray
     try:
         run.wait_for_line("cam #1 ")
-        out = subprocess.run(["ps", "-e", "-o", "sid=,ni=,args="], capture_output=True, text=True).stdout
-        actors = [line.split(None, 2) for line in out.splitlines() if line.split()[0] == str(run.pid)]
+        actors = [line.split(None, 2) for line in session_processes(run.pid, "ni=,args=")]
         actors = [(nice, name) for _, nice, name in actors if name.startswith("ray::")]
         assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
         assert all(nice == "0" for nice, _ in actors), actors
