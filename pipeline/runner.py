@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 import redis
+from ray.exceptions import ActorAlreadyExistsError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from connectors.embedded import EmbeddedRedis
@@ -199,9 +200,17 @@ class Pipeline:
         count = self.config.workers or max(1, gpus)
         options = {"num_gpus": 1} if gpus else {"num_cpus": self.config.worker_cpus}
         options["resources"] = dict(self.config.worker_resources)
-        self.workers = [
-            ModelWorker.options(name=f"worker:{i}", **options).remote(self.config, self.model_path) for i in range(count)
-        ]
+        self.workers = []
+        try:
+            for i in range(count):
+                self.workers.append(ModelWorker.options(name=f"worker:{i}", **options).remote(self.config, self.model_path))
+        except ActorAlreadyExistsError:
+            # Actor names are per namespace: a second run there would steer the first one's actors.
+            for worker in self.workers:
+                ray.kill(worker, no_restart=True)
+            raise ConfigError(
+                f"another slowfast run is using Ray namespace {self.config.ray_namespace!r} (its model worker "
+                "exists): stop that run, or give this one its own ray_namespace (SLOWFAST_RAY_NAMESPACE)") from None
         self.frame_size = ray.get(self.workers[0].frame_size.remote())
         self.check_workers()
         self.publisher = Publisher(self.config.redis_url, history_len=self.config.history_len)

@@ -67,6 +67,30 @@ def test_run_a_file_writes_outputs_and_status(ray_session, redis_url, tiny_model
     assert asked.exit_code == 1 and "no answer within 1 s" in asked.output  # run time: exit 1
 
 
+def test_a_second_run_in_the_same_ray_namespace_is_refused_in_one_line(ray_session, redis_url, tiny_model_dir, tmp_path):
+    """Actor names are per namespace; the first run's actors must survive the second's attempt."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class FirstRunsWorker:
+        def alive(self) -> bool:
+            return True
+
+    first = FirstRunsWorker.options(name="worker:0").remote()  # the tests' Ray runs in namespace slowfast-tests
+    try:
+        clip = make_clip(tmp_path / "yard.mp4", cfr_times(8, 2.0)).path
+        result = runner.invoke(app, ["run", "--source", str(clip), "--redis-url", redis_url, "--model", str(tiny_model_dir)],
+                               env={"SLOWFAST_RAY_NAMESPACE": "slowfast-tests"})
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines()[-1] == (
+            "error: another slowfast run is using Ray namespace 'slowfast-tests' (its model worker exists): stop that "
+            "run, or give this one its own ray_namespace (SLOWFAST_RAY_NAMESPACE)")
+        assert "Traceback" not in result.output
+        assert ray.get(first.alive.remote(), timeout=30)
+    finally:
+        ray.kill(first)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
