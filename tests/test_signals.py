@@ -96,15 +96,18 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
 def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_dir):
     """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
     starved by whatever else the host runs."""
-    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # its own local Ray
-    try:
-        run.wait_for_line("cam #1 ")
-        actors = [line.split(None, 2) for line in session_processes(run.pid, "ni=,args=")]
-        actors = [(nice, name) for _, nice, name in actors if name.startswith("ray::")]
-        assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
-        assert all(nice == "0" for nice, _ in actors), actors
-    finally:
-        run.close()
+    # Its own local Ray; the test's Redis, since close() kills the run's session and an
+    # embedded server lives in a session of its own.
+    with EmbeddedRedis() as server:
+        run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir, server.url))
+        try:
+            run.wait_for_line("cam #1 ")
+            actors = [line.split(None, 2) for line in session_processes(run.pid, "ni=,args=")]
+            actors = [(nice, name) for _, nice, name in actors if name.startswith("ray::")]
+            assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
+            assert all(nice == "0" for nice, _ in actors), actors
+        finally:
+            run.close()
 
 
 @pytest.mark.slow
