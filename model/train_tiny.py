@@ -74,6 +74,7 @@ FRAMES = 16  # one 4 s window at 4 fps
 EVAL_SEED_BASE = 1_000_000  # evaluation clips use seeds from here; training uses 0..clips-1
 VALIDATION_SEED_BASE = 2_000_000  # clips checked during training to stop early
 MARKER = "small synthetic-world model"
+SHIPPED_MODEL = Path(__file__).with_name("world_model")  # this script's output, shipped in the package
 MIN_COVERAGE = 0.2  # a pooled token is taught an object when it covers this much of the object's box
 
 WORLD_CONFIG: dict[str, Any] = TINY_CONFIG | {

@@ -234,7 +234,7 @@ def run(
     source: Annotated[Optional[list[str]], typer.Option("--source", help="[ID=]URI, repeatable")] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="Redis URL; none: start an embedded one")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address, e.g. auto")] = None,
-    model: Annotated[Optional[str], typer.Option(help="checkpoint folder or hub id; none: tiny model")] = None,
+    model: Annotated[Optional[str], typer.Option(help="checkpoint folder or hub id; none: the small synthetic-world model")] = None,
     out: Annotated[Optional[Path], typer.Option(help="folder for captions.jsonl / captions.vtt of files")] = None,
     window: Annotated[Optional[int], typer.Option()] = None,
     stride: Annotated[Optional[int], typer.Option()] = None,
@@ -503,7 +503,7 @@ def stop_demo(client: SlowFastClient, camera: str, seconds: float, file: str, st
 @app.command()
 @reports_errors
 def demo(
-    model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the tiny model")] = None,
+    model: Annotated[Optional[str], typer.Option(help="a real checkpoint (GPU); default: the small synthetic-world model")] = None,
     seconds: Annotated[float, typer.Option(
         help="how long the live camera copy runs from its first frame (longer if the file copy is not done)")] = 30.0,
     window: Annotated[int, typer.Option(help="frames per window (16: one 4 s scene at 4 fps)")] = 16,
@@ -512,7 +512,7 @@ def demo(
     no_web: NoWeb = False,
     web_token: WebToken = None,
 ) -> None:
-    """Generated clip -> tiny model -> embedded Redis: a file copy captioned to its end and a live
+    """Synthetic-world clip -> its small model -> embedded Redis: a file copy captioned to its end and a live
     looping copy for `--seconds` from its first frame."""
     from connectors.embedded import EmbeddedRedis
 

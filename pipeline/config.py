@@ -105,7 +105,7 @@ class PipelineConfig(BaseSettings):
         default=9464, ge=0, le=65535, description="Prometheus port of the local Ray this run starts (0: any "
         "free port); on a cluster (ray_address set) each node's `ray start --metrics-export-port`",
     )
-    model: str | None = Field(default=None, description="checkpoint folder or hub id; None: a tiny random model")
+    model: str | None = Field(default=None, description="checkpoint folder or hub id; None: the small synthetic-world model shipped with the package")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     window: int = Field(default=64, ge=2, le=1024)

@@ -173,12 +173,15 @@ def metrics_url() -> str:
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
-def resolve_model(config: PipelineConfig, workdir: Path) -> str:
+def resolve_model(config: PipelineConfig, on_event: Callable[[str], None]) -> str:
+    """The checkpoint to serve: `config.model`, else the small synthetic-world model shipped
+    with the package (it knows only coloured shapes that move; see model.synthetic_world)."""
     if config.model:
         return config.model
-    from model.tiny import write_tiny_model
+    from model.train_tiny import SHIPPED_MODEL
 
-    return str(write_tiny_model(workdir / "tiny-model"))
+    on_event(f"model: none given, serving the small synthetic-world model shipped with the package ({SHIPPED_MODEL})")
+    return str(SHIPPED_MODEL)
 
 
 @dataclass
@@ -498,8 +501,7 @@ def run_pipeline(
         config = config.model_copy(update={"metrics_port": port})
         if note:
             on_event(note)
-    with (tempfile.TemporaryDirectory() as tmp, redis_for(config) as redis_url,
-          beside(redis_url) if beside else contextlib.nullcontext()):
+    with redis_for(config) as redis_url, beside(redis_url) if beside else contextlib.nullcontext():
         config = config.model_copy(update={"redis_url": redis_url})
         printer_stop = threading.Event()
         printer = None
@@ -512,7 +514,7 @@ def run_pipeline(
             on_event("stopped while Ray was starting")
             printer_stop.set()
             return {}
-        pipeline = Pipeline(config, resolve_model(config, Path(tmp)))
+        pipeline = Pipeline(config, resolve_model(config, on_event))
         pipeline.start_workers()
         on_event(f"redis {redis_url}")
         on_event(f"metrics {metrics_url()}")
