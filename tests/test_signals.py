@@ -3,6 +3,7 @@ exits 0; a second one exits at once. Real Ray, real Redis, the tiny model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.embedded import EmbeddedRedis
+from connectors.embedded import EmbeddedRedis, find_server_binary
 from tests.support.media import cfr_times, make_clip
 
 
@@ -156,3 +157,41 @@ def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
             assert session_processes(run.proc.pid) == []
         finally:
             run.close()
+
+
+def child_processes(pid: int, name: str) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "ppid=,pid=,comm="], capture_output=True, text=True).stdout
+    return [int(child) for ppid, child, comm in (line.split(None, 2) for line in out.splitlines())
+            if int(ppid) == pid and comm.strip() == name]
+
+
+def is_running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented child may wait a while to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+def test_a_killed_run_takes_its_embedded_redis_with_it(clip, tmp_path, tiny_model_dir):
+    """SIGKILL (the OOM killer, `kill -9`) runs no cleanup; the embedded server, in a session
+    of its own, must still not outlive the run."""
+    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
+    servers: list[int] = []
+    try:
+        run.wait_for_line("cam #1 ")
+        servers = child_processes(run.pid, Path(find_server_binary()).name[:15])  # comm is cut at 15
+        assert len(servers) == 1
+        os.kill(run.pid, signal.SIGKILL)
+        run.proc.wait()
+        deadline = time.monotonic() + 30
+        while is_running(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not is_running(servers[0]), "the embedded redis-server outlived its killed run"
+    finally:
+        run.close()
+        for pid in filter(is_running, servers):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # Ray's agents take a minute or two to notice
+            os.killpg(run.pid, signal.SIGKILL)
