@@ -48,6 +48,10 @@ FRAME_SIZES = [(160, 120), (176, 144), (256, 144), (320, 180), (320, 240), (384,
                (480, 360), (640, 360), (360, 640), (240, 320), (400, 400)]
 MIN_SIZE, MAX_SIZE = 0.08, 0.25  # object size, fraction of the shorter side
 MIN_TRAVEL, MAX_TRAVEL = 0.30, 0.55  # travel of a moving object, fraction of the visible square
+# The model `python -m model.train_tiny` trains on this world, shipped in the package, and the
+# name its config.json carries (`slowfast_stream_model`).
+SHIPPED_MODEL = Path(__file__).with_name("world_model")
+MARKER = "small synthetic-world model"
 
 
 @dataclass(frozen=True)

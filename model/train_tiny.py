@@ -10,11 +10,12 @@ loading path as a released checkpoint, at small sizes, in two stages:
 2. Language: with the tower frozen, its per-frame outputs are computed once and cached;
    the projector and the LLM then learn the captions and yes/no answers with the
    official prompt, token layout and cross-attention rule (prompt text only), through
-   the same reference forward that checks cached decoding. Temporary linear probes on
-   the frame tokens and the last prompt token (`SceneProbe`) teach the early layers to
-   compare positions across frames.
+   the same reference forward that checks cached decoding. Temporary linear probes
+   (`SceneProbe`) on the frame tokens and the last prompt token teach the early layers to
+   compare positions across frames; one at the end of each object's name in a caption
+   teaches the LLM which travel belongs to which object.
 
-Neither probe is part of the checkpoint.
+No probe is part of the checkpoint.
 
 The result is an official-format checkpoint folder (config.json, safetensors, tokenizer).
 """
@@ -30,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,10 +49,12 @@ from .prompt import END_OF_TURN, build_prompt
 from .synthetic_world import (
     COLOURS,
     KINDS,
+    MARKER,
     SHAPES,
     MOTIONS,
     RenderedClip,
     Scene,
+    WorldObject,
     parse_caption,
     render_clip,
     mirrored_scene,
@@ -73,8 +76,6 @@ CAPTION_PROMPTS = (
 FRAMES = 16  # one 4 s window at 4 fps
 EVAL_SEED_BASE = 1_000_000  # evaluation clips use seeds from here; training uses 0..clips-1
 VALIDATION_SEED_BASE = 2_000_000  # clips checked during training to stop early
-MARKER = "small synthetic-world model"
-SHIPPED_MODEL = Path(__file__).with_name("world_model")  # this script's output, shipped in the package
 MIN_COVERAGE = 0.2  # a pooled token is taught an object when it covers this much of the object's box
 
 WORLD_CONFIG: dict[str, Any] = TINY_CONFIG | {
@@ -103,6 +104,8 @@ class TrainSettings:
     seed: int = 0
     workers: int = 2
     probe_layer: int = 1  # decoder layer whose output the scene probe reads at the last prompt token
+    object_probe_layer: int = 2  # decoder layer whose output the object probe reads after each object's name
+    position_weight: float = 4.0  # of the frame probe's position error against its presence error
 
 
 def world_corpus(seed: int = 0, lines: int = 400) -> list[str]:
@@ -149,23 +152,27 @@ class FrameProbe(nn.Module):
     of the 15 kinds, whether the frame shows it and, if so, where (presence times x and y).
     A squared error on these linear targets makes the tower learn object kind and position
     from single frames within a few hundred steps (a sigmoid presence loss sits on its prior
-    far longer)."""
+    far longer). The position error is weighted up: with equal weights the tower's positions
+    come out shrunk towards the middle, and motion read from them is wrong far more often."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, position_weight: float):
         super().__init__()
         self.head = nn.Linear(width, 3 * len(KINDS))
+        self.position_weight = position_weight
 
     def loss(self, pooled: torch.Tensor, shown: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.head(pooled.mean(1))
-        target = torch.cat([shown, (shown[..., None] * where).flatten(1)], 1)
-        frames_right = ((out[:, : len(KINDS)] > 0.5).float() == shown).all(1).float().mean()
-        return ((out - target) ** 2).sum(1).mean(), frames_right
+        presence, position = out[:, : len(KINDS)], out[:, len(KINDS) :].unflatten(1, (len(KINDS), 2))
+        presence_error = ((presence - shown) ** 2).sum(1).mean()
+        position_error = ((position - shown[..., None] * where) ** 2).sum((1, 2)).mean()
+        frames_right = ((presence > 0.5).float() == shown).all(1).float().mean()
+        return presence_error + self.position_weight * position_error, frames_right
 
 
 def train_vision(network: SlowFastForCausalLM, clips: list[RenderedClip], settings: TrainSettings,
                  generator: torch.Generator) -> None:
     config = network.config
-    probe = FrameProbe(config.hidden_size)
+    probe = FrameProbe(config.hidden_size, settings.position_weight)
     params = [*network.model.vision_tower.parameters(), *network.model.mm_projector.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, settings.vision_steps)
@@ -208,6 +215,7 @@ class Texts:
         self.end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
         self._prompts: dict[str, Any] = {}
         self._answers: dict[str, list[int]] = {}
+        self._name_ends: dict[str, list[int]] = {}
 
     def prompt(self, question: str):
         if question not in self._prompts:
@@ -218,6 +226,18 @@ class Texts:
         if text not in self._answers:
             self._answers[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end]
         return self._answers[text]
+
+    def name_ends(self, scene: Scene) -> list[int]:
+        """Index among the caption's tokens of the last token of each object's name ("a red
+        circle"): the position whose next token is that object's verb. Words are tokenized
+        apart, so a prefix of the caption tokenizes as a prefix of its tokens."""
+        if scene.caption not in self._name_ends:
+            ends = []
+            for i, obj in enumerate(scene.objects):
+                said = "".join(o.phrase + " and " for o in scene.objects[:i]) + f"a {obj.colour} {obj.shape}"
+                ends.append(len(self.tokenizer(said, add_special_tokens=False)["input_ids"]) - 1)
+            self._name_ends[scene.caption] = ends
+        return self._name_ends[scene.caption]
 
 
 def pick_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
@@ -234,11 +254,11 @@ def pick_task(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return yes_no_question(*pool[int(rng.integers(len(pool)))]), "No"
 
 
-def scene_targets(scenes: list[Scene]) -> torch.Tensor:
-    """For each of the 15 kinds: shown, and its travel over the clip (2 dx, 2 dy): [B, 45]."""
-    out = torch.zeros(len(scenes), 3, len(KINDS))
-    for b, scene in enumerate(scenes):
-        for obj in scene.objects:
+def scene_targets(groups: list[Sequence[WorldObject]]) -> torch.Tensor:
+    """For each of the 15 kinds: shown in the group, and its travel over the clip (2 dx, 2 dy): [B, 45]."""
+    out = torch.zeros(len(groups), 3, len(KINDS))
+    for b, objects in enumerate(groups):
+        for obj in objects:
             k = KINDS.index(obj.kind)
             out[b, :, k] = torch.tensor([1.0, 2 * (obj.end[0] - obj.start[0]), 2 * (obj.end[1] - obj.start[1])])
     return out.flatten(1)
@@ -250,7 +270,10 @@ class SceneProbe(nn.Module):
     across frames, which the caption loss alone teaches only after thousands of steps. Read
     at every frame token but the first (motion is linear, so each frame token can tell it
     from the frame before it: a previous-token head) and at the last prompt token (where the
-    answer starts), these linear targets teach it in fewer steps."""
+    answer starts), these linear targets teach it in fewer steps. Read after each object's
+    name in a caption with that object's targets alone, they teach the verb's binding: which
+    travel belongs to the object just named (without it, two-object clips often get the
+    other object's verb)."""
 
     def __init__(self, network: SlowFastForCausalLM, layer: int):
         super().__init__()
@@ -274,9 +297,10 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
     config = network.config
     for param in network.model.vision_tower.parameters():
         param.requires_grad_(False)
-    frame_probe, summary_probe = SceneProbe(network, 0), SceneProbe(network, settings.probe_layer)
+    probes = SceneProbe(network, 0), SceneProbe(network, settings.probe_layer), SceneProbe(network, settings.object_probe_layer)
+    frame_probe, summary_probe, object_probe = probes
     params = [p for p in network.parameters() if p.requires_grad]
-    params += [*frame_probe.parameters(), *summary_probe.parameters()]
+    params += [p for probe in probes for p in probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, settings.language_steps, warmup=100)
     # The reference uncached forward (prompt + answer in one pass), without its inference_mode.
@@ -292,7 +316,7 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         batch, frames = grid_tokens.shape[:2]
         projected = network.model.mm_projector(grid_tokens.flatten(0, 1))
         pooled = pool_frames(projected, config.mm_video_pooling_stride).unflatten(0, (batch, frames))
-        samples, answers, scenes = [], [], []
+        samples, answers, scenes, captioned = [], [], [], []
         for b, clip_id in enumerate(ids):
             scene = clips[clip_id].scene
             scene = mirrored_scene(scene) if mirrored[b] else scene
@@ -301,6 +325,7 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
             question, answer = pick_task(scene, rng)
             samples.append(generation.Sample(texts.prompt(question), video_tokens(pooled[b], config)))
             answers.append(texts.answer(answer))
+            captioned.append(answer == scene.caption)
         prompt_batch = generation.assemble(network, samples, context_limit=config.max_position_embeddings)
         longest = max(len(a) for a in answers)
         targets = torch.tensor([a + [pad] * (longest - len(a)) for a in answers])
@@ -312,8 +337,14 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         visual = prompt_batch.token_types == FAST_VISUAL  # as many in every row
         frame_rows = frame_probe.hidden[:, :prompt_length][visual].unflatten(0, (batch, -1))[:, 1:]
         summary_rows = summary_probe.hidden[:, prompt_length - 1 : prompt_length]
-        truth = scene_targets(scenes)
+        truth = scene_targets([scene.objects for scene in scenes])
         probe_loss = frame_probe.loss(frame_rows, truth) + summary_probe.loss(summary_rows, truth)
+        # After each object's name in a caption, the facts of that object alone.
+        named = [(b, end, obj) for b, scene in enumerate(scenes) if captioned[b]
+                 for obj, end in zip(scene.objects, texts.name_ends(scene))]
+        if named:
+            rows = torch.stack([object_probe.hidden[b, prompt_length + end] for b, end, _ in named])[:, None]
+            probe_loss = probe_loss + object_probe.loss(rows, scene_targets([(obj,) for _, _, obj in named]))
         loss = caption_loss + probe_loss
         optimizer.zero_grad()
         loss.backward()
@@ -326,8 +357,8 @@ def train_language(network: SlowFastForCausalLM, texts: Texts, clips: list[Rende
         if (step + 1) % settings.check_every == 0 and check(step + 1):
             log.info("stopping after %d language steps: the validation clips pass", step + 1)
             break
-    frame_probe.hook.remove()
-    summary_probe.hook.remove()
+    for probe in probes:
+        probe.hook.remove()
 
 
 def _cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 30) -> torch.optim.lr_scheduler.LambdaLR:
@@ -441,13 +472,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m model.train_tiny", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="where to write the checkpoint")
     defaults = TrainSettings()
-    for field in ("clips", "vision_steps", "language_steps", "check_every", "check_clips", "seed", "workers"):
-        parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
+    fields = {name: int for name in ("clips", "vision_steps", "language_steps", "check_every", "check_clips", "seed", "workers")}
+    fields["position_weight"] = float
+    for name, kind in fields.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name))
     parser.add_argument("--eval-clips", type=int, default=100, help="fresh clips to evaluate on afterwards (0: none)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    settings = TrainSettings(clips=args.clips, vision_steps=args.vision_steps, language_steps=args.language_steps, check_every=args.check_every, check_clips=args.check_clips,
-                             seed=args.seed, workers=args.workers)
+    settings = TrainSettings(**{name: getattr(args, name) for name in fields})
     folder = train(args.folder, settings)
     size = sum(f.stat().st_size for f in folder.iterdir())
     log.info("checkpoint size %.2f MB", size / 1e6)

@@ -178,7 +178,7 @@ def resolve_model(config: PipelineConfig, on_event: Callable[[str], None]) -> st
     with the package (it knows only coloured shapes that move; see model.synthetic_world)."""
     if config.model:
         return config.model
-    from model.train_tiny import MARKER, SHIPPED_MODEL
+    from model.synthetic_world import MARKER, SHIPPED_MODEL
 
     on_event(f"model: none given, serving the {MARKER} shipped with the package ({SHIPPED_MODEL})")
     return str(SHIPPED_MODEL)

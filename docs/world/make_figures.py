@@ -10,8 +10,7 @@ import av
 import numpy as np
 
 from model import SlowFastVLM, VideoQuery
-from model.synthetic_world import model_view
-from model.train_tiny import SHIPPED_MODEL
+from model.synthetic_world import SHIPPED_MODEL, model_view
 from pipeline.config import DEFAULT_CAPTION_PROMPT
 from pipeline.demo_clip import RED_CIRCLE, demo_scenes, write_clip
 
