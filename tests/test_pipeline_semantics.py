@@ -8,7 +8,7 @@ small synthetic-world model shipped with the package.
 from __future__ import annotations
 
 from connectors.client import SlowFastClient
-from model.synthetic_world import parse_caption, write_scene_file
+from model.synthetic_world import MARKER, parse_caption, write_scene_file
 from pipeline.config import load_config
 from pipeline.demo_clip import SCENE_SECONDS, demo_scenes
 from pipeline.runner import run_pipeline
@@ -28,13 +28,13 @@ def test_captions_and_events_follow_the_scenes(ray_session, redis_url, tmp_path)
     events: list[str] = []
     summaries = run_pipeline(config, on_event=events.append)
     assert summaries["scenes"]["state"] == "ended"
-    assert sum("small synthetic-world model" in line for line in events) == 1
+    assert sum(MARKER in line for line in events) == 1
 
     client = SlowFastClient(redis_url)
     captions = client.history("scenes")
     assert [c.window for c in captions] == list(range(len(scenes)))
     # Window i's caption names scene i's objects, in all windows but at most one: the model
-    # names exactly the objects of 94% of fresh clips. A caption of a neighbouring window,
+    # names exactly the objects of 98% of fresh clips. A caption of a neighbouring window,
     # or of no window, fails here, since neighbouring scenes show different objects.
     assert all({o.kind for o in a.objects} != {o.kind for o in b.objects} for a, b in zip(scenes, scenes[1:]))
     exact = 0
