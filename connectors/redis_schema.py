@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from .sources import redact_text, redact_uri
+from .redact import redact_text, redact_uri
 
 DATA = "data"  # the one field of every stream entry, and the authoritative hash field
 # Status hash field counting writes the publisher dropped while Redis was unreachable. It is
@@ -324,7 +324,10 @@ class StreamStatus(Model):
     fps_out: float = Field(default=0.0, description="frames whose window was processed, per second")
     lag_s: float = Field(default=0.0, description="live: now - capture time of the latest processed window's end")
     frames_in: int = 0
-    frames_dropped: int = Field(default=0, description="decoded frames dropped as corrupt")
+    frames_dropped: int = Field(
+        default=0, description="sampled frames no processed window covered (their windows were skipped)"
+    )
+    frames_corrupt: int = Field(default=0, description="corrupt packets and frames the decoder skipped")
     windows_emitted: int = Field(default=0, description="windows the ingest sent to the model worker")
     windows_done: int = 0
     windows_skipped: int = Field(default=0, description="live windows overtaken by a newer one (newest wins)")

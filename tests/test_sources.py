@@ -12,7 +12,7 @@ import pytest
 
 from connectors.sources import Frame, SourceError, SourceState, open_source, redact_uri
 from connectors.sources.backoff import Backoff
-from connectors.sources.redact import redact_text
+from connectors.redact import redact_text
 from connectors.sources.sampling import RateSampler
 from connectors.sources.timeline import Timeline
 from tests.support.media import (

@@ -7,7 +7,7 @@ with open_source("rtsp://cam/stream", fps=4.0, size=576) as src:
 
 from .backoff import Backoff
 from .open import open_source
-from .redact import redact_text, redact_uri
+from ..redact import redact_text, redact_uri
 from .source import VideoSource
 from .types import Frame, SourceError, SourceState, SourceStats
 

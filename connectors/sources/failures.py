@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import av
 
-from .redact import redact_text
+from ..redact import redact_text
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from .redact import redact_uri
+from ..redact import redact_uri
 
 
 @dataclass(frozen=True, slots=True, eq=False)

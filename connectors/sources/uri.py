@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .redact import redact_uri
+from ..redact import redact_uri
 from .types import SourceError
 
 SUPPORTED = "a file path, file://, rtsp://, rtsps://, http://, https:// (files, HLS) or loop://PATH"
