@@ -9,15 +9,18 @@ add or remove streams. Synchronous; one instance per thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from redis.client import PubSub
 
-from .redis_conn import MAX_BLOCK_S, block_ms, connect
+from .redis_conn import MAX_BLOCK_S, UNREACHABLE, Outage, block_ms, connect
 from .redis_schema import (
     DATA,
     DEFAULT_KEYS,
@@ -46,9 +49,33 @@ from .redis_schema import (
     encode_entry,
 )
 
-# Quiet seconds after which a follower re-reads its streams: redis-py re-subscribes on its own
+log = logging.getLogger(__name__)
+
+# Seconds between a follower's full re-reads of its streams: redis-py re-subscribes on its own
 # after a short Redis restart, and the nudges sent in between never arrive.
 FOLLOW_CATCH_UP_S = 3.0
+READ_BATCH = 1000
+
+# What a follower reads from the streams, by the nudge kind that announces it.
+ENTRY_TYPES: dict[str, type[Caption] | type[Event]] = {NotificationKind.CAPTION: Caption, NotificationKind.EVENT: Event}
+_STREAM_KEYS: dict[str, Callable[[Keys, str], str]] = {
+    NotificationKind.CAPTION: Keys.captions, NotificationKind.EVENT: Keys.events}
+# Update kinds besides NotificationKind's:
+RESYNC = "resync"  # every stream was re-read (after (re)subscribing, and every catch_up_s)
+OUTAGE = "outage"  # Redis became unreachable: the follower pauses and retries with backoff
+
+
+@dataclass(frozen=True)
+class Update:
+    """One thing a follower saw. `caption`/`event`: a new entry (`entry`), each exactly once, in
+    order per stream. `status`/`removed`: a nudge, which carries no data (push only, so one can
+    be missed). `resync`: state that is not an entry (status, registry) may have changed unseen;
+    re-read it. `outage`: Redis is unreachable (`error`); a `resync` follows once it is back."""
+
+    kind: str
+    stream: str | None = None
+    entry: Caption | Event | None = None
+    error: str | None = None
 
 
 class QuestionError(RuntimeError):
@@ -150,96 +177,69 @@ class SlowFastClient:
         return self._range(self.keys.summaries(stream), Summary, since, count)
 
     def follow(
-        self, stream: str, since: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
+        self, stream: str | None = None, since: str | None = None, *, past: int = 0,
+        stop: threading.Event | None = None, poll_s: float = 1.0,
     ) -> Iterator[Caption]:
-        """Yield new captions as they are published, in order, until `stop` is set (or forever).
-
-        Starts after the newest caption at the time of the call (not of the first next()), or
-        after entry id `since`. Uses XREAD BLOCK in short slices (below the socket timeout), so
-        `stop` is honoured within `poll_s`.
-        """
-        key = self.keys.captions(stream)
-        last = since
-        if last is None:
-            top = self.redis.xrevrange(key, count=1)
-            last = top[0][0] if top else "0-0"
-        return self._follow(key, last, stop, poll_s)
-
-    def _follow(self, key: str, last: str, stop: threading.Event | None, poll_s: float) -> Iterator[Caption]:
-        while stop is None or not stop.is_set():
-            resp = self.redis.xread({key: last}, count=100, block=block_ms(min(poll_s, self._max_block_s)))
-            for _, entries in resp or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    yield decode_entry(Caption, fields)
+        """Yield new captions (one stream, or all) as they are published, in order per stream,
+        until `stop` is set (or forever); see `updates` for the start and for outages."""
+        updates = self.updates(stream, (NotificationKind.CAPTION,), since=since, past=past, stop=stop, poll_s=poll_s)
+        return (u.entry for u in updates if u.entry is not None)
 
     def follow_events(
-        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
+        self, stream: str | None = None, *, past: int = 0, stop: threading.Event | None = None, poll_s: float = 1.0
     ) -> Iterator[Event]:
-        """Yield standing-question events as they fire (one stream or all), in order per
-        stream, starting after the newest ones at the time of the call. Woken by the pub/sub
-        nudges, it reads each stream's events after the last one yielded, so a burst is never
-        cut short; a stream that appears later starts at the event its first nudge names."""
-        # subscribed from here on; idle ticks re-read what a silent re-subscription missed
-        notes = self.notifications(stream, stop=stop, poll_s=poll_s, idle_tick_s=FOLLOW_CATCH_UP_S)
-        last: dict[str, str] = {}
-        for sid in [stream] if stream else [s.id for s in self.streams()]:
-            top = self.redis.xrevrange(self.keys.events(sid), count=1)
-            last[sid] = top[0][0] if top else "0-0"
-        return self._follow_events(notes, last)
+        """Yield standing-question events as they fire (one stream or all), in order per stream;
+        see `updates`."""
+        updates = self.updates(stream, (NotificationKind.EVENT,), past=past, stop=stop, poll_s=poll_s)
+        return (u.entry for u in updates if u.entry is not None)
 
-    def _follow_events(self, notes: Iterator[Notification | None], last: dict[str, str]) -> Iterator[Event]:
-        for note in notes:
-            if note is None:
-                for sid in list(last):
-                    yield from self._events_after(sid, last)
-            elif note.kind == NotificationKind.EVENT and note.entry_id is not None:
-                yield from self._events_after(note.stream, last, first=note.entry_id)
+    def updates(
+        self, stream: str | None = None, kinds: Collection[str] = (NotificationKind.CAPTION,), *,
+        since: str | None = None, past: int = 0, stop: threading.Event | None = None, poll_s: float = 1.0,
+        catch_up_s: float = FOLLOW_CATCH_UP_S,
+    ) -> Iterator[Update]:
+        """Follow one stream, or all, until `stop` is set (or forever): the entries of `kinds`
+        (captions, events) as they are published, nudges of `kinds` (status, removed) as they come,
+        and the `resync` and `outage` markers (see Update).
 
-    def _events_after(self, sid: str, last: dict[str, str], first: str = "0-0") -> Iterator[Event]:
-        """The stream's events after the last one yielded (from `first` for a new stream)."""
-        since = last.get(sid)
-        entries = self.redis.xrange(self.keys.events(sid), min=f"({since}" if since else first, count=1000)
-        for entry_id, fields in entries:
-            last[sid] = entry_id
-            yield decode_entry(Event, fields)
+        Subscribed at the time of the call, and starts there: after each stream's newest entry, or
+        its last `past` entries, or after entry id `since`; a stream registered later starts at its
+        run's first entry. Push nudges only wake it up: it reads each stream after the last entry
+        it yielded, so a missed nudge loses nothing and nothing comes twice, and it re-reads every
+        stream each `catch_up_s`. A Redis outage pauses it (retried with backoff); it subscribes
+        again and catches up on what was published meanwhile."""
+        return iter(_Follower(self, stream, kinds, since, past, stop, poll_s, catch_up_s))
 
     def notifications(
-        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0,
-        idle_tick_s: float | None = None,
-    ) -> Iterator[Notification | None]:
+        self, stream: str | None = None, *, stop: threading.Event | None = None, poll_s: float = 1.0
+    ) -> Iterator[Notification]:
         """Yield pub/sub nudges (new caption, event, status, stream removed) for one stream or
         all, subscribing at the time of the call. Push only: messages sent while not subscribed
-        are missed; read the data with history()/events() (or use follow(), which misses
-        nothing). With `idle_tick_s`, also yield None after that long without a nudge, so a
-        consumer can re-read the data: redis-py re-subscribes silently after a short Redis
-        restart, and what was published in between never arrives as a nudge."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        if stream is None:
-            pubsub.psubscribe(self.keys.notify_pattern)
-        else:
-            pubsub.subscribe(self.keys.notify(stream))
-        return self._notifications(pubsub, stop, poll_s, idle_tick_s)
+        are missed; read the data with history()/events() (or use updates(), which misses
+        nothing)."""
+        return self._notifications(self._subscribed(stream), stop, poll_s)
 
-    def _notifications(
-        self, pubsub: PubSub, stop: threading.Event | None, poll_s: float, idle_tick_s: float | None
-    ) -> Iterator[Notification | None]:
-        last_yield = time.monotonic()
+    def _notifications(self, pubsub: PubSub, stop: threading.Event | None, poll_s: float) -> Iterator[Notification]:
         try:
             while stop is None or not stop.is_set():
-                msg = pubsub.get_message(timeout=min(poll_s, self._max_block_s))
-                if msg and msg.get("type") in ("message", "pmessage"):
-                    try:
-                        note = Notification.model_validate_json(msg["data"])
-                    except ValueError:
-                        continue  # not ours: a nudge is never worth crashing a consumer
-                    last_yield = time.monotonic()
+                note = _notification(pubsub.get_message(timeout=min(poll_s, self._max_block_s)))
+                if note is not None:
                     yield note
-                elif idle_tick_s is not None and time.monotonic() - last_yield >= idle_tick_s:
-                    last_yield = time.monotonic()
-                    yield None
         finally:
             pubsub.close()
+
+    def _subscribed(self, stream: str | None) -> PubSub:
+        """A pub/sub connection subscribed to the nudges of one stream, or of all."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            if stream is None:
+                pubsub.psubscribe(self.keys.notify_pattern)
+            else:
+                pubsub.subscribe(self.keys.notify(stream))
+        except BaseException:
+            pubsub.close()
+            raise
+        return pubsub
 
     # ------------------------------------------------------------------ questions
 
@@ -329,6 +329,143 @@ class SlowFastClient:
         else:
             entries = self.redis.xrange(key, min=f"({since}", count=count)
         return [decode_entry(cls, fields) for _, fields in entries]
+
+
+class _Follower:
+    """The state of one `SlowFastClient.updates` call."""
+
+    def __init__(
+        self, client: SlowFastClient, stream: str | None, kinds: Collection[str], since: str | None, past: int,
+        stop: threading.Event | None, poll_s: float, catch_up_s: float,
+    ) -> None:
+        self.client, self.redis, self.keys, self.stream = client, client.redis, client.keys, stream
+        self.kinds = frozenset(kinds)
+        self.entry_kinds = [k for k in ENTRY_TYPES if k in self.kinds]
+        self.stop = stop or threading.Event()
+        self.poll_s, self.catch_up_s = min(poll_s, client._max_block_s), catch_up_s
+        self.since, self.past = since, past
+        self.after: dict[str, dict[str, str]] | None = None  # stream -> kind -> XRANGE min of its next read
+        self.pubsub: PubSub | None = None
+        self.outage = Outage("follower", log, level=logging.INFO)
+        self.failed_at_start: BaseException | None = None
+        try:  # now, not at the first next()
+            self._subscribe()
+            self._start()
+        except UNREACHABLE as exc:
+            self.failed_at_start = exc
+
+    def __iter__(self) -> Iterator[Update]:
+        try:
+            if self.failed_at_start is not None:
+                yield from self._pause(self.failed_at_start)
+            while not self.stop.is_set():
+                try:
+                    yield from self._follow()
+                except UNREACHABLE as exc:
+                    yield from self._pause(exc)
+        finally:
+            self._unsubscribe()
+
+    def _follow(self) -> Iterator[Update]:
+        self._subscribe()
+        self._start()
+        yield from self._catch_up()
+        self.outage.ended()
+        next_catch_up = time.monotonic() + self.catch_up_s
+        while not self.stop.is_set():
+            note = _notification(self.pubsub.get_message(timeout=self.poll_s))
+            if note is not None:
+                yield from self._nudged(note)
+            if time.monotonic() >= next_catch_up:
+                yield from self._catch_up()
+                next_catch_up = time.monotonic() + self.catch_up_s
+
+    def _pause(self, exc: BaseException) -> Iterator[Update]:
+        self._unsubscribe()
+        if not self.outage.down:
+            yield Update(OUTAGE, error=str(exc))
+        self.stop.wait(self.outage.failed(exc))
+
+    def _subscribe(self) -> None:
+        if self.pubsub is None:
+            self.pubsub = self.client._subscribed(self.stream)
+
+    def _unsubscribe(self) -> None:
+        if self.pubsub is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                self.pubsub.close()
+            self.pubsub = None
+
+    def _start(self) -> None:
+        """Where each stream known now starts (after subscribing: nothing falls in between)."""
+        if self.after is not None:
+            return
+        sids = [self.stream] if self.stream is not None else [info.id for info in self.client.streams()]
+        after = {}
+        for sid in sids:
+            after[sid] = {}
+            for kind in self.entry_kinds:
+                if self.since is not None:
+                    after[sid][kind] = f"({self.since}"
+                    continue
+                # the entry before the last `past`: read after it
+                newest = self.redis.xrevrange(_STREAM_KEYS[kind](self.keys, sid), count=self.past + 1)
+                after[sid][kind] = f"({newest[self.past][0]}" if len(newest) > self.past else "-"
+        self.after = after
+
+    def _add(self, sid: str, info: StreamInfo | None, first: str | None = None) -> None:
+        """A stream seen after the start: all of its current run is new."""
+        start = f"{info.run}-0" if info is not None and info.run else first or "-"
+        self.after[sid] = dict.fromkeys(self.entry_kinds, start)
+
+    def _catch_up(self) -> Iterator[Update]:
+        if self.stream is None:
+            for info in self.client.streams():
+                if info.id not in self.after:
+                    self._add(info.id, info)
+        for sid in list(self.after):
+            for kind in self.entry_kinds:
+                yield from self._read(sid, kind)
+        yield Update(RESYNC)
+
+    def _nudged(self, note: Notification) -> Iterator[Update]:
+        sid = note.stream
+        if self.stream is not None and sid != self.stream:
+            return
+        if note.kind in self.entry_kinds:
+            if sid not in self.after:
+                self._add(sid, self.client.stream(sid), note.entry_id)
+            yield from self._read(sid, note.kind)
+        elif note.kind == NotificationKind.REMOVED and self.stream is None and sid in self.after:
+            for kind in self.entry_kinds:  # what it published last, then no more reads of it
+                yield from self._read(sid, kind)
+            del self.after[sid]
+        if note.kind in self.kinds and note.kind not in ENTRY_TYPES:
+            yield Update(note.kind, sid)
+
+    def _read(self, sid: str, kind: str) -> Iterator[Update]:
+        key, cls = _STREAM_KEYS[kind](self.keys, sid), ENTRY_TYPES[kind]
+        while True:
+            entries = self.redis.xrange(key, min=self.after[sid][kind], count=READ_BATCH)
+            for entry_id, fields in entries:
+                self.after[sid][kind] = f"({entry_id}"
+                try:
+                    entry = decode_entry(cls, fields)
+                except ValueError:
+                    log.debug("skipped an unreadable entry %s of %s", entry_id, key)
+                    continue
+                yield Update(kind, sid, entry)
+            if len(entries) < READ_BATCH:
+                return
+
+
+def _notification(message: dict | None) -> Notification | None:
+    if not message or message.get("type") not in ("message", "pmessage"):
+        return None
+    try:
+        return Notification.model_validate_json(message["data"])
+    except ValueError:
+        return None  # not ours: a nudge is never worth crashing a consumer
 
 
 def _json_list(raw: str | None) -> list[Any]:

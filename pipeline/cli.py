@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import logging
 import tempfile
 import threading
@@ -34,7 +33,7 @@ from model.errors import CheckpointError, UnsupportedConfigError
 from .config import ConfigError, PipelineConfig, StandingQuestion, StreamConfig, load_config
 from .summaries import clock
 from .resume import ResumeRefused, restart_stream, resume_point
-from .runner import follow_captions, format_caption, preflight, run_pipeline, stop_on_signals
+from .runner import format_caption, preflight, run_pipeline, stop_on_signals
 from .window import expected_windows
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -346,13 +345,10 @@ def tail(
     """Print captions as they arrive (all streams, or one)."""
 
     client = SlowFastClient(redis_url)
-    sids = [stream] if stream else [s.id for s in client.streams()]
-    if not sids:
+    registered = client.streams()  # Redis down: one line here (the follower would wait for it)
+    if not stream and not registered:
         fail("no streams registered", 1)
-    for sid in sids:
-        for caption in client.history(sid, count=count)[-count:]:
-            console.print(format_caption(caption), markup=False, highlight=False)
-    for caption in follow_captions(redis_url, stream, threading.Event()):
+    for caption in client.follow(stream, past=max(count, 0), stop=threading.Event()):
         console.print(format_caption(caption), markup=False, highlight=False)
 
 
@@ -364,6 +360,7 @@ def format_event(event: Event) -> str:
 
 
 @app.command()
+@reports_errors
 def events(
     redis_url: RedisUrl,
     stream: Annotated[Optional[str], typer.Argument()] = None,
@@ -371,10 +368,9 @@ def events(
 ) -> None:
     """Print standing-question events as they fire (all streams, or one)."""
     client = SlowFastClient(redis_url)
-    new_events = client.follow_events(stream, stop=threading.Event())
-    past = [e for sid in ([stream] if stream else [s.id for s in client.streams()])
-            for e in (client.events(sid, count=count) if count > 0 else [])]
-    for event in itertools.chain(past, new_events):  # one line each, however long: made to grep
+    client.streams()  # Redis down: one line here (the follower would wait for it)
+    for event in client.follow_events(stream, past=max(count, 0), stop=threading.Event()):
+        # one line each, however long: made to grep
         console.print(format_event(event), markup=False, highlight=False, soft_wrap=True)
 
 

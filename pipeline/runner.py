@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from connectors.embedded import EmbeddedRedis
 from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
-from connectors.client import FOLLOW_CATCH_UP_S, SlowFastClient
+from connectors.client import SlowFastClient
 from connectors.redis_conn import UNREACHABLE, Outage, check_reachable, describe_redis_error
 from connectors.redis_schema import Answer, Caption, ControlAction, IngestState, InvalidMessage, NotificationKind, StreamInfo, StreamStatus
 from model.checkpoint import check_checkpoint
@@ -421,43 +421,6 @@ def format_caption(caption: Caption) -> str:
     return f"{caption.stream} #{caption.window} [{caption.start:.2f}s-{caption.end:.2f}s] {caption.text}"
 
 
-def follow_captions(redis_url: str, stream: str | None, stop: threading.Event) -> Iterator[Caption]:
-    """Every caption as it is published, in window order per stream, until `stop` is set.
-
-    Push notifications wake it up; the captions are read from the streams after the last one
-    seen, so a missed nudge loses nothing. A Redis outage pauses it (retried with backoff):
-    it subscribes again and catches up on what was published meanwhile, and after a few quiet
-    seconds it re-reads the streams it follows."""
-    client = SlowFastClient(redis_url)
-    outage = Outage("caption printer", log, level=logging.INFO)
-    seen: dict[str, str] = {}  # stream -> entry id of the last caption yielded
-
-    def since_last(sid: str) -> list[Caption]:
-        last = seen.get(sid)  # first caption of a stream: start from its newest
-        captions = client.history(sid, count=1) if last is None else client.history(sid, since=last, count=1000)
-        if captions:
-            seen[sid] = captions[-1].entry_id
-        return captions
-
-    try:
-        while not stop.is_set():
-            try:
-                notes = client.notifications(stream, stop=stop, idle_tick_s=FOLLOW_CATCH_UP_S)
-                for sid in list(seen):  # published while we were not subscribed
-                    yield from since_last(sid)
-                outage.ended()
-                for note in notes:
-                    if note is None:
-                        for sid in list(seen):
-                            yield from since_last(sid)
-                    elif note.kind == NotificationKind.CAPTION:
-                        yield from since_last(note.stream)
-            except UNREACHABLE as exc:
-                stop.wait(outage.failed(exc))
-    finally:
-        client.close()
-
-
 def _results_within(refs: list, timeout_s: float) -> dict:
     """{ref: value} of the refs that resolve, without error, within one shared timeout."""
     if not refs:
@@ -507,7 +470,7 @@ def run_pipeline(
         printer = None
         if on_caption is not None:
             printer = threading.Thread(
-                target=lambda: [on_caption(c) for c in follow_captions(redis_url, None, printer_stop)], daemon=True
+                target=lambda: [on_caption(c) for c in SlowFastClient(redis_url).follow(stop=printer_stop)], daemon=True
             )
             printer.start()
         if not ray.is_initialized() and not start_ray(config):
