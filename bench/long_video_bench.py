@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from connectors.embedded import EmbeddedRedis  # noqa: E402
 from connectors.sources import open_source  # noqa: E402
 from model import SlowFastVLM, TextQuery, VideoQuery  # noqa: E402
-from model.tiny import write_tiny_model  # noqa: E402
+from model.random_checkpoint import write_random_checkpoint  # noqa: E402
 from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
 from pipeline.summaries import FinalSummary, RollingSummaries, default_summary_every  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clip = write_clip(tmp / "clip.mp4", args.seconds)
-        model = args.model or str(write_tiny_model(tmp / "tiny"))
+        model = args.model or str(write_random_checkpoint(tmp / "tiny"))
         # One thread, as in the CPU model worker (Ray gives a num_cpus=1 actor one OpenMP
         # thread): the same work as the pipeline, and no thread oversubscription.
         torch.set_num_threads(1)

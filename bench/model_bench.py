@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import SlowFastVLM, VideoQuery  # noqa: E402
 from model import generation  # noqa: E402
-from model.tiny import write_tiny_model  # noqa: E402
+from model.released import RELEASED_7B_CONFIG  # noqa: E402
+from model.random_checkpoint import write_random_checkpoint  # noqa: E402
 
 QUESTION = "Please describe this video in detail."
 
@@ -69,14 +70,12 @@ def device_name(device: torch.device) -> str:
 def load(args: argparse.Namespace, device: torch.device) -> SlowFastVLM:
     compile = device.type == "cuda" if args.compile is None else args.compile
     if args.full_size:
-        from tests.test_model_loading import RELEASED_7B_CONFIG
-
-        tokenizer_dir = write_tiny_model(Path(tempfile.mkdtemp()) / "tok")
+        tokenizer_dir = write_random_checkpoint(Path(tempfile.mkdtemp()) / "tok")
         vlm = SlowFastVLM.from_config(RELEASED_7B_CONFIG, device=device, dtype=torch.bfloat16, compile=compile)
         vlm.tokenizer = SlowFastVLM.from_pretrained(tokenizer_dir, device="cpu").tokenizer  # ids only set lengths
         vlm.encode_batch_size = args.encode_batch
         return vlm
-    path = args.model or write_tiny_model(Path(tempfile.mkdtemp()) / "tiny")
+    path = args.model or write_random_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
     return SlowFastVLM.from_pretrained(path, device=device, encode_batch_size=args.encode_batch, compile=compile)
 
 
@@ -132,7 +131,7 @@ def ours_step_ms(vlm: SlowFastVLM, decoder: generation.Decoder, queries: list[Vi
 # ---- sections ---------------------------------------------------------------------------
 def bench_parity(args: argparse.Namespace) -> dict:
     """fp32 on CUDA vs the CPU eager output of a tiny official-format checkpoint."""
-    folder = write_tiny_model(Path(tempfile.mkdtemp()) / "parity")
+    folder = write_random_checkpoint(Path(tempfile.mkdtemp()) / "parity")
     cpu = SlowFastVLM.from_pretrained(folder, device="cpu", compile=False)
     gpu = SlowFastVLM.from_pretrained(folder, device="cuda", dtype=torch.float32)
     query = VideoQuery(features=random_features(cpu, 16), question=QUESTION)

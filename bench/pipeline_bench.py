@@ -29,7 +29,7 @@ from connectors.client import SlowFastClient  # noqa: E402
 from connectors.embedded import EmbeddedRedis  # noqa: E402
 from connectors.sources import open_source  # noqa: E402
 from model import SlowFastVLM, VideoQuery  # noqa: E402
-from model.tiny import write_tiny_model  # noqa: E402
+from model.random_checkpoint import write_random_checkpoint  # noqa: E402
 from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config  # noqa: E402
 from pipeline.demo_clip import write_clip  # noqa: E402
 from pipeline.runner import run_pipeline  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     clip = write_clip(tmp / "clip.mp4", seconds=args.clip_seconds)
-    model = args.model or str(write_tiny_model(tmp / "tiny"))
+    model = args.model or str(write_random_checkpoint(tmp / "tiny"))
     vlm = SlowFastVLM.from_pretrained(model)
     direct, windows = direct_seconds_per_window(vlm, clip, args.window, args.stride, args.fps, args.max_new_tokens)
     del vlm

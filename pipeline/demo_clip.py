@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.synthetic_world import Scene, random_scene, write_scene_file
+from world.scenes import Scene, random_scene, write_scene_file
 
 SCENE_SECONDS = 4.0  # one 16-frame window at 4 fps
 DEMO_SEED = 2026

@@ -10,7 +10,7 @@ import torch
 from model import ModelInputError, VideoQuery
 from model import generation
 from model.language import FAST_VISUAL, HybridDecoderLayer
-from tests.support.tiny_model import random_frames
+from tests.support.random_model import random_frames
 
 QUESTION = "Please describe this video in detail."
 

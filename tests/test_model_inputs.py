@@ -9,8 +9,8 @@ from transformers import CLIPImageProcessor
 
 from model import ModelInputError, SlowFastVLM, VideoQuery
 from model.preprocess import CLIP_MEAN, CLIP_STD, preprocess_frames
-from model.tiny import write_tiny_model
-from tests.support.tiny_model import random_frames
+from model.random_checkpoint import write_random_checkpoint
+from tests.support.random_model import random_frames
 
 
 def smooth_frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -102,7 +102,8 @@ def test_empty_query_list_is_rejected(tiny_vlm):
 
 
 def test_question_longer_than_the_context(tmp_path):
-    folder = write_tiny_model(tmp_path / "short-context", max_position_embeddings=1400, tokenizer_model_max_length=1400)
+    folder = write_random_checkpoint(tmp_path / "short-context", max_position_embeddings=1400,
+                                     tokenizer_model_max_length=1400)
     vlm = SlowFastVLM.from_pretrained(folder)
     frames = random_frames(64)  # 1296 fast tokens leave ~40 tokens for text and answer
     with pytest.raises(ModelInputError, match=r"prompt is \d+ tokens \(1296 fast visual \+ \d+ text\), more than the context allows \(1336"):

@@ -14,42 +14,9 @@ from safetensors.torch import save_file
 
 from model import CheckpointError, SlowFastConfig, SlowFastVLM, UnsupportedConfigError, VideoQuery
 from model.checkpoint import checkpoint_files
-from model.tiny import TINY_CONFIG, save_sharded
-from tests.support.tiny_model import random_frames
-
-RELEASED_7B_CONFIG = {
-    "architectures": ["LlavaQwenSlowFastForCausalLM"],
-    "model_type": "llava_qwen_slow_fast",
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "rms_norm_eps": 1e-06,
-    "rope_theta": 1000000.0,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": False,
-    "use_sliding_window": False,
-    "sliding_window": 131072,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "mm_vision_tower": "convnext-576",
-    "mm_projector_type": "mlp2x_gelu",
-    "mm_hidden_size": 3072,
-    "mm_video_pooling_stride": 2,
-    "mm_vision_select_layer": -2,
-    "image_aspect_ratio": "pad",
-    "fast_token_spatial_stride": 1,
-    "fast_token_temporal_stride": 4,
-    "fast_token_temporal_sampling_stride": 1,
-    "min_fast_frames": 16,
-    "cross_attn_every_n_layers": 8,
-    "cross_attn_implementation": "text-only-vanilla-flashattn",
-    "cross_attn_gating_type": "whole-dynamic-tanh-warmup",
-    "tokenizer_model_max_length": 32768,
-    "torch_dtype": "bfloat16",
-}
+from model.random_checkpoint import RANDOM_CHECKPOINT_CONFIG, save_sharded
+from model.released import RELEASED_7B_CONFIG
+from tests.support.random_model import random_frames
 
 
 def copy_checkpoint(source: Path, target: Path) -> Path:
@@ -190,12 +157,12 @@ def test_folder_without_weights_is_reported(tmp_path, tiny_model_dir):
 )
 def test_unsupported_config_values_are_named(field, value):
     with pytest.raises(UnsupportedConfigError, match=f"{field}={value!r} is not supported"):
-        SlowFastConfig.from_source(TINY_CONFIG | {"vocab_size": 512, field: value})
+        SlowFastConfig.from_source(RANDOM_CHECKPOINT_CONFIG | {"vocab_size": 512, field: value})
 
 
 def test_invalid_config_value_names_field():
     with pytest.raises(UnsupportedConfigError, match=r"hidden_size='wide'"):
-        SlowFastConfig.from_source(TINY_CONFIG | {"vocab_size": 512, "hidden_size": "wide"})
+        SlowFastConfig.from_source(RANDOM_CHECKPOINT_CONFIG | {"vocab_size": 512, "hidden_size": "wide"})
 
 
 def test_unknown_config_fields_are_kept_and_released_values_read():
@@ -209,9 +176,9 @@ def test_unknown_config_fields_are_kept_and_released_values_read():
     assert text.rope_parameters["rope_theta"] == 1e6 and text.num_key_value_heads == 4
 
 
-def test_tiny_model_command_line(tmp_path):
-    target = tmp_path / "cli-tiny"
-    subprocess.run([sys.executable, "-m", "model.tiny", str(target), "--seed", "3"], check=True, capture_output=True)
+def test_random_checkpoint_command_line(tmp_path):
+    target = tmp_path / "cli-random"
+    subprocess.run([sys.executable, "-m", "model.random_checkpoint", str(target), "--seed", "3"], check=True, capture_output=True)
     config = json.loads((target / "config.json").read_text())
     assert config["model_type"] == "llava_qwen_slow_fast" and "vision_config" in config
     index = json.loads((target / "model.safetensors.index.json").read_text())

@@ -8,7 +8,7 @@ from transformers import Qwen2ForCausalLM
 
 from model import TextQuery, VideoQuery
 from model.prompt import build_prompt
-from tests.support.tiny_model import random_frames
+from tests.support.random_model import random_frames
 
 QUESTION = "Summarize: a person walks in, then a car parks."
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from model import SlowFastConfig, VideoQuery
-from model.tiny import TINY_CONFIG
+from model.random_checkpoint import RANDOM_CHECKPOINT_CONFIG
 from model.visual_tokens import fast_frame_indices, fast_tokens, video_tokens
-from tests.support.tiny_model import random_frames
+from tests.support.random_model import random_frames
 
 TOKENS_PER_FRAME = 81
 
 
 def config_with(**overrides) -> SlowFastConfig:
-    return SlowFastConfig.from_source(TINY_CONFIG | {"vocab_size": 512} | overrides)
+    return SlowFastConfig.from_source(RANDOM_CHECKPOINT_CONFIG | {"vocab_size": 512} | overrides)
 
 
 def pooled_features(frames: int, hidden: int = 8) -> torch.Tensor:

@@ -11,7 +11,7 @@ from connectors.publisher import Publisher
 from pipeline.config import GenerationConfig, StreamConfig
 from pipeline.processor import WindowProcessor
 from pipeline.window import FrameRef, FramesLost, Window
-from tests.support.tiny_model import random_frames
+from tests.support.random_model import random_frames
 
 WINDOW, STRIDE = 4, 2
 

@@ -8,10 +8,10 @@ small synthetic-world model shipped with the package.
 from __future__ import annotations
 
 from connectors.client import SlowFastClient
-from model.synthetic_world import MARKER, parse_caption, write_scene_file
 from pipeline.config import load_config
 from pipeline.demo_clip import SCENE_SECONDS, demo_scenes
 from pipeline.runner import run_pipeline
+from world.scenes import MARKER, parse_caption, write_scene_file
 
 RED_CIRCLE_SCENES = (1, 2, 4)  # the scenes that show a red circle; the standing question asks for one
 

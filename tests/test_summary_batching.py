@@ -15,7 +15,7 @@ from connectors.redis_schema import SummaryKind
 from pipeline.config import GenerationConfig, StreamConfig
 from pipeline.processor import WindowProcessor
 from pipeline.window import FrameRef, Window
-from tests.support.tiny_model import random_frames
+from tests.support.random_model import random_frames
 
 WINDOW, STRIDE = 4, 2
 STREAMS = ("cam-a", "cam-b")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from model import SlowFastVLM
-from model.synthetic_world import (
+from pipeline.config import DEFAULT_CAPTION_PROMPT
+from world.scenes import (
     COLOURS,
     FRAME_SIZES,
     MARKER,
@@ -22,7 +23,7 @@ from model.synthetic_world import (
     mirrored_scene,
     reversed_scene,
 )
-from model.train_tiny import (
+from world.train import (
     BAR,
     CAPTION_PROMPTS,
     EVAL_SEED_BASE,
@@ -31,7 +32,6 @@ from model.train_tiny import (
     evaluate,
     train,
 )
-from pipeline.config import DEFAULT_CAPTION_PROMPT
 
 
 def test_scenes_follow_the_rules_of_the_world():
@@ -79,9 +79,9 @@ def test_clips_are_deterministic_and_model_sized():
 
 
 def test_training_is_deterministic_and_writes_an_official_checkpoint(tmp_path):
-    tiny = TrainSettings(clips=3, vision_steps=2, vision_batch=4, language_steps=2, language_batch=2, check_every=1,
-                         check_clips=1, workers=1)
-    one, two = train(tmp_path / "one", tiny), train(tmp_path / "two", tiny)
+    small = TrainSettings(clips=3, vision_steps=2, vision_batch=4, language_steps=2, language_batch=2, check_every=1,
+                          check_clips=1, workers=1)
+    one, two = train(tmp_path / "one", small), train(tmp_path / "two", small)
     weights = "model-00001-of-00001.safetensors"
     assert (one / weights).read_bytes() == (two / weights).read_bytes()
     vlm = SlowFastVLM.from_pretrained(one, device="cpu")  # the released checkpoints' loading path

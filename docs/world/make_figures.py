@@ -10,9 +10,9 @@ import av
 import numpy as np
 
 from model import SlowFastVLM, VideoQuery
-from model.synthetic_world import SHIPPED_MODEL, model_view
 from pipeline.config import DEFAULT_CAPTION_PROMPT
 from pipeline.demo_clip import RED_CIRCLE, demo_scenes, write_clip
+from world.scenes import SHIPPED_MODEL, model_view
 
 HERE = Path(__file__).parent
 

@@ -1,4 +1,4 @@
-"""Tiny Slow-Fast checkpoints written once per test session (official format, random weights)."""
+"""The random-weight Slow-Fast checkpoint (`model.random_checkpoint`), written once per test session."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from model import SlowFastVLM
-from model.tiny import write_tiny_model
+from model.random_checkpoint import write_random_checkpoint
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+    return write_random_checkpoint(tmp_path_factory.mktemp("random-checkpoint"), seed=0)
 
 
 @pytest.fixture(scope="session")

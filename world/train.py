@@ -1,7 +1,7 @@
-"""Train the small synthetic-world Slow-Fast model: `python -m model.train_tiny OUT`.
+"""Train the small synthetic-world Slow-Fast model: `python -m world.train OUT`.
 
 Deterministic (fixed seeds, fixed thread count) and sized for 2 CPU cores. It renders its
-own clips (`model.synthetic_world`), then trains the same network, config format and
+own clips (`world.scenes`), then trains the same network, config format and
 loading path as a released checkpoint, at small sizes, in two stages:
 
 1. Vision: the ConvNeXt tower and projector learn from single frames through a
@@ -39,14 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import generation
-from .api import SlowFastVLM, VideoQuery, load_tokenizer
-from .config import SlowFastConfig
-from .language import FAST_VISUAL
-from .modeling import SlowFastForCausalLM
-from .preprocess import preprocess_frames
-from .prompt import END_OF_TURN, build_prompt
-from .synthetic_world import (
+from model import generation
+from model.api import SlowFastVLM, VideoQuery, load_tokenizer
+from model.config import SlowFastConfig
+from model.language import FAST_VISUAL
+from model.modeling import SlowFastForCausalLM
+from model.preprocess import preprocess_frames
+from model.prompt import END_OF_TURN, build_prompt
+from model.random_checkpoint import RANDOM_CHECKPOINT_CONFIG, config_with_tokens, write_checkpoint, write_tokenizer
+from model.visual_tokens import pool_frames, video_tokens
+
+from .scenes import (
     COLOURS,
     KINDS,
     MARKER,
@@ -61,10 +64,8 @@ from .synthetic_world import (
     reversed_scene,
     yes_no_question,
 )
-from .tiny import TINY_CONFIG, config_with_tokens, write_checkpoint, write_tokenizer
-from .visual_tokens import pool_frames, video_tokens
 
-log = logging.getLogger("train_tiny")
+log = logging.getLogger("world.train")
 
 # Prompts the model captions for; the first is the pipeline's default caption prompt.
 CAPTION_PROMPTS = (
@@ -78,7 +79,7 @@ EVAL_SEED_BASE = 1_000_000  # evaluation clips use seeds from here; training use
 VALIDATION_SEED_BASE = 2_000_000  # clips checked during training to stop early
 MIN_COVERAGE = 0.2  # a pooled token is taught an object when it covers this much of the object's box
 
-WORLD_CONFIG: dict[str, Any] = TINY_CONFIG | {
+WORLD_CONFIG: dict[str, Any] = RANDOM_CHECKPOINT_CONFIG | {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 4,
@@ -469,7 +470,7 @@ def pick_task_yes_no(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.train_tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m world.train", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="where to write the checkpoint")
     defaults = TrainSettings()
     fields = {name: int for name in ("clips", "vision_steps", "language_steps", "check_every", "check_clips", "seed", "workers")}

@@ -1,6 +1,6 @@
 """The synthetic world the shipped small model was trained on: coloured shapes that move.
 
-One module renders it for training (`model.train_tiny`), for the demo clip and for the
+One module renders it for training (`world.train`), for the demo clip and for the
 semantic tests, so all three agree on what a scene is and how it is captioned.
 
 - A scene has one or two objects (distinct colour+shape pairs, never overlapping), each
@@ -48,9 +48,9 @@ FRAME_SIZES = [(160, 120), (176, 144), (256, 144), (320, 180), (320, 240), (384,
                (480, 360), (640, 360), (360, 640), (240, 320), (400, 400)]
 MIN_SIZE, MAX_SIZE = 0.08, 0.25  # object size, fraction of the shorter side
 MIN_TRAVEL, MAX_TRAVEL = 0.30, 0.55  # travel of a moving object, fraction of the visible square
-# The model `python -m model.train_tiny` trains on this world, shipped in the package, and the
+# The model `python -m world.train` trains on this world, shipped in the package, and the
 # name its config.json carries (`slowfast_stream_model`).
-SHIPPED_MODEL = Path(__file__).with_name("world_model")
+SHIPPED_MODEL = Path(__file__).with_name("checkpoint")
 MARKER = "small synthetic-world model"
 
 

@@ -1,6 +1,7 @@
-"""A tiny Slow-Fast checkpoint in the official format, for tests and offline demos.
+"""A small random-weight Slow-Fast checkpoint in the official format, for tests and benches.
 
-`python -m model.tiny DIR` (or `write_tiny_model(DIR)`) writes config.json with the
+Its weights are random: it is not the trained synthetic-world model (`world`).
+`python -m model.random_checkpoint DIR` (or `write_random_checkpoint(DIR)`) writes config.json with the
 released strides and field names, a small `vision_config` for the tower, sharded
 safetensors with an index and official key names (plus an unused classifier head, as
 timm files carry), generation_config.json and a byte-level BPE tokenizer trained on
@@ -36,7 +37,7 @@ Describe what changed in the last seconds. Nothing moved. A cat jumps onto the s
 
 # Released strides and layout, at toy widths. image_size stays 576 so windows have the
 # released token counts (18x18 grid -> 81 tokens per frame).
-TINY_CONFIG: dict[str, Any] = {
+RANDOM_CHECKPOINT_CONFIG: dict[str, Any] = {
     "architectures": ["LlavaQwenSlowFastForCausalLM"],
     "model_type": "llava_qwen_slow_fast",
     "hidden_size": 64,
@@ -106,7 +107,7 @@ def write_tokenizer(folder: Path, corpus: list[str] = _CORPUS, vocab_size: int =
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
         "unk_token": None,
-        "model_max_length": TINY_CONFIG["tokenizer_model_max_length"],
+        "model_max_length": RANDOM_CHECKPOINT_CONFIG["tokenizer_model_max_length"],
         "padding_side": "right",
         "split_special_tokens": False,
     }
@@ -182,12 +183,12 @@ def config_with_tokens(base: dict[str, Any], token_ids: dict[str, int], **overri
     } | overrides
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a tiny random checkpoint folder; `overrides` replace config.json fields."""
+def write_random_checkpoint(folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a small random checkpoint folder; `overrides` replace config.json fields."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     token_ids = write_tokenizer(folder)
-    config_dict = config_with_tokens(TINY_CONFIG, token_ids, **overrides)
+    config_dict = config_with_tokens(RANDOM_CHECKPOINT_CONFIG, token_ids, **overrides)
     config = SlowFastConfig.from_source(config_dict)
     torch.manual_seed(seed)
     network = SlowFastForCausalLM(config)
@@ -197,11 +198,11 @@ def write_tiny_model(folder: str | Path, seed: int = 0, **overrides: Any) -> Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m model.tiny", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m model.random_checkpoint", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="where to write the checkpoint")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    print(write_tiny_model(args.folder, seed=args.seed))
+    print(write_random_checkpoint(args.folder, seed=args.seed))
 
 
 if __name__ == "__main__":
