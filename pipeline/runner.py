@@ -175,10 +175,10 @@ def metrics_url() -> str:
 
 def resolve_model(config: PipelineConfig, on_event: Callable[[str], None]) -> str:
     """The checkpoint to serve: `config.model`, else the small synthetic-world model shipped
-    with the package (it knows only coloured shapes that move; see model.synthetic_world)."""
+    with the package (it knows only coloured shapes that move; see world.scenes)."""
     if config.model:
         return config.model
-    from model.synthetic_world import MARKER, SHIPPED_MODEL
+    from world.scenes import MARKER, SHIPPED_MODEL
 
     on_event(f"model: none given, serving the {MARKER} shipped with the package ({SHIPPED_MODEL})")
     return str(SHIPPED_MODEL)
