@@ -55,7 +55,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) bench/model_bench.py
+	$(PY) -m bench.model_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

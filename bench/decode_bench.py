@@ -1,7 +1,7 @@
 """Decode throughput of our video source against `ffmpeg -i X -f null -` on the same file.
 
-    .venv/bin/python bench/decode_bench.py                 # generates a 1080p H.264 clip
-    .venv/bin/python bench/decode_bench.py --input my.mp4  # or measures yours
+    .venv/bin/python -m bench.decode_bench                 # generates a 1080p H.264 clip
+    .venv/bin/python -m bench.decode_bench --input my.mp4  # or measures yours
 
 Rows (best of --repeat runs, frames/s = decoded frames / wall time):
   ffmpeg        the ffmpeg CLI on PATH decoding every frame to the null muxer (the baseline)
@@ -21,32 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import av
-import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import parse_args, write_test_clip
 from connectors.sources import open_source
-
-
-def make_1080p(path: Path, seconds: float, fps: int = 30) -> Path:
-    """Moving texture + noise, H.264 High profile with B-frames: decodes like a real camera file."""
-    rng = np.random.default_rng(0)
-    h, w = 1080, 1920
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = ((xx // 8 + yy // 8) % 64 * 4).astype(np.uint8)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "23"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(int(seconds * fps)):
-            luma = np.roll(base, 4 * i, axis=1) + rng.integers(0, 16, (h, w), dtype=np.uint8)
-            rgb = np.repeat(luma[:, :, None], 3, axis=2)
-            rgb[:, :, 0] = np.roll(rgb[:, :, 0], 3 * i, axis=0)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def best_of(repeat: int, run: Callable[[], int]) -> tuple[float, int]:
@@ -59,11 +40,7 @@ def best_of(repeat: int, run: Callable[[], int]) -> tuple[float, int]:
     return min(times), frames
 
 
-def run_ffmpeg(path: Path, frames: int) -> Callable[[], int]:
-    exe = shutil.which("ffmpeg")
-    if exe is None:
-        sys.exit("ffmpeg not on PATH")
-
+def run_ffmpeg(exe: str, path: Path, frames: int) -> Callable[[], int]:
     def run() -> int:
         subprocess.run(
             [exe, "-hide_banner", "-loglevel", "error", "-i", str(path), "-f", "null", "-"], check=True
@@ -91,30 +68,35 @@ def run_source(path: Path, fps: float, size: int, skip_nonref: bool = False, fil
     return run
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.decode_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--input", type=Path, help="video to measure (default: generate a 1080p H.264 clip)")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the generated clip")
     parser.add_argument("--fps", type=float, default=4.0)
     parser.add_argument("--size", type=int, default=576)
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"seconds": 0.5, "repeat": 1})
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        sys.exit("ffmpeg is not on PATH: it is this bench's baseline (apt-get install ffmpeg)")
+    if args.input and not args.input.is_file():
+        sys.exit(f"no such file: {args.input}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.input or make_1080p(Path(tmp) / "bench_1080p.mp4", args.seconds)
+        path = args.input or write_test_clip(Path(tmp) / "bench_1080p.mp4", args.seconds)
         with av.open(str(path)) as c:
             s = c.streams.video[0]
             desc = (
                 f"{s.codec_context.name} {s.width}x{s.height}, {c.duration / 1e6 if c.duration else 0:.1f} s"
             )
         ffmpeg_version = subprocess.run(
-            ["ffmpeg", "-version"], capture_output=True, text=True, check=True
+            [ffmpeg, "-version"], capture_output=True, text=True, check=True
         ).stdout.split()[2]
         pyav_frames = run_pyav(path)
         rows = [
-            ("ffmpeg -f null", *best_of(args.repeat, run_ffmpeg(path, pyav_frames))),
+            ("ffmpeg -f null", *best_of(args.repeat, run_ffmpeg(ffmpeg, path, pyav_frames))),
             ("pyav decode", *best_of(args.repeat, lambda: run_pyav(path))),
             (
                 f"source {args.fps:g} fps @{args.size}",

@@ -1,7 +1,7 @@
 """Seconds to caption and summarize one hour of video: measured here, derived for a GPU.
 
-Measured (this machine, tiny model unless --model): a generated H.264 clip of --seconds
-(30 fps, B-frames, 640x360) at the product defaults (64-frame windows, stride 16, 4 fps,
+Measured (this machine, tiny random-weight model unless --model): a generated H.264 clip of
+--seconds (30 fps, B-frames, 640x360) at the product defaults (64-frame windows, stride 16, 4 fps,
 a rolling summary per minute of windows, then the final summary):
   decode   open_source over the clip as the pipeline reads files (skip_nonref), alone;
   model    the model alone on the same frames: each frame encoded once, one caption per
@@ -18,7 +18,7 @@ prefill + 64 tokens, at batch 32; tower 183 frames/s); a text-only summary costs
 window's step without the tower. Video decoding from this CPU's measured rate per core,
 spread over --gpu-host-cores.
 
-    .venv/bin/python bench/long_video_bench.py [--seconds 90] [--model PATH]
+    .venv/bin/python -m bench.long_video_bench [--seconds 90] [--model PATH]
 """
 
 from __future__ import annotations
@@ -29,42 +29,26 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-import av
 import numpy as np
 import ray
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import checkpoint, parse_args, write_test_clip
+from connectors.embedded import EmbeddedRedis
+from connectors.redis_schema import Caption
+from connectors.sources import open_source
+from model import SlowFastVLM, TextQuery, VideoQuery
+from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config
+from pipeline.messages import StreamStats
+from pipeline.runner import run_pipeline
+from pipeline.summaries import FinalSummary, RollingSummaries, default_summary_every
+from pipeline.window import expected_windows
 
-from connectors.embedded import EmbeddedRedis  # noqa: E402
-from connectors.sources import open_source  # noqa: E402
-from model import SlowFastVLM, TextQuery, VideoQuery  # noqa: E402
-from model.random_checkpoint import write_random_checkpoint  # noqa: E402
-from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config  # noqa: E402
-from pipeline.runner import run_pipeline  # noqa: E402
-from pipeline.summaries import FinalSummary, RollingSummaries, default_summary_every  # noqa: E402
-from pipeline.window import expected_windows  # noqa: E402
-from connectors.redis_schema import Caption  # noqa: E402
-
-WINDOW, STRIDE, FPS = 64, 16, 4.0
+FPS = 4.0
 HOUR = 3600.0
-
-
-def write_clip(path: Path, seconds: float, rate: int = 30) -> Path:
-    """Moving texture, H.264 with B-frames (libx264 defaults), 640x360."""
-    h, w = 360, 640
-    y, x = np.mgrid[0:h, 0:w]
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=rate, options={"preset": "veryfast"})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for i in range(int(seconds * rate)):
-            image = np.stack([(x + 3 * i) % 256, (y + i) % 256, rng.integers(0, 32, (h, w))], -1).astype(np.uint8)
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def measure_decode(clip: Path, size: int) -> tuple[float, list[np.ndarray], int]:
@@ -75,12 +59,13 @@ def measure_decode(clip: Path, size: int) -> tuple[float, list[np.ndarray], int]
     return time.perf_counter() - begin, frames, decoded
 
 
-def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int) -> dict[str, float]:
+def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int, window: int,
+                  stride: int) -> dict[str, float]:
     """Captions of every window (frames encoded once) then rolling + final summaries."""
-    starts = list(range(0, len(frames) - WINDOW + 1, STRIDE))
-    if (len(frames) - WINDOW) % STRIDE:
-        starts.append(len(frames) - WINDOW)  # the tail window, as the pipeline does
-    every = default_summary_every(WINDOW, STRIDE, FPS)
+    starts = list(range(0, len(frames) - window + 1, stride))
+    if (len(frames) - window) % stride:
+        starts.append(len(frames) - window)  # the tail window, as the pipeline does
+    every = default_summary_every(window, stride, FPS)
     rolling = RollingSummaries("bench", run=1, every_n_windows=every)
     features: dict[int, torch.Tensor] = {}
     caption_s = summary_s = 0.0
@@ -89,13 +74,13 @@ def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int) -> di
         if seq == 1:  # steady state from the second window on: the first encodes a whole window
             caption_s = 0.0
         begin = time.perf_counter()
-        new = [i for i in range(start, start + WINDOW) if i not in features]
+        new = [i for i in range(start, start + window) if i not in features]
         if new:
             features.update(zip(new, vlm.encode_frames(vlm.preprocess(np.stack([frames[i] for i in new])))))
-        stacked = torch.stack([features[i] for i in range(start, start + WINDOW)])
+        stacked = torch.stack([features[i] for i in range(start, start + window)])
         (out,) = vlm.generate([VideoQuery(features=stacked, question=DEFAULT_CAPTION_PROMPT)], max_new_tokens=tokens)
         caption_s += time.perf_counter() - begin
-        rolling.add_caption(Caption(stream="bench", window=seq, run=1, start=start / FPS, end=(start + WINDOW - 1) / FPS,
+        rolling.add_caption(Caption(stream="bench", window=seq, run=1, start=start / FPS, end=(start + window - 1) / FPS,
                                     wall_start=0, wall_end=0, text=out.text))
         task = rolling.next_task(force=seq == len(starts) - 1)
         if task is not None:
@@ -114,7 +99,7 @@ def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int) -> di
             "final_s": final_s, "every": every}
 
 
-def measure_pipeline(clip: Path, model: str, tokens: int, out: Path) -> dict[str, float]:
+def measure_pipeline(clip: Path, model: str, tokens: int, out: Path, window: int, stride: int) -> dict[str, float]:
     first = threading.Event()
     marks: dict[str, float] = {}
 
@@ -125,47 +110,54 @@ def measure_pipeline(clip: Path, model: str, tokens: int, out: Path) -> dict[str
 
     begin = time.perf_counter()
     with EmbeddedRedis() as redis:
-        config = load_config(None, redis_url=redis.url, model=model, out_dir=out, window=WINDOW, stride=STRIDE,
+        config = load_config(None, redis_url=redis.url, model=model, out_dir=out, window=window, stride=stride,
                              fps=FPS, streams=[{"id": "film", "source": str(clip)}],
                              generation={"max_new_tokens": tokens})
         summary = run_pipeline(config, on_event=lambda line: None, on_caption=on_caption)["film"]
     end = time.perf_counter()
     if not (out / "film" / "summary.md").exists():
         sys.exit("the pipeline wrote no summary.md")
-    return {"startup_s": marks["first"] - begin, "steady_s": end - marks["first"], "windows": summary["windows_done"]}
+    stats = summary.stats or StreamStats()  # no stats: the worker could not be asked
+    return {"startup_s": marks["first"] - begin, "steady_s": end - marks["first"], "windows": stats.windows_done}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.long_video_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=90.0, help="length of the generated clip")
-    parser.add_argument("--model", help="checkpoint folder (default: the tiny model)")
+    parser.add_argument("--model", help="checkpoint folder (default: the tiny random-weight model)")
+    parser.add_argument("--window", type=int, default=64, help="frames per window (the product default)")
+    parser.add_argument("--stride", type=int, default=16, help="new frames per window (the product default)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--gpu-windows-per-s", type=float, default=5.4,
                         help="per-window steps per second on the GPU (H200, batch 32, measured by model_bench)")
     parser.add_argument("--gpu-tower-fps", type=float, default=183.0, help="vision tower frames/s on the GPU (H200)")
     parser.add_argument("--gpu-host-cores", type=int, default=16, help="CPU cores decoding video on the GPU box")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"seconds": 4.0, "window": 8, "stride": 4, "max_new_tokens": 2})
+    window, stride = args.window, args.stride
+    if args.seconds * FPS < window + stride:
+        sys.exit(f"--seconds {args.seconds:g} is too short: two windows need {(window + stride) / FPS:g} s "
+                 f"at {FPS:g} fps")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        clip = write_clip(tmp / "clip.mp4", args.seconds)
-        model = args.model or str(write_random_checkpoint(tmp / "tiny"))
+        clip = write_test_clip(tmp / "clip.mp4", args.seconds, size=(640, 360), rate=30)
+        model = checkpoint(args.model, tmp)
         # One thread, as in the CPU model worker (Ray gives a num_cpus=1 actor one OpenMP
         # thread): the same work as the pipeline, and no thread oversubscription.
         torch.set_num_threads(1)
         vlm = SlowFastVLM.from_pretrained(model, device="cpu")
         decode_s, frames, decoded = measure_decode(clip, vlm.config.image_size)
-        assert len(frames) >= WINDOW + STRIDE, "clip too short for two windows"
-        m = measure_model(vlm, frames, args.max_new_tokens)
+        m = measure_model(vlm, frames, args.max_new_tokens, window, stride)
         del frames
         ray.init(include_dashboard=False, log_to_driver=False)
         try:
-            p = measure_pipeline(clip, model, args.max_new_tokens, tmp / "out")
+            p = measure_pipeline(clip, model, args.max_new_tokens, tmp / "out", window, stride)
         finally:
             ray.shutdown()
 
     scale = HOUR / args.seconds
-    hour_windows = expected_windows(round(HOUR * FPS), WINDOW, STRIDE)
+    hour_windows = expected_windows(round(HOUR * FPS), window, stride)
     hour_summaries = -(-hour_windows // m["every"])
     per_window = m["caption_s"] / (m["windows"] - 1)
     per_summary = (m["summary_s"] + m["final_s"]) / max(1, m["summaries"] + FinalSummary.rounds_needed(m["summaries"]))
@@ -177,7 +169,7 @@ def main() -> None:
     print(f"clip {args.seconds:g} s (30 fps H.264 640x360, B-frames): {m['windows']} windows, "
           f"{m['summaries']} rolling summaries (every {m['every']} windows) + final; {decoded} of "
           f"{int(args.seconds * 30)} frames decoded (skip_nonref); CPU {cores} cores, torch {torch.__version__}")
-    print(f"MEASURED on this CPU, model {'tiny' if not args.model else args.model}, scaled x{scale:.0f} to one hour "
+    print(f"MEASURED on this CPU, model {args.model or 'tiny'}, scaled x{scale:.0f} to one hour "
           f"({hour_windows} windows, {hour_summaries} rolling summaries, {final_tasks} final-summary calls):")
     print(f"  decode alone        {decode_s:8.1f} s for the clip -> {hour_decode:8.0f} s per hour")
     print(f"  model alone         {m['caption_s'] + m['summary_s'] + m['final_s']:8.1f} s for the clip (from window 1) -> {hour_model:8.0f} s per hour "
@@ -192,7 +184,7 @@ def main() -> None:
     # (README, Sizing): windows/s of the whole per-window step at a batch of 32, and the
     # tower's frames/s. A text-only summary costs a window's step without its 16 frames.
     gpu_window = 1.0 / args.gpu_windows_per_s
-    gpu_summary = max(0.0, gpu_window - STRIDE / args.gpu_tower_fps)
+    gpu_summary = max(0.0, gpu_window - stride / args.gpu_tower_fps)
     gpu_model = hour_windows * gpu_window + (hour_summaries + final_tasks) * gpu_summary
     gpu_decode = hour_decode * cores / args.gpu_host_cores  # this CPU's core-seconds, spread
     print(f"DERIVED for one GPU, 7B bf16, from measured H200 figures ({args.gpu_windows_per_s:g} windows/s at "

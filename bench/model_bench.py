@@ -1,8 +1,9 @@
 """Model throughput, each figure next to a baseline measured in the same run on the same device.
 
-    python bench/model_bench.py --tiny          # tiny random model, CPU, about a minute: tests the script
-    python bench/model_bench.py --full-size     # 7B architecture, random bf16 weights, one GPU, <= 8 minutes
-    python bench/model_bench.py --model PATH    # a real checkpoint folder
+    python -m bench.model_bench --tiny          # tiny random-weight model, CPU, about a minute
+    python -m bench.model_bench --full-size     # 7B architecture, random bf16 weights, one GPU, <= 8 minutes
+    python -m bench.model_bench --model PATH    # a real checkpoint folder
+    python -m bench.model_bench --smoke         # the tiny model at the smallest shapes, seconds: the suite's check
 
 Sections (ratios are ours / baseline, > 1 is better for rates, < 1 for times):
 - parity (CUDA only): the tiny official-format checkpoint in fp32 on CUDA against its CPU
@@ -23,22 +24,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from transformers import StoppingCriteria
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import SlowFastVLM, VideoQuery  # noqa: E402
-from model import generation  # noqa: E402
-from model.released import RELEASED_7B_CONFIG  # noqa: E402
-from model.random_checkpoint import write_random_checkpoint  # noqa: E402
+from bench.common import checkpoint, device_name, parse_args
+from model import SlowFastVLM, VideoQuery, generation
+from model.released import RELEASED_7B_CONFIG
 
 QUESTION = "Please describe this video in detail."
 
@@ -61,21 +57,15 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float
     return best
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
 def load(args: argparse.Namespace, device: torch.device) -> SlowFastVLM:
     compile = device.type == "cuda" if args.compile is None else args.compile
     if args.full_size:
-        tokenizer_dir = write_random_checkpoint(Path(tempfile.mkdtemp()) / "tok")
+        tokenizer_dir = checkpoint(None, Path(tempfile.mkdtemp()))
         vlm = SlowFastVLM.from_config(RELEASED_7B_CONFIG, device=device, dtype=torch.bfloat16, compile=compile)
         vlm.tokenizer = SlowFastVLM.from_pretrained(tokenizer_dir, device="cpu").tokenizer  # ids only set lengths
         vlm.encode_batch_size = args.encode_batch
         return vlm
-    path = args.model or write_random_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
+    path = checkpoint(args.model, Path(tempfile.mkdtemp()))
     return SlowFastVLM.from_pretrained(path, device=device, encode_batch_size=args.encode_batch, compile=compile)
 
 
@@ -131,7 +121,7 @@ def ours_step_ms(vlm: SlowFastVLM, decoder: generation.Decoder, queries: list[Vi
 # ---- sections ---------------------------------------------------------------------------
 def bench_parity(args: argparse.Namespace) -> dict:
     """fp32 on CUDA vs the CPU eager output of a tiny official-format checkpoint."""
-    folder = write_random_checkpoint(Path(tempfile.mkdtemp()) / "parity")
+    folder = checkpoint(None, Path(tempfile.mkdtemp()))
     cpu = SlowFastVLM.from_pretrained(folder, device="cpu", compile=False)
     gpu = SlowFastVLM.from_pretrained(folder, device="cuda", dtype=torch.float32)
     query = VideoQuery(features=random_features(cpu, 16), question=QUESTION)
@@ -268,8 +258,8 @@ def bench_windows(vlm: SlowFastVLM, args: argparse.Namespace) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.model_bench", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--tiny", action="store_true", help="tiny random model, small batches and windows (default)")
     size.add_argument("--full-size", action="store_true", help="7B architecture with random bf16 weights (GPU)")
@@ -286,7 +276,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--encode-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=None, help="best of N (default 3; 1 tiny)")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv, smoke={"device": "cpu", "batches": [1, 2], "window": 4, "stride": 2,
+                                           "new_tokens": 3, "encode_batch": 2})
+    if args.smoke and (args.full_size or args.model):
+        parser.error("--smoke runs the tiny model: leave out --full-size and --model")
     small = not (args.full_size or args.model)
     defaults = {"batches": [1, 2] if small else [1, 8, 32], "window": 16 if small else 64, "stride": 4 if small else 16,
                 "new_tokens": 16 if small else 64, "repeats": 1 if small else 3}

@@ -1,4 +1,4 @@
-"""Pipeline throughput and overhead with the tiny model (or --model) on this machine.
+"""Pipeline throughput and overhead with the tiny random-weight model (or --model) on this machine.
 
 1. Baseline: the model called directly on the same windows of a file (encode new frames,
    generate), no Ray, no Redis. 2. The same file through the pipeline (Ray + Redis):
@@ -6,33 +6,33 @@
    latency p50/p95 from the published captions. 3. Live streams at --fps: how many looping
    cameras one worker sustains without skipping a window.
 
-    python bench/pipeline_bench.py [--model PATH] [--streams 1,2,4,8] [--seconds 20]
+    python -m bench.pipeline_bench [--model PATH] [--streams 1,2,4,8] [--seconds 20]
+
+The clip: --clip-seconds of moving texture + noise, 640x360 at 24 fps.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import ray
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from connectors.client import SlowFastClient  # noqa: E402
-from connectors.embedded import EmbeddedRedis  # noqa: E402
-from connectors.sources import open_source  # noqa: E402
-from model import SlowFastVLM, VideoQuery  # noqa: E402
-from model.random_checkpoint import write_random_checkpoint  # noqa: E402
-from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config  # noqa: E402
-from pipeline.demo_clip import write_clip  # noqa: E402
-from pipeline.runner import run_pipeline  # noqa: E402
+from bench.common import checkpoint, device_name, parse_args, percentile, write_test_clip
+from connectors.client import SlowFastClient
+from connectors.embedded import EmbeddedRedis
+from connectors.sources import open_source
+from model import SlowFastVLM, VideoQuery
+from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config
+from pipeline.messages import StreamStats
+from pipeline.runner import run_pipeline
 
 
 def direct_seconds_per_window(vlm: SlowFastVLM, clip: Path, window: int, stride: int, fps: float,
@@ -68,8 +68,9 @@ def live_trial(count: int, clip: Path, common: dict, args: argparse.Namespace) -
     result = run_pipeline(config, stop=stop, on_event=lambda line: None, on_caption=on_caption)
     client = SlowFastClient(common["redis_url"])
     latencies = [c.latency_s for i in ids for c in client.history(i, count=10_000) if c.latency_s is not None]
-    done = [result[i].get("windows_done", 0) for i in ids]
-    skipped = sum(result[i].get("windows_skipped", 0) for i in ids)
+    stats = [result[i].stats or StreamStats() for i in ids]  # no stats: the worker could not be asked
+    done = [s.windows_done for s in stats]
+    skipped = sum(s.windows_skipped for s in stats)
     expected = int(args.seconds * args.fps / args.stride)
     print(f"  live x{count}: windows done per camera {min(done)}..{max(done)} (about {expected} closed in "
           f"{args.seconds:.0f} s), {skipped} skipped, latency p95 "
@@ -77,13 +78,8 @@ def live_trial(count: int, clip: Path, common: dict, args: argparse.Namespace) -
     return skipped == 0 and min(done) >= expected - 1
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: tiny random model)")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16)
@@ -92,11 +88,15 @@ def main() -> None:
     parser.add_argument("--clip-seconds", type=float, default=60.0)
     parser.add_argument("--streams", default="1,2,4,8", help="live stream counts to try")
     parser.add_argument("--seconds", type=float, default=20.0, help="live trial length after the first window fills")
-    args = parser.parse_args()
+    args = parse_args(parser, argv, smoke={"window": 8, "stride": 4, "max_new_tokens": 2, "clip_seconds": 4.0,
+                                           "streams": "1", "seconds": 2.0})
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(args, Path(tmp))
 
-    tmp = Path(tempfile.mkdtemp())
-    clip = write_clip(tmp / "clip.mp4", seconds=args.clip_seconds)
-    model = args.model or str(write_random_checkpoint(tmp / "tiny"))
+
+def measure(args: argparse.Namespace, tmp: Path) -> None:
+    clip = write_test_clip(tmp / "clip.mp4", args.clip_seconds, size=(640, 360), rate=24)
+    model = checkpoint(args.model, tmp)
     vlm = SlowFastVLM.from_pretrained(model)
     direct, windows = direct_seconds_per_window(vlm, clip, args.window, args.stride, args.fps, args.max_new_tokens)
     del vlm
@@ -124,12 +124,12 @@ def main() -> None:
                 break
     ray.shutdown()
 
-    device = f"CPU x{torch.get_num_threads()} threads" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"device: {device}; window {args.window}, stride {args.stride}, {args.fps} fps, "
           f"{args.max_new_tokens} new tokens, {windows} windows")
     print(f"direct model per window:        {direct * 1e3:8.1f} ms  (baseline)")
     print(f"pipeline per window (file run): {per_window * 1e3:8.1f} ms  (steady state; whole run "
-          f"{pipeline_total:.1f} s for {summary['windows']} windows incl. start-up)")
+          f"{pipeline_total:.1f} s for {summary.windows} windows incl. start-up)")
     print(f"pipeline overhead per window:   {(per_window - direct) * 1e3:8.1f} ms  (decode, Ray, Redis; "
           "on the same cores as the model)")
     print(f"pipeline / direct:              {per_window / direct:8.2f}x")

@@ -1,0 +1,108 @@
+"""Every bench runs end to end in its smoke mode (`python -m bench.X --smoke`), as a module,
+with the repository's packages but not its tests on the path, and prints its figures and
+ratios. The figures themselves mean nothing at these sizes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMBER = r"(-?\d+(?:\.\d+)?)"
+
+
+def run_bench(name: str, tmp_path: Path, *args: str) -> str:
+    """stdout of `python -m bench.<name> --smoke *args`, run where everything in the repository
+    but tests/ can be imported: a bench that imports from tests/ fails here."""
+    path = tmp_path / "repository-without-tests"
+    path.mkdir()
+    for entry in ROOT.iterdir():
+        if entry.name != "tests" and not entry.name.startswith("."):
+            (path / entry.name).symlink_to(entry)
+    env = os.environ | {"PYTHONPATH": str(path)}
+    done = subprocess.run([sys.executable, "-m", f"bench.{name}", "--smoke", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def figure(pattern: str, text: str) -> list[float]:
+    """The numbers of the one line matching `pattern` (NUMBER marks each)."""
+    found = re.findall(pattern.replace("{N}", NUMBER), text, flags=re.MULTILINE)
+    assert len(found) == 1, f"{pattern!r} not once in:\n{text}"
+    return [float(v) for v in (found[0] if isinstance(found[0], tuple) else (found[0],))]
+
+
+def test_benches_import_nothing_from_tests_and_leave_sys_path_alone():
+    for source in sorted((ROOT / "bench").glob("*.py")):
+        text = source.read_text()
+        assert not re.search(r"^\s*(from|import) tests\b", text, flags=re.MULTILINE), source.name
+        assert "sys.path" not in text, source.name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_model_bench_prints_ratios_against_baselines(tmp_path):
+    out = run_bench("model_bench", tmp_path)
+    results = json.loads(out.strip().splitlines()[-1])
+    rows = results["decode_ms_per_step"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["ours_eager"] > 0 and row["transformers_dynamic"] > 0 and row["transformers_static"] > 0
+    assert results["window"] == 4 and results["new_tokens"] == 3  # the smoke sizes
+    assert results["tower_fps_eager"] > 0 and results["preprocess_vs_clip_processor"] > 0
+    assert results["windows_per_s_B2"] > 0 and results["authors_way_windows_per_s"] > 0
+    assert results["live_streams_per_device"] == max(results["windows_per_s_B1"], results["windows_per_s_B2"]) * 2 / 4.0
+    assert len(re.findall(r"ours/transformers_(dynamic|static): [\d.]+x the time", out)) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_decode_bench_prints_each_reader_against_ffmpeg(tmp_path):
+    out = run_bench("decode_bench", tmp_path)
+    assert figure(r"^file: h264 1920x1080, .*, {N} frames; cores", out) == [15.0]  # 0.5 s at 30 fps
+    rows = {}
+    for name in ("ffmpeg -f null", "pyav decode", "source 4 fps @576", "source skip_nonref"):
+        seconds, rate, ratio = figure(rf"^{re.escape(name)} +{{N}} s +{{N}} frames/s +{{N}}x ffmpeg$", out)
+        assert seconds > 0 and rate > 0 and ratio > 0
+        rows[name] = ratio
+    assert rows["ffmpeg -f null"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pipeline_bench_prints_the_pipeline_against_the_model_alone(tmp_path):
+    out = run_bench("pipeline_bench", tmp_path)
+    assert figure(r"^device: .*; window 8, stride 4, 4.0 fps, 2 new tokens, {N} windows$", out) == [3.0]
+    (direct,) = figure(r"^direct model per window: +{N} ms +\(baseline\)$", out)
+    per_window, _, windows = figure(r"^pipeline per window \(file run\): +{N} ms .* whole run {N} s for {N} windows", out)
+    assert direct > 0 and per_window > 0 and windows == 3
+    figure(r"^pipeline overhead per window: +{N} ms", out)
+    (ratio,) = figure(r"^pipeline / direct: +{N}x$", out)
+    assert ratio == pytest.approx(per_window / direct, abs=0.01)
+    p50, p95 = figure(r"^latency p50 / p95: +{N} / {N} s$", out)
+    assert 0 < p50 <= p95
+    figure(r"^  live x1: windows done per camera {N}\.\.{N} \(about {N} closed in 2 s\), {N} skipped", out)
+    assert figure(r"^live streams sustained without skipping: {N}$", out)[0] in (0, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_long_video_bench_prints_one_hour_measured_and_derived(tmp_path):
+    out = run_bench("long_video_bench", tmp_path)
+    figure(r"^clip 4 s \(30 fps H.264 640x360, B-frames\): {N} windows, {N} rolling summaries", out)
+    for part in ("decode alone", "model alone"):
+        clip_s, hour_s = figure(rf"^  {part} +{{N}} s for the clip.* -> +{{N}} s per hour", out)
+        assert clip_s > 0 and hour_s > 0
+    figure(r"^  pipeline \(Ray\+Redis\) +{N} s steady for {N} windows -> +{N} s per hour; start-up {N} s once$", out)
+    figure(r"^  overhead +{N} s per hour", out)
+    seconds, real_time = figure(r"^  ONE HOUR: {N} s \({N}x real time\)$", out)
+    assert seconds > 0 and real_time == pytest.approx(seconds / 3600, abs=0.01)
+    (gpu_hour,) = figure(r"^  ONE HOUR: ~{N} s \(the larger of the two; they overlap\)$", out)
+    assert gpu_hour > 0
