@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import ray
 from typer.testing import CliRunner
 
 from connectors.embedded import EmbeddedRedis, free_port
+from connectors.publisher import Publisher
 from connectors.redis_conn import connect
-from connectors.redis_schema import Keys
+from connectors.redis_schema import Keys, StreamInfo
 from pipeline.cli import app
 
 runner = CliRunner()
@@ -71,11 +73,31 @@ def test_run_checks_redis_and_the_output_folder(tmp_path, tiny_model_dir, dead_r
     assert ray.is_initialized() == ray_was_up
 
 
+@pytest.fixture(scope="module")
+def stopped_redis_url() -> Iterator[str]:
+    """A real Redis that had a stream registered, then stopped."""
+    with EmbeddedRedis() as server:
+        with Publisher(server.url) as pub:
+            pub.register_stream(StreamInfo(id="cam", source="rtsp://x/1"))
+        server.stop()
+        yield server.url
+
+
 @pytest.mark.parametrize("command", [
-    ["status"], ["tail"], ["ask", "cam", "anyone?"], ["streams", "add", "cam=rtsp://x/1"], ["streams", "remove", "cam"],
+    ["status"], ["status", "--all"], ["tail"], ["tail", "cam"], ["events"], ["events", "cam"], ["ask", "cam", "anyone?"],
+    ["summary", "cam"], ["streams", "add", "cam2=rtsp://x/1"], ["streams", "remove", "cam"],
 ])
-def test_client_commands_with_unreachable_redis_exit_1(command, dead_redis_url):
-    one_error_line(runner.invoke(app, [*command, "--redis-url", dead_redis_url]), 1, "unreachable")
+def test_client_commands_with_unreachable_redis_exit_1(command, dead_redis_url, stopped_redis_url):
+    for url in (dead_redis_url, stopped_redis_url):
+        one_error_line(runner.invoke(app, [*command, "--redis-url", url]), 1, "unreachable")
+
+
+def test_events_in_a_real_process_with_a_stopped_redis_prints_one_line(stopped_redis_url):
+    proc = subprocess.run([sys.executable, "-c", "from pipeline.cli import app; app()", "events", "--redis-url",
+                           stopped_redis_url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("error: Redis at 127.0.0.1:") and "is unreachable" in line
 
 
 def test_client_commands_with_refused_credentials_exit_2(protected_redis):

@@ -189,21 +189,69 @@ def test_real_pipeline_publishes_pictures_the_page_serves(ray_session, redis_url
         server.stop()
 
 
+def test_vtt_download_ends_cues_at_the_streams_own_fps(redis_url, web_server, tmp_path):
+    """A cue ends one frame after its window, a frame at the stream's fps (2 here, not the default)."""
+    fps = 2.0
+    with Publisher(redis_url) as pub:
+        info = pub.register_stream(StreamInfo(id="clip", source="/data/clip.mp4", live=False,
+                                              window_settings={"window": 8, "stride": 8, "fps": fps}))
+        captions = [make_caption(w, stream="clip", run=info.run) for w in range(3)]
+        for caption in captions:
+            pub.publish_window(caption)
+    files = CaptionFiles(tmp_path, 1.0 / fps)  # what the pipeline itself writes at that fps
+    for caption in captions:
+        files.write(caption)
+    files.close()
+    vtt = httpx.get(web_server.url + "api/streams/clip/captions.vtt")
+    assert vtt.status_code == 200 and vtt.text == files.vtt_path.read_text()
+
+
 def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
+    """Every route with the Redis stopped: the API answers 503 with one line, the pages still load,
+    and the update stream opens, says Redis is down, and sends the streams once it is back."""
     from connectors.embedded import EmbeddedRedis
 
-    with EmbeddedRedis() as redis:
-        seed_stream(redis.url, 1)
+    with EmbeddedRedis(extra_args=["--appendonly", "yes", "--appendfsync", "always"]) as redis:
+        seed_stream(redis.url, 1, event_windows=(0,))
         server = WebServer(redis.url, "127.0.0.1", 0).start()
         try:
             api = httpx.Client(base_url=server.url, timeout=30)
+            snapshot = api.get("/api/streams/cam1/events").json()[0]["snapshot_url"]
             assert api.get("/api/streams").status_code == 200
             redis.stop()
-            down = api.get("/api/streams")
-            assert down.status_code == 503 and down.json()["detail"].startswith("Redis unreachable")
-            assert api.get("/api/streams/cam1/frame.jpg").status_code == 503
-            redis.start()  # same port, empty data: the app serves again without a restart
-            assert api.get("/api/streams").status_code == 200
+            gets = ["/api/streams", "/api/streams/cam1", "/api/streams/cam1/captions", "/api/streams/cam1/events",
+                    "/api/streams/cam1/frame.jpg", snapshot, "/api/streams/cam1/captions.jsonl",
+                    "/api/streams/cam1/captions.vtt"]
+            down = [api.get(path) for path in gets]
+            down.append(api.post("/api/streams/cam1/questions", json={"text": "anyone?", "timeout_s": 1}))
+            for response in down:
+                assert response.status_code == 503, (response.request.url, response.text)
+                assert response.json()["detail"].startswith("Redis unreachable"), response.text
+            pages = ["/", "/streams/cam1", "/docs", "/login", "/openapi.json"]
+            assert [api.get(path).status_code for path in pages] == [200] * len(pages)
+            # every route is one of those (or the update stream, below)
+            routes = {route.path for route in server.app.routes if hasattr(route, "methods")}
+            named = {"/api/streams/{stream}" + p.removeprefix("/api/streams/cam1") for p in gets[1:] if p != snapshot}
+            assert routes == {*gets[:1], *named, "/api/streams/{stream}/snapshots/{snapshot_id}.jpg",
+                              "/api/streams/{stream}/questions", "/streams/{stream}", "/api/updates",
+                              *(p for p in pages if p != "/streams/cam1")}, routes
+
+            updates = []
+            sse = httpx.Client(base_url=server.url, timeout=httpx.Timeout(30, read=None))
+            with sse, sse.stream("GET", "/api/updates") as response:
+                assert response.status_code == 200  # a browser's EventSource gives up on an error status
+                lines = response.iter_lines()
+                for line in lines:
+                    updates.append(line)
+                    if line.startswith("data: ") and "Redis unreachable" in line:
+                        break
+                redis.start()  # same port, its data back from the append-only file
+                for line in lines:
+                    updates.append(line)
+                    if line.startswith("data: ") and '"id": "cam1"' in line:
+                        break
+            assert "event: redis" in updates and updates[-2] == "event: stream", updates
+            assert api.get("/api/streams").status_code == 200  # the app serves again without a restart
         finally:
             server.stop()
 

@@ -1,9 +1,9 @@
 """FastAPI app: HTML pages, a JSON API over the Redis contract, and one live update stream (SSE).
 
-Live updates: one background thread per app subscribes to the pipeline's pub/sub nudges
-(`sfs:notify:*`), rebuilds the summary of the stream that changed and hands it to every open
-update stream. Every few seconds it also re-reads all streams, so a missed nudge (Redis
-restart) or a stream registered without one shows up anyway. Browsers never poll.
+Live updates: one background thread per app follows every stream (`SlowFastClient.updates`),
+rebuilds the summary of the stream that changed and hands it to every open update stream.
+Every few seconds it also re-reads all streams, so a missed nudge (Redis restart) or a stream
+registered without one shows up anyway. Browsers never poll.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from connectors.client import QuestionError, SlowFastClient
+from connectors.client import OUTAGE, RESYNC, QuestionError, SlowFastClient, Update
 from connectors.redis_conn import UNREACHABLE
 from connectors.redis_schema import (
     DEFAULT_KEYS,
@@ -35,7 +35,6 @@ from connectors.redis_schema import (
     STREAM_ID_RE,
     Caption,
     Keys,
-    Notification,
     NotificationKind,
     QuestionKind,
     StreamInfo,
@@ -50,6 +49,8 @@ TOKEN_COOKIE = "sfs_token"
 TOKEN_HEADER = "x-slowfast-token"
 EVENT_WINDOW_S = 3600.0  # "recent" events: the last hour
 RESYNC_S = 5.0  # full re-read of every stream by the update thread (not by browsers)
+# what changes a stream's card: its entries, its state, its removal
+UPDATE_KINDS = tuple(NotificationKind)
 KEEPALIVE_S = 15.0
 STALE_AFTER_INTERVALS = 10
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -167,51 +168,34 @@ class UpdateHub:
     def _run(self) -> None:
         client = SlowFastClient(self.redis_url, keys=self.keys)
         try:
-            while not self.stop.is_set():
+            for update in client.updates(None, UPDATE_KINDS, stop=self.stop, poll_s=0.5, catch_up_s=RESYNC_S):
                 try:
-                    self._follow(client)
-                except UNREACHABLE as exc:
-                    if self.redis_error is None:
-                        log.warning("Redis unreachable: %s", exc)
-                    self.redis_error = f"Redis unreachable: {exc}"
-                    self._send("redis", {"ok": False, "error": self.redis_error})
-                    self.stop.wait(1.0)
+                    self._relay(client, update)
+                except UNREACHABLE:
+                    pass  # the follower meets the outage too, and re-reads everything once Redis is back
         finally:
             client.close()
 
-    def _follow(self, client: SlowFastClient) -> None:
-        """Relay nudges, re-reading every stream every RESYNC_S. Subscribed before the first
-        read, so nothing published in between is missed."""
-        pubsub = client.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.psubscribe(self.keys.notify_pattern)
-            next_resync = 0.0
-            while not self.stop.is_set():
-                if time.monotonic() >= next_resync:
-                    self._resync(client)
-                    next_resync = time.monotonic() + RESYNC_S
-                message = pubsub.get_message(timeout=0.5)
-                if not message or message.get("type") != "pmessage":
-                    continue
-                try:
-                    note = Notification.model_validate_json(message["data"])
-                except ValueError:
-                    continue  # not ours
-                if note.kind == NotificationKind.REMOVED:
-                    self.summaries.pop(note.stream, None)
-                    self._send("removed", {"id": note.stream})
-                    continue
-                info = client.stream(note.stream)
-                if info is not None:
-                    self._publish(client, info)
-        finally:
-            pubsub.close()
+    def _relay(self, client: SlowFastClient, update: Update) -> None:
+        if update.kind == OUTAGE:
+            log.warning("Redis unreachable: %s", update.error)
+            self.redis_error = f"Redis unreachable: {update.error}"
+            self._send("redis", {"ok": False, "error": self.redis_error})
+        elif update.kind == RESYNC:
+            self._resync(client)
+        elif update.kind == NotificationKind.REMOVED:
+            self.summaries.pop(update.stream, None)
+            self._send("removed", {"id": update.stream})
+        elif (info := client.stream(update.stream)) is not None:
+            self._publish(client, info)
 
     def _resync(self, client: SlowFastClient) -> None:
         infos = client.streams()
         if self.redis_error is not None:
             self.redis_error = None
             self._send("redis", {"ok": True})
+            # a browser that connected during the outage has no summaries yet: send them all again
+            self.summaries = dict.fromkeys(self.summaries, "")
         for info in infos:
             self._publish(client, info)
         for sid in set(self.summaries) - {i.id for i in infos}:
@@ -397,10 +381,12 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
 
     def _caption_file(stream: str, kind: str) -> Response:
         """The same files the pipeline writes for a file stream, built from the Redis history."""
-        known(stream)
+        info = known(stream)
         captions = _all_captions(client, stream)
+        # the run's fps sets where each cue ends; registries older than window_settings lack it
+        fps = info.window_settings.get("fps") or PipelineConfig.model_fields["fps"].default
         with tempfile.TemporaryDirectory() as tmp:
-            files = CaptionFiles(Path(tmp), 1.0 / PipelineConfig.model_fields["fps"].default)
+            files = CaptionFiles(Path(tmp), 1.0 / fps)
             try:
                 for caption in captions:
                     files.write(caption)
@@ -416,12 +402,18 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
                          "({id}), `redis` ({ok, error}). Every stream's summary is sent first.")
     async def api_updates(request: Request, stream: Annotated[str | None, Query(pattern=STREAM_ID_RE.pattern)] = None):
         queue = hub.subscribe()
-        first = await asyncio.to_thread(lambda: [stream_summary(client, i) for i in client.streams()
-                                                 if stream is None or i.id == stream])
+        down = None
+        try:
+            first = await asyncio.to_thread(lambda: [stream_summary(client, i) for i in client.streams()
+                                                     if stream is None or i.id == stream])
+        except UNREACHABLE as exc:  # opens anyway (a browser gives up on an error status): the hub
+            first, down = [], f"Redis unreachable: {exc}"  # sends the summaries once Redis is back
 
         async def events() -> AsyncIterator[str]:
             try:
                 yield "retry: 2000\n\n"
+                if down is not None:
+                    yield _sse("redis", json.dumps({"ok": False, "error": down}))
                 for summary in first:
                     yield _sse("stream", json.dumps(summary))
                 while True:
