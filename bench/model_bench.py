@@ -34,9 +34,8 @@ from transformers import StoppingCriteria
 
 from bench.common import checkpoint, device_name, parse_args
 from model import SlowFastVLM, VideoQuery, generation
+from model.prompt import CAPTION_PROMPT as QUESTION
 from model.released import RELEASED_7B_CONFIG
-
-QUESTION = "Please describe this video in detail."
 
 
 def synchronize(device: torch.device) -> None:

@@ -20,6 +20,8 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from common.validation import describe_validation_error
+
 from .redact import redact_text, redact_uri
 
 DATA = "data"  # the one field of every stream entry, and the authoritative hash field
@@ -36,6 +38,8 @@ QUESTION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,79}$")
 # Producers XADD requests with MAXLEN ~ this, so the intake streams stay bounded; only a
 # backlog this deep could trim an entry before a worker reads it.
 INTAKE_MAXLEN = 10_000
+# The longest question the pipeline accepts, ad-hoc or standing: its one limit. The model has a
+# higher bound of its own (model.prompt.MAX_PROMPT_CHARS), for every prompt it is given.
 MAX_QUESTION_CHARS = 2000
 MAX_MESSAGE_BYTES = 16 * 1024  # a raw question/control entry larger than this is refused
 # Pictures: the latest frame of each stream and a snapshot per event window, as JPEG bytes in
@@ -46,11 +50,11 @@ FRAME_JPEG_QUALITY = 80
 SNAPSHOTS_MAXLEN = 500  # event snapshots kept per stream (XADD MAXLEN ~), about 50 KB each
 
 
-def check_stream_id(value: str) -> str:
-    """Return `value` if it is a valid stream id, else raise ValueError naming it."""
+def check_stream_id(value: str, what: str = "stream id") -> str:
+    """Return `value` if it is a valid stream id, else raise ValueError naming it (as `what`)."""
     if not isinstance(value, str) or not STREAM_ID_RE.match(value):
         raise ValueError(
-            f"invalid stream id {value!r}: use 1-64 of letters, digits, '_', '.', '-' (starting with a letter or digit)"
+            f"invalid {what} {value!r}: use 1-64 of letters, digits, '_', '.', '-' (starting with a letter or digit)"
         )
     return value
 
@@ -68,8 +72,8 @@ MessageId = Annotated[str, AfterValidator(check_message_id)]
 
 
 def safe_stream_id(name: str) -> str:
-    """A valid stream id made from free text (e.g. a file stem): bad characters become '_'."""
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip("_.-")[:64]
+    """A valid stream id made from free text (e.g. a file stem): other characters become '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", name).strip("_.-")[:64]
     return cleaned or "stream"
 
 
@@ -508,15 +512,6 @@ def encode_hash(model: Model, flat: tuple[str, ...]) -> dict[str, str]:
         value = dumped.get(name)
         out[name] = "" if value is None else str(value)
     return out
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """A short, single-line reason naming the fields, without echoing the (maybe huge) input."""
-    parts = []
-    for err in exc.errors(include_url=False, include_input=False)[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "message"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
 
 
 def check_reply_to(keys: Keys, value: str | None) -> str | None:

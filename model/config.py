@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import Qwen2Config
 
+from common.validation import describe_validation_error
+
 from .errors import UnsupportedConfigError
 
 SUPPORTED_VISION_TOWERS = ("convnext-576",)
@@ -211,19 +213,12 @@ class SlowFastConfig(BaseModel):
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
-            raise UnsupportedConfigError(f"invalid config.json: {_describe(exc)}") from exc
+            reason = describe_validation_error(exc, show_input=True)
+            raise UnsupportedConfigError(f"invalid config.json: {reason}") from exc
         return config.check_supported()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        parts.append(f"{field}={err.get('input')!r}: {err['msg']}")
-    return "; ".join(parts)
 
 
 def isqrt_exact(n: int, what: str) -> int:

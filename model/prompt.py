@@ -18,7 +18,12 @@ CHAT_TEMPLATE = (
 # Without an image the user turn is the question alone (the official text-only prompt).
 TEXT_CHAT_TEMPLATE = CHAT_TEMPLATE.replace(IMAGE_PLACEHOLDER + "\n", "")
 END_OF_TURN = "<|im_end|>"
-MAX_QUESTION_CHARS = 16_000
+# The question that asks for a caption of the video.
+CAPTION_PROMPT = "Please describe this video in detail."
+# The model's own bound on the text of one prompt, whoever builds it: a caller's question, or a
+# longer prompt made of many captions (a summary). It keeps tokenization and the context bounded;
+# callers that face users keep a lower limit of their own.
+MAX_PROMPT_CHARS = 16_000
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,8 @@ def build_prompt(
         raise ModelInputError(f"question must be a string, got {type(question).__name__}")
     if not question.strip():
         raise ModelInputError("question is empty")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise ModelInputError(f"question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    if len(question) > MAX_PROMPT_CHARS:
+        raise ModelInputError(f"question is {len(question)} characters long; the limit is {MAX_PROMPT_CHARS}")
     if IMAGE_PLACEHOLDER in question:
         raise ModelInputError(f"question must not contain the {IMAGE_PLACEHOLDER!r} placeholder")
     if not image:

@@ -24,9 +24,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from common.validation import describe_validation_error
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_conn import describe_redis_error
-from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id
+from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id, safe_stream_id
 from connectors.sources import SourceError
 from model.errors import CheckpointError, UnsupportedConfigError
 
@@ -83,15 +84,13 @@ def run_with_web(config: PipelineConfig, beside, **kwargs) -> dict[str, dict]:
 
 
 def parse_source_arg(value: str) -> tuple[str, str]:
-    """`[ID=]URI`: without ID the file stem or the camera path's last part names the stream."""
+    """`[ID=]URI`: an ID must be valid; without one, the file stem or the camera path's last part,
+    made valid, names the stream."""
     if "=" in value.split("://", 1)[0]:
         sid, uri = value.split("=", 1)
-    else:
-        uri = value
-        tail = uri.split("://", 1)[-1].split("?", 1)[0].rstrip("/")
-        sid = Path(tail.rsplit("@", 1)[-1]).stem or "stream"
-    sid = "".join(c if c.isalnum() or c in "_.-" else "-" for c in sid).strip("-._") or "stream"
-    return check_stream_id(sid), uri
+        return check_stream_id(sid), uri
+    tail = value.split("://", 1)[-1].split("?", 1)[0].rstrip("/")
+    return safe_stream_id(Path(tail.rsplit("@", 1)[-1]).stem), value
 
 
 def estimated_windows(source: str, config: PipelineConfig) -> int | None:
@@ -195,8 +194,7 @@ def fail(message: str, code: int = 2) -> None:
 def describe(exc: BaseException, redis_url: str | None) -> tuple[str, int]:
     """The one-line message and exit code of an expected error."""
     if isinstance(exc, pydantic.ValidationError):  # e.g. a question of 2,001 characters
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}"
-                         for e in exc.errors()), 2
+        return describe_validation_error(exc), 2
     if isinstance(exc, (ConfigError, CheckpointError, UnsupportedConfigError, ValueError)):
         return str(exc), 2
     if isinstance(exc, redis.AuthenticationError) or (

@@ -6,20 +6,22 @@ Validation errors name the field and the bad value (`ConfigError`).
 from __future__ import annotations
 
 import os
-import re
+from functools import partial
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from connectors.redis_schema import check_stream_id
+from common.validation import describe_validation_error
+from connectors.redis_schema import MAX_QUESTION_CHARS, check_stream_id
 from connectors.sources import SourceError
 from connectors.sources.uri import parse_source
+from model.prompt import CAPTION_PROMPT
 
-DEFAULT_CAPTION_PROMPT = "Please describe this video in detail."
+DEFAULT_CAPTION_PROMPT = CAPTION_PROMPT
 ENV_PREFIX = "SLOWFAST_"
 
 
@@ -48,8 +50,9 @@ class Trigger(BaseModel):
 class StandingQuestion(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    prompt: str = Field(min_length=1, max_length=2000)
+    # Named by the stream-id rule: nothing about a question's id needs another.
+    id: Annotated[str, AfterValidator(partial(check_stream_id, what="standing question id"))]
+    prompt: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     every_n_windows: int = Field(default=1, ge=1)
     trigger: Trigger | None = None
 
@@ -60,7 +63,7 @@ class StreamConfig(BaseModel):
     id: str
     source: str = Field(min_length=1)
     live: bool | None = Field(default=None, description="None: decided by the source (cameras live, files not)")
-    caption_prompt: str = DEFAULT_CAPTION_PROMPT
+    caption_prompt: str = Field(default=DEFAULT_CAPTION_PROMPT, min_length=1, max_length=MAX_QUESTION_CHARS)
     caption_every_n_windows: int = Field(default=1, ge=1)
     summary_every_n_windows: int | None = Field(
         default=None, ge=0, le=1000,
@@ -163,47 +166,39 @@ class PipelineConfig(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # CLI flags arrive as init kwargs: they override the environment, which overrides YAML.
-        return init_settings, env_settings, YamlSource(settings_cls)
+        # CLI flags arrive as init kwargs: they override the environment, which overrides the YAML
+        # file that model_config names (none here: load_config names it in a subclass).
+        return init_settings, env_settings, YamlFile(settings_cls)
 
 
-class YamlSource(PydanticBaseSettingsSource):
-    """The YAML file named by `load_config(path)` (passed through a context variable)."""
+class YamlFile(YamlConfigSettingsSource):
+    """pydantic-settings' YAML source, saying in one line why a file cannot be used."""
 
-    path: Path | None = None
-
-    def get_field_value(self, field, field_name):  # required by the base class; unused
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        if YamlSource.path is None:
-            return {}
+    def _read_file(self, file_path: Path) -> dict[str, Any]:
         try:
-            data = yaml.safe_load(YamlSource.path.read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {YamlSource.path}: {exc.strerror}") from exc
+            data = super()._read_file(file_path)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {YamlSource.path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {file_path} is not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {YamlSource.path} must hold a mapping, got {type(data).__name__}")
+            raise ConfigError(f"config file {file_path} must hold a mapping, got {type(data).__name__}")
         return data
-
-
-def describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        message = re.sub(r"^Value error, ", "", err["msg"])
-        parts.append(f"{field}={err.get('input')!r}: {message}" if "input" in err else f"{field}: {message}")
-    return "; ".join(parts)
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> PipelineConfig:
     """Build the config from an optional YAML file, SLOWFAST_* variables and explicit overrides."""
-    YamlSource.path = Path(path) if path is not None else None
+    settings_cls = PipelineConfig
+    if path is not None:
+        path = Path(path)
+        try:  # pydantic-settings passes over a missing file; a file asked for must be there
+            path.open("rb").close()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        settings_cls = type(PipelineConfig.__name__, (PipelineConfig,), {
+            "__module__": __name__, "model_config": SettingsConfigDict(yaml_file=path)})
     try:
-        return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
+        config = settings_cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {describe(exc)}") from exc
-    finally:
-        YamlSource.path = None
+        raise ConfigError(f"invalid configuration: {describe_validation_error(exc, show_input=True)}") from exc
+    # Always the plain class (one made for a file cannot be pickled to Ray's actors), same values.
+    return config if type(config) is PipelineConfig else PipelineConfig.model_construct(
+        config.model_fields_set, **dict(config))

@@ -31,10 +31,17 @@ runner = CliRunner()
         ("rtsp://user:secret@10.0.0.5:554/stream1", ("stream1", "rtsp://user:secret@10.0.0.5:554/stream1")),
         ("door=rtsp://cam/live?token=x", ("door", "rtsp://cam/live?token=x")),
         ("loop:///tmp/clip.mp4", ("clip", "loop:///tmp/clip.mp4")),
+        ("/data/café.mp4", ("caf", "/data/café.mp4")),
+        (f"/data/{'x' * 70}.mp4", ("x" * 64, f"/data/{'x' * 70}.mp4")),
     ],
 )
 def test_source_arguments_name_streams(value, expected):
     assert parse_source_arg(value) == expected
+
+
+def test_a_named_stream_keeps_its_id_or_is_refused():
+    with pytest.raises(ValueError, match="invalid stream id 'lobby cam'"):
+        parse_source_arg("lobby cam=/data/lobby.mp4")
 
 
 def test_run_a_file_writes_outputs_and_status(ray_session, redis_url, tiny_model_dir, tmp_path):

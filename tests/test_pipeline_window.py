@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from pipeline.config import ConfigError, load_config
+from connectors.redis_schema import MAX_QUESTION_CHARS
+from model.prompt import MAX_PROMPT_CHARS
+from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.window import FrameRef, SlidingWindow, expected_windows
 
 
@@ -84,3 +88,39 @@ def test_bad_config_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping, got list"):
         load_config(listing)
+
+
+def test_config_errors_are_one_line(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("window: [1,\n")
+    with pytest.raises(ConfigError) as bad_yaml:
+        load_config(broken)
+    with pytest.raises(ConfigError) as many:
+        load_config(None, window="big", stride=0, fps=-1, batch_size=0, history_len=1, workers=0, metrics_port=-1)
+    for exc in (bad_yaml, many):
+        assert "\n" not in str(exc.value), str(exc.value)
+    assert str(many.value).endswith("; and 2 more")
+
+
+def test_a_config_file_gives_a_plain_config_and_leaves_no_state(tmp_path):
+    path = tmp_path / "slowfast.yaml"
+    path.write_text("window: 32\nstride: 8\n")
+    config = load_config(path, fps=8.0)
+    assert type(config) is PipelineConfig and config.model_fields_set == {"window", "stride", "fps"}
+    assert pickle.loads(pickle.dumps(config)) == config  # what Ray does to send it to actors
+    assert load_config().window == 64  # the file belonged to that load only
+
+
+def test_standing_questions_follow_the_id_rule_and_the_question_limit():
+    def stream(**question):
+        standing = [{"id": "q", "prompt": "anyone?"} | question]
+        return {"streams": [{"id": "cam", "source": "x.mp4", "standing_questions": standing}]}
+
+    with pytest.raises(ConfigError, match="invalid standing question id 'a b'"):
+        load_config(None, **stream(id="a b"))
+    assert load_config(None, **stream(prompt="x" * MAX_QUESTION_CHARS)).streams[0].standing_questions
+    with pytest.raises(ConfigError, match=f"prompt=.*at most {MAX_QUESTION_CHARS} characters"):
+        load_config(None, **stream(prompt="x" * (MAX_QUESTION_CHARS + 1)))
+    with pytest.raises(ConfigError, match=f"caption_prompt=.*at most {MAX_QUESTION_CHARS} characters"):
+        load_config(None, streams=[{"id": "cam", "source": "x.mp4", "caption_prompt": "x" * (MAX_QUESTION_CHARS + 1)}])
+    assert MAX_QUESTION_CHARS <= MAX_PROMPT_CHARS  # the model takes every question the pipeline accepts

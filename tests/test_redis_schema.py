@@ -83,8 +83,10 @@ def test_bad_stream_ids_refused(bad: str) -> None:
 
 
 def test_safe_stream_id() -> None:
-    assert safe_stream_id("my clip (1).mp4") == "my_clip__1_.mp4"
+    assert safe_stream_id("my clip (1).mp4") == "my-clip--1-.mp4"
     assert safe_stream_id("{}") == "stream"
+    assert safe_stream_id("café") == "caf"
+    assert safe_stream_id("x" * 100) == "x" * 64
 
 
 def test_question_limits() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from connectors.redis_schema import SummaryKind
+from model.prompt import MAX_PROMPT_CHARS
 from pipeline.summaries import (
     FinalSummary,
     RollingSummaries,
@@ -81,7 +82,7 @@ def test_final_summary_is_a_tree_with_bounded_prompts(count):
     rounds, longest = 0, 0
     while final.finished is None:
         tasks = final.tasks()
-        assert all(len(t.prompt) < 16_000 for t in tasks)
+        assert all(len(t.prompt) < MAX_PROMPT_CHARS for t in tasks)
         longest = max(longest, max(len(t.prompt) for t in tasks))
         final.complete([f"r{rounds}-{i}" for i in range(len(tasks))], first_seq=0)
         rounds += 1

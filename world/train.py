@@ -45,7 +45,7 @@ from model.config import SlowFastConfig
 from model.language import FAST_VISUAL
 from model.modeling import SlowFastForCausalLM
 from model.preprocess import preprocess_frames
-from model.prompt import END_OF_TURN, build_prompt
+from model.prompt import CAPTION_PROMPT, END_OF_TURN, build_prompt
 from model.random_checkpoint import RANDOM_CHECKPOINT_CONFIG, config_with_tokens, write_checkpoint, write_tokenizer
 from model.visual_tokens import pool_frames, video_tokens
 
@@ -67,9 +67,9 @@ from .scenes import (
 
 log = logging.getLogger("world.train")
 
-# Prompts the model captions for; the first is the pipeline's default caption prompt.
+# Prompts the model captions for; the first is the model's caption prompt, the pipeline's default.
 CAPTION_PROMPTS = (
-    "Please describe this video in detail.",
+    CAPTION_PROMPT,
     "Describe this video.",
     "What happens in this video?",
     "Describe the clip.",
