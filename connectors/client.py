@@ -423,8 +423,13 @@ class _Follower:
             for info in self.client.streams():
                 if info.id not in self.after:
                     self._add(info.id, info)
-        for sid in list(self.after):
-            for kind in self.entry_kinds:
+        reads = [(sid, kind) for sid in self.after for kind in self.entry_kinds]
+        pipe = self.redis.pipeline(transaction=False)  # every stream in one round trip
+        for sid, kind in reads:
+            pipe.xrange(_STREAM_KEYS[kind](self.keys, sid), min=self.after[sid][kind], count=READ_BATCH)
+        for (sid, kind), entries in zip(reads, pipe.execute()):
+            yield from self._entries(sid, kind, entries)
+            if len(entries) == READ_BATCH:
                 yield from self._read(sid, kind)
         yield Update(RESYNC)
 
@@ -444,19 +449,21 @@ class _Follower:
             yield Update(note.kind, sid)
 
     def _read(self, sid: str, kind: str) -> Iterator[Update]:
-        key, cls = _STREAM_KEYS[kind](self.keys, sid), ENTRY_TYPES[kind]
         while True:
-            entries = self.redis.xrange(key, min=self.after[sid][kind], count=READ_BATCH)
-            for entry_id, fields in entries:
-                self.after[sid][kind] = f"({entry_id}"
-                try:
-                    entry = decode_entry(cls, fields)
-                except ValueError:
-                    log.debug("skipped an unreadable entry %s of %s", entry_id, key)
-                    continue
-                yield Update(kind, sid, entry)
+            entries = self.redis.xrange(_STREAM_KEYS[kind](self.keys, sid), min=self.after[sid][kind], count=READ_BATCH)
+            yield from self._entries(sid, kind, entries)
             if len(entries) < READ_BATCH:
                 return
+
+    def _entries(self, sid: str, kind: str, entries: list[tuple[str, dict[str, str]]]) -> Iterator[Update]:
+        for entry_id, fields in entries:
+            self.after[sid][kind] = f"({entry_id}"
+            try:
+                entry = decode_entry(ENTRY_TYPES[kind], fields)
+            except ValueError:
+                log.debug("skipped an unreadable %s entry %s of stream %s", kind, entry_id, sid)
+                continue
+            yield Update(kind, sid, entry)
 
 
 def _notification(message: dict | None) -> Notification | None:

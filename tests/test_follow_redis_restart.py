@@ -19,10 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from connectors.client import FOLLOW_CATCH_UP_S, OUTAGE, RESYNC, SlowFastClient
+from connectors.client import FOLLOW_CATCH_UP_S, OUTAGE, READ_BATCH, RESYNC, SlowFastClient
 from connectors.embedded import EmbeddedRedis
 from connectors.publisher import Publisher, PublishResult
-from connectors.redis_schema import NotificationKind, StreamInfo
+from connectors.redis_conn import connect
+from connectors.redis_schema import Keys, NotificationKind, StreamInfo, encode_entry
 from pipeline.web.server import WebServer
 from tests.support.records import make_caption, make_event
 
@@ -137,20 +138,29 @@ def test_client_follower_misses_nothing_and_repeats_nothing(persistent):
         assert RESYNC in markers[markers.index(OUTAGE):]  # re-read once Redis was back
 
 
-def test_a_missed_nudge_loses_nothing(redis_url):
-    """A publisher that sends no nudges at all: the periodic re-read finds every entry."""
+def test_entries_without_nudges_are_found_by_the_re_read(redis_url):
+    """No nudge at all (a publisher without them, then a burst written straight to the stream,
+    longer than one read): the periodic re-read finds every entry, in order, once."""
     with Publisher(redis_url, notify=False) as pub, SlowFastClient(redis_url) as client:
         run = pub.register_stream(StreamInfo(id="cam1", source="rtsp://cam/1")).run
         stop, seen = threading.Event(), []
         captions = client.follow("cam1", stop=stop, poll_s=0.2)
         thread = threading.Thread(target=lambda: seen.extend(c.window for c in captions), daemon=True)
         thread.start()
-        for w in range(3):
-            pub.publish_window(make_caption(w, run=run))
-        wait_for(lambda: len(seen) >= 3, timeout=FOLLOW_CATCH_UP_S + 5, what="the re-read")
+        pub.publish_window(make_caption(0, run=run))
+        burst = range(1, 2 * READ_BATCH + 2)
+        r = connect(redis_url)
+        with r.pipeline(transaction=False) as pipe:
+            for w in burst:
+                caption = make_caption(w, run=run)
+                pipe.xadd(Keys().captions("cam1"), encode_entry(caption), id=caption.entry_id)
+            pipe.execute()
+        wait_for(lambda: len(seen) > burst[-1], timeout=FOLLOW_CATCH_UP_S + 30, what="the re-read")
+        time.sleep(FOLLOW_CATCH_UP_S + 1.0)
         stop.set()
         thread.join(10)
-        assert seen == [0, 1, 2]
+        r.close()
+        assert seen == [0, *burst]
 
 
 class Lines:
