@@ -60,6 +60,7 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: generation.FinishReason
+    yes_probability: float  # from the same forward's first-token scores, as `yes_probability` gives
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -270,13 +271,15 @@ class SlowFastVLM:
         )
         batch = self._batch(list(queries), room_for_answer=max_new_tokens)
         sequences = self.decoder.generate(batch, settings, self.stop_token_ids)
+        probabilities = self._yes_probabilities(torch.stack([seq.first_logits for seq in sequences]))
         return [
             Generation(
                 text=self.tokenizer.decode(seq.token_ids, skip_special_tokens=True).strip(),
                 token_ids=seq.token_ids,
                 finish_reason=seq.finish_reason,
+                yes_probability=probability,
             )
-            for seq in sequences
+            for seq, probability in zip(sequences, probabilities)
         ]
 
     def next_token_logits(self, query: Query) -> torch.Tensor:
@@ -291,10 +294,17 @@ class SlowFastVLM:
 
     def yes_probability(self, query: Query) -> float:
         """P(yes) / (P(yes) + P(no)) for the first answer token, for yes/no alerts."""
-        probs = self.next_token_logits(query).softmax(-1)
-        yes = probs[self.answer_token_ids("Yes")].sum()
-        no = probs[self.answer_token_ids("No")].sum()
-        return float(yes / (yes + no)) if float(yes + no) > 0 else 0.5
+        (probability,) = self._yes_probabilities(self.next_token_logits(query)[None])
+        return probability
+
+    def _yes_probabilities(self, first_logits: torch.Tensor) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) per row of first-token logits [B, vocab]; 0.5 when neither
+        word is likely at all."""
+        probs = first_logits.float().softmax(-1)
+        yes = probs[:, self.answer_token_ids("Yes")].sum(-1)
+        no = probs[:, self.answer_token_ids("No")].sum(-1)
+        total = yes + no
+        return torch.where(total > 0, yes / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5).tolist()
 
     def warm_up(self, frames: int, max_new_tokens: int, batch_size: int, decode_cross_attention: bool = False) -> float:
         """Compile and capture, before the first real call, what serving `frames`-frame

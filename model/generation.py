@@ -160,6 +160,7 @@ def cross_mask(batch: PromptBatch, token_types: torch.Tensor, decode_cross_atten
 class GeneratedSequence:
     token_ids: list[int]
     finish_reason: FinishReason
+    first_logits: torch.Tensor  # float32 [vocab]: the prefill's scores for the first token, before sampling
 
 
 class StaticKVCache:
@@ -360,6 +361,7 @@ class Decoder:
             slow_context=batch.slow,
             logits_positions=slice(-1, None),
         )[:, -1].float()
+        first_logits = logits[:rows].clone()  # the decode steps below overwrite `logits`
         slow = self._slow_context(batch, padded_rows) if settings.decode_cross_attention else None
 
         processors = settings.processors()
@@ -397,12 +399,12 @@ class Decoder:
             logits = (self.compiled_step or self.step)(tokens, first_positions + step, first_slot + step, buffers, slow)[:rows]
 
         results = []
-        for row, by_token in zip(generated[:, :produced].tolist(), stopped_by_token.tolist()):
+        for index, (row, by_token) in enumerate(zip(generated[:, :produced].tolist(), stopped_by_token.tolist())):
             if by_token:
                 cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids)
-                results.append(GeneratedSequence(row[:cut], "stop"))
+                results.append(GeneratedSequence(row[:cut], "stop", first_logits[index]))
             else:
-                results.append(GeneratedSequence(row, "length"))
+                results.append(GeneratedSequence(row, "length", first_logits[index]))
         return results
 
 

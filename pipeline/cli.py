@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import tempfile
 import threading
 import time
@@ -12,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
-import av
 import pydantic
 import redis
 
@@ -27,15 +25,18 @@ from rich.table import Table
 from common.validation import describe_validation_error
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_conn import describe_redis_error
-from connectors.redis_schema import Caption, Event, IngestState, NotificationKind, check_stream_id, safe_stream_id
-from connectors.sources import SourceError
+from connectors.redis_schema import Caption, Event, check_stream_id, safe_stream_id
 from model.errors import CheckpointError, UnsupportedConfigError
 
-from .config import ConfigError, PipelineConfig, StandingQuestion, StreamConfig, load_config
+from .config import ConfigError, PipelineConfig, load_config
 from .summaries import clock
-from .resume import ResumeRefused, restart_stream, resume_point
-from .runner import format_caption, preflight, run_pipeline, stop_on_signals
-from .window import expected_windows
+from .logs import run_log
+from .progress import estimated_windows, resumed_windows
+from .resume import ResumeRefused, prepare_resume
+from .messages import StreamSummary
+from .runner import run_pipeline
+from .signals import stop_on_signals
+from .startup import preflight
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 streams_app = typer.Typer(help="Add or remove streams of a running pipeline.", no_args_is_help=True)
@@ -51,36 +52,32 @@ WebToken = Annotated[Optional[str], typer.Option("--web-token", envvar="SLOWFAST
 
 
 def web_beside(address: Optional[str], no_web: bool, token: Optional[str]):
-    """The `beside` context of run_pipeline serving the web page, or None with --no-web.
-    Bad addresses and missing tokens fail here, before anything starts."""
-    from .web.server import WebError, check_token, parse_address, serving
+    """The `beside` context of run_pipeline serving the web page, or None with --no-web."""
+    from .web import server
 
     if no_web:
         return None
     try:
-        if address is not None:
-            check_token(parse_address(address)[0], token)
-    except WebError as exc:
+        return server.web_beside(address, token, on_url=lambda url: console.print(
+            f"web page: {url}", markup=False, highlight=False))
+    except server.WebError as exc:
         fail(str(exc))
 
-    @contextlib.contextmanager
-    def beside(redis_url: str) -> Iterator[None]:
-        with serving(redis_url, address, token) as server:
-            console.print(f"web page: {server.url}", markup=False, highlight=False)
-            beside.url = server.url
-            yield
 
-    beside.url = None
-    return beside
-
-
-def run_with_web(config: PipelineConfig, beside, **kwargs) -> dict[str, dict]:
+def run_with_web(config: PipelineConfig, beside, **kwargs) -> dict[str, StreamSummary]:
     from .web.server import WebError
 
     try:
         return run_pipeline(config, beside=beside, **kwargs)
     except WebError as exc:
         fail(str(exc))
+
+
+@contextlib.contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    with run_log(path):
+        console.print(f"log {path}")
+        yield
 
 
 def parse_source_arg(value: str) -> tuple[str, str]:
@@ -91,17 +88,6 @@ def parse_source_arg(value: str) -> tuple[str, str]:
         return check_stream_id(sid), uri
     tail = value.split("://", 1)[-1].split("?", 1)[0].rstrip("/")
     return safe_stream_id(Path(tail.rsplit("@", 1)[-1]).stem), value
-
-
-def estimated_windows(source: str, config: PipelineConfig) -> int | None:
-    """Windows a file will give, from its duration (None if it cannot be read here)."""
-    try:
-        with av.open(source) as container:
-            stream = container.streams.video[0]
-            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
-    except Exception:  # the run itself reports unreadable sources
-        return None
-    return expected_windows(round(seconds * config.fps), config.window, config.stride)
 
 
 @contextlib.contextmanager
@@ -123,31 +109,6 @@ def file_progress(config: PipelineConfig) -> Iterator[Callable[[Caption], None]]
         yield on_caption
 
 
-@contextlib.contextmanager
-def run_log(path: Path) -> Iterator[None]:
-    """Everything from INFO up, Ray's start-up lines included, goes to `path`; the console gets
-    the pipeline's own warnings only, so nothing else lands in the middle of a progress bar."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, encoding="utf-8")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    to_console = logging.StreamHandler()
-    to_console.setLevel(logging.WARNING)
-    to_console.addFilter(logging.Filter("slowfast"))
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(to_file)
-    root.addHandler(to_console)
-    console.print(f"log {path}")
-    try:
-        yield
-    finally:
-        root.removeHandler(to_file)
-        root.removeHandler(to_console)
-        root.setLevel(level)
-        to_file.close()
-
-
 def print_table(table: Table) -> None:
     """A terminal wraps long cells (error text folds, never an ellipsis); a pipe or file gets the
     table at its natural width, where rich would otherwise cut it to 80 columns."""
@@ -158,20 +119,6 @@ def print_table(table: Table) -> None:
         return
     natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
     Console(file=console.file, width=max(natural, console.width)).print(table)
-
-
-def resumed_windows(config: PipelineConfig, streams: list[StreamConfig]) -> dict[str, int]:
-    """Windows already captioned of the files that resume (they start the progress bars)."""
-    if not config.redis_url:
-        return {}
-    done = {}
-    with SlowFastClient(config.redis_url) as client:
-        for stream in streams:
-            with contextlib.suppress(ResumeRefused):  # refused before this; the run reports it
-                point = resume_point(client, stream, False, config)
-                if point is not None:
-                    done[stream.id] = point.next_window
-    return done
 
 
 @app.callback()
@@ -269,47 +216,37 @@ def run(
         fail("no streams: give --source URI or streams in the config file")
     beside = web_beside(web, no_web, web_token)
     preflight(config)  # before the log file and progress bars, so a bad setting prints its one line alone
-    prepare_resume(config, restart)
     try:
-        with run_log(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
+        for line in prepare_resume(config, restart):
+            console.print(line, markup=False, soft_wrap=True)
+    except ResumeRefused as exc:
+        fail(str(exc))
+    try:
+        with logging_to(config.out_dir / "slowfast.log"), stop_on_signals() as stop, file_progress(config) as on_caption:
             summaries = run_with_web(config, beside, stop=stop, on_event=console.print, on_caption=on_caption,
                                      check=False)
     except ConfigError as exc:
         fail(str(exc))
     print_summaries(summaries)
-    if summaries and all(s.get("state") == "failed" for s in summaries.values()):
+    if summaries and all(s.state == "failed" for s in summaries.values()):
         fail("every source failed (see the summary)", 1)
 
 
-def prepare_resume(config: PipelineConfig, restart: bool) -> None:
-    """--restart clears the streams' keys and files; otherwise a file whose id has captions of
-    another source or other window settings is refused here, before anything starts."""
-    if restart:
-        for stream in config.streams:
-            if config.redis_url:
-                console.print(restart_stream(config.redis_url, stream.id, config.out_dir), markup=False, soft_wrap=True)
-        return
-    if not config.redis_url:
-        return  # an embedded Redis starts empty: nothing to resume
-    with SlowFastClient(config.redis_url) as client:
-        for stream in config.streams:
-            try:
-                resume_point(client, stream, stream.is_live(), config)
-            except ResumeRefused as exc:
-                fail(str(exc))
-            except SourceError:
-                pass  # the run reports a source that cannot work, for that stream alone
-
-
-def print_summaries(summaries: dict[str, dict]) -> None:
-    """One row per stream of what a run did."""
+def print_summaries(summaries: dict[str, StreamSummary]) -> None:
+    """One row per stream of what a run did (the worker's counts blank where it could not say)."""
     table = Table("stream", "state", "frames in", "windows", "captioned", "skipped", "failed", "frames encoded",
                   "error", title="run summary")
     for sid, summary in summaries.items():
-        table.add_row(sid, str(summary.get("state", "")), *(str(summary.get(key, "")) for key in (
-            "frames_in", "windows", "windows_done", "windows_skipped", "windows_failed", "frames_encoded")),
-            summary.get("error") or "")
+        stats = summary.stats
+        counts = ("", "", "", "") if stats is None else (
+            stats.windows_done, stats.windows_skipped, stats.windows_failed, stats.frames_encoded)
+        table.add_row(sid, summary.state, str(summary.frames_in), str(summary.windows), *map(str, counts),
+                      summary.error or "")
     print_table(table)
+
+
+def format_caption(caption: Caption) -> str:
+    return f"{caption.stream} #{caption.window} [{caption.start:.2f}s-{caption.end:.2f}s] {caption.text}"
 
 
 @app.command()
@@ -466,34 +403,6 @@ def streams_remove(stream: str, redis_url: RedisUrl, timeout: float = 30.0) -> N
     console.print(f"removed {stream}")
 
 
-def stop_demo(client: SlowFastClient, camera: str, seconds: float, file: str, stop: threading.Event) -> None:
-    """Set `stop` once the camera has run `seconds` from its first frame (start-up not counted)
-    and the file is done."""
-    notes = client.notifications(camera, stop=stop)  # subscribed now, before the camera starts
-
-    def file_done() -> bool:
-        status = client.status(file)
-        return status is not None and status.state in (IngestState.ENDED, IngestState.FAILED)
-
-    def wait() -> None:
-        with contextlib.suppress(redis.exceptions.ConnectionError):  # Redis gone: the demo is over
-            wait_for_camera_and_file()
-
-    def wait_for_camera_and_file() -> None:
-        for note in notes:
-            status = client.status(camera) if note.kind == NotificationKind.STATUS else None
-            if status is not None and status.frames_in > 0:
-                break
-        if stop.wait(seconds):
-            return
-        while not file_done():
-            if stop.wait(0.5):
-                return
-        stop.set()
-
-    threading.Thread(target=wait, daemon=True).start()
-
-
 @app.command()
 @reports_errors
 def demo(
@@ -510,34 +419,28 @@ def demo(
     looping copy for `--seconds` from its first frame."""
     from connectors.embedded import EmbeddedRedis
 
+    from .demo import CAMERA_STREAM, DEMO_QUESTION, FILE_STREAM, demo_config, stop_demo
     from .demo_clip import RED_CIRCLE_SCENES, demo_scenes, write_clip
 
     beside = web_beside(web, no_web, web_token)
     with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis() as embedded:
         scenes = demo_scenes()
-        clip = write_clip(Path(tmp) / "clip.mp4", scenes)
-        question = StandingQuestion(id="red-circle", prompt="Is there a red circle?", trigger={"p_yes_above": 0.5})
         out = Path("out") / "demo"
-        config = load_config(
-            None, model=model, out_dir=out, window=window, stride=stride, redis_url=embedded.url,
-            streams=[StreamConfig(id="file", source=str(clip), live=False, standing_questions=[question]),
-                     StreamConfig(id="camera", source=f"loop://{clip}", live=True)],
-            generation={"max_new_tokens": 16},
-        )
+        config = demo_config(write_clip(Path(tmp) / "clip.mp4", scenes), model, out, window, stride, embedded.url)
         for index, scene in enumerate(scenes):
             console.print(f"scene {index} on screen: {scene.caption}", markup=False, highlight=False)
         try:
-            with run_log(out / "slowfast.log"), stop_on_signals() as stop:
-                stop_demo(SlowFastClient(embedded.url), "camera", seconds, "file", stop)
+            with logging_to(out / "slowfast.log"), stop_on_signals() as stop:
+                stop_demo(SlowFastClient(embedded.url), CAMERA_STREAM, seconds, FILE_STREAM, stop)
                 with file_progress(config) as on_caption:
                     summaries = run_with_web(config, beside, stop=stop, on_event=console.print,
                                              on_caption=on_caption)
         except ConfigError as exc:
             fail(str(exc))
         print_summaries(summaries)
-        fired = sorted(event.window for event in SlowFastClient(embedded.url).events("file"))
-        console.print(f"'{question.prompt}' fired on file windows {fired}; a red circle is on screen in "
+        fired = sorted(event.window for event in SlowFastClient(embedded.url).events(FILE_STREAM))
+        console.print(f"'{DEMO_QUESTION.prompt}' fired on file windows {fired}; a red circle is on screen in "
                       f"scenes {list(RED_CIRCLE_SCENES)} (with --window 16 --stride 16 window i is scene i)")
-        console.print(f"file captions: {out / 'file' / 'captions.jsonl'} and captions.vtt")
+        console.print(f"file captions: {out / FILE_STREAM / 'captions.jsonl'} and captions.vtt")
         if beside is not None and beside.url:
             console.print(f"web page (served while the demo ran): {beside.url}", markup=False, highlight=False)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.validation import describe_validation_error
@@ -141,10 +140,6 @@ class PipelineConfig(BaseSettings):
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="extra Ray resources each model worker requires (hard)"
     )
-
-    # Test-only, not a setting: a callable that wraps the model each worker loads, so tests can
-    # make it slow or fail on purpose. Private: YAML, SLOWFAST_* variables and flags cannot set it.
-    _test_model_wrapper: Callable[[Any], Any] | None = PrivateAttr(default=None)
 
     @field_validator("stride")
     @classmethod

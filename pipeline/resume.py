@@ -12,9 +12,12 @@ from pathlib import Path
 
 from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
-from connectors.sources import redact_uri
+from connectors.redis_schema import SummaryKind, window_entry_id
+from connectors.sources import SourceError, redact_uri
 
 from .config import PipelineConfig, StreamConfig
+from .engine import EarlierOutputs
+from .summaries import MAX_PENDING_FACTOR, default_summary_every
 
 OUTPUT_FILES = ("captions.jsonl", "captions.vtt", "summary.md")
 
@@ -72,3 +75,44 @@ def restart_stream(redis_url: str, stream_id: str, out_dir: Path) -> str:
             removed.append(name)
     files = ", ".join(removed) if removed else "no files"
     return f"restart: cleared stream {stream_id} ({keys} Redis keys; {files})"
+
+
+def summary_every(stream: StreamConfig, config: PipelineConfig) -> int:
+    """Windows per rolling summary of the stream (0: none)."""
+    every = stream.summary_every_n_windows
+    return default_summary_every(config.window, config.stride, config.fps) if every is None else every
+
+
+def earlier_outputs(config: PipelineConfig, stream: str, run: int, live: bool, every: int) -> EarlierOutputs:
+    """What a stream continuing its run (a restarted worker, a resumed file) already has in
+    Redis: a file's captions of this run, in window order, for its files; its rolling
+    summaries so far and the captions after the last one."""
+    with SlowFastClient(config.redis_url) as client:
+        def this_run(captions):
+            return [c for c in captions if c.run == run]
+
+        captions = [] if live else this_run(client.history(stream, since=f"{run - 1}-0", count=config.history_len))
+        if not every:
+            return EarlierOutputs(captions=captions)
+        done = [s for s in client.summaries(stream, count=config.history_len)
+                if s.run == run and s.kind == SummaryKind.ROLLING]
+        after = window_entry_id(run, done[-1].last_window) if done else f"{run - 1}-0"
+        since = this_run(client.history(stream, since=after, count=MAX_PENDING_FACTOR * every + 16))
+    return EarlierOutputs(captions=captions, summaries=done, since_summary=since)
+
+
+def prepare_resume(config: PipelineConfig, restart: bool) -> list[str]:
+    """Before a run starts: with `restart`, clear the streams' keys and files (returns what went,
+    a line per stream); otherwise refuse (ResumeRefused) a file whose id has captions of another
+    source or other window settings."""
+    if restart:
+        return [restart_stream(config.redis_url, s.id, config.out_dir) for s in config.streams if config.redis_url]
+    if not config.redis_url:
+        return []  # an embedded Redis starts empty: nothing to resume
+    with SlowFastClient(config.redis_url) as client:
+        for stream in config.streams:
+            try:
+                resume_point(client, stream, stream.is_live(), config)
+            except SourceError:
+                pass  # the run reports a source that cannot work, for that stream alone
+    return []

@@ -102,6 +102,13 @@ class RollingSummaries:
     in_flight: SummaryTask | None = None
     skipped: int = 0  # due summaries that had no room (live streams): their captions roll into the next
 
+    @classmethod
+    def resumed(cls, stream: str, run: int, every_n_windows: int, done: Sequence[Summary],
+                since: Sequence[Caption]) -> RollingSummaries:
+        """A stream continuing its run: its summaries so far and the captions after the last one."""
+        return cls(stream, run, every_n_windows, pending=list(since), previous=done[-1] if done else None,
+                   done=list(done))
+
     def add_caption(self, caption: Caption) -> None:
         self.pending.append(caption)
         # A live stream whose summaries keep finding no room: keep the newest captions only.
@@ -121,9 +128,14 @@ class RollingSummaries:
         )
         return self.in_flight
 
+    def abandon(self) -> None:
+        """The in-flight task did not complete (its model call failed, or it is redone at the
+        end of a file): its captions stay pending."""
+        self.in_flight = None
+
     def skip(self) -> None:
         """The in-flight task will not run: its captions stay pending for the next one."""
-        self.in_flight = None
+        self.abandon()
         self.skipped += 1
 
     def complete(self, text: str) -> Summary:

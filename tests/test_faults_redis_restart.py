@@ -90,8 +90,8 @@ def test_run_survives_redis_killed_and_restarted(persistent, ray_session, tiny_m
         expected = expected_windows(round(FILE_SECONDS * FPS), WINDOW, STRIDE)
         jsonl = [json.loads(line)["window"] for line in (tmp_path / "file" / "captions.jsonl").read_text().splitlines()]
         assert jsonl == list(range(expected))
-        assert result["file"]["state"] == "ended" and result["file"]["windows_done"] == expected
-        assert result["cam"]["state"] == "stopped"
+        assert result["file"].state == "ended" and result["file"].stats.windows_done == expected
+        assert result["cam"].state == "stopped"
         file_captions = captions_in(r, "file")
         # The premise: file windows were captioned while Redis was down, and reached it afterwards.
         assert any(killed_at < c.created_at < restarted_at for c in file_captions)

@@ -208,7 +208,7 @@ def test_a_busy_metrics_port_stops_the_run_if_chosen_and_gives_way_if_default():
     import socket
 
     from pipeline.config import ConfigError, load_config
-    from pipeline.runner import local_metrics_port
+    from pipeline.startup import local_metrics_port
 
     with socket.socket() as held:
         held.bind(("0.0.0.0", 0))

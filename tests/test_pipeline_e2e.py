@@ -24,7 +24,7 @@ from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
 from tests.support.media import cfr_times, make_clip
-from tests.support.model_faults import HoldEachBatch, HoldWhileFileExists
+from tests.support.model_faults import HoldEachBatch, HoldWhileFileExists, worker_with
 
 WINDOW, STRIDE, FPS = 8, 4, 4.0
 PROMPT = "Please describe this video in detail."
@@ -51,10 +51,10 @@ def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
 class BackgroundRun:
     """run_pipeline in a thread, as `slowfast run` does in its main thread; collects its events."""
 
-    def __init__(self, config):
+    def __init__(self, config, **options):
         self.stop, self.events, self.result = threading.Event(), [], {}
         self.thread = threading.Thread(target=lambda: self.result.update(
-            run_pipeline(config, stop=self.stop, on_event=self.events.append)))
+            run_pipeline(config, stop=self.stop, on_event=self.events.append, **options)))
         self.thread.start()
 
     def finish(self, stop: bool = True, timeout: float = 120) -> dict:
@@ -84,15 +84,15 @@ def test_file_windows_captions_and_outputs_are_exact(
         file_windows_in_flight=1,
     )
     summaries = run_pipeline(config, on_event=lambda line: None)
-    assert summaries["clip"]["state"] == "ended"
+    assert summaries["clip"].state == "ended"
 
     with open_source(str(long_clip), fps=FPS, size=576) as source:
         frames = list(source)
     count = expected_windows(len(frames), window, stride)
-    assert len(frames) == 96 and count == 3 and summaries["clip"]["windows"] == count
+    assert len(frames) == 96 and count == 3 and summaries["clip"].windows == count
     # 3 windows of 64 frames over 96 frames: each frame encoded once, the ring bounded by the window
-    assert summaries["clip"]["frames_encoded"] == 96
-    assert summaries["clip"]["ring_size"] <= window
+    assert summaries["clip"].stats.frames_encoded == 96
+    assert summaries["clip"].stats.ring_size <= window
 
     history = SlowFastClient(redis_url).history("clip", count=100)
     assert [c.window for c in history] == list(range(count))
@@ -125,8 +125,8 @@ def test_a_broken_stream_does_not_stop_the_others(ray_session, redis_url, tiny_m
         {"id": "good", "source": str(clip)},
     ])
     summaries = run_pipeline(config, on_event=lambda line: None)
-    assert summaries["missing"]["state"] == "failed" and "file not found" in summaries["missing"]["error"]
-    assert summaries["good"]["state"] == "ended" and summaries["good"]["windows"] == 9
+    assert summaries["missing"].state == "failed" and "file not found" in summaries["missing"].error
+    assert summaries["good"].state == "ended" and summaries["good"].windows == 9
     assert "file not found" in SlowFastClient(redis_url).status("missing").last_error
 
 
@@ -157,7 +157,7 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
             client.ask("ghost", "Anything?", timeout=30)
     finally:
         result = run.finish()
-    assert result["cam"]["state"] == "stopped"
+    assert result["cam"].state == "stopped"
     assert client.status("cam").windows_done >= 1
 
 
@@ -169,24 +169,23 @@ def test_live_stream_that_outruns_the_worker_skips_stale_windows(ray_session, re
         None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path, window=WINDOW, stride=1, fps=16.0,
         streams=[{"id": "fast", "source": f"loop://{clip}", "live": True}], generation={"max_new_tokens": 4},
     )
-    config._test_model_wrapper = HoldEachBatch(1.0)
-    run = BackgroundRun(config)
+    run = BackgroundRun(config, worker_class=worker_with(HoldEachBatch(1.0)))
     client = SlowFastClient(redis_url)
     try:  # a window done, and more than one batch's worth of windows emitted since
         wait_until(lambda: (s := client.status("fast")) is not None and s.windows_done >= 2
                    and s.windows_skipped >= 1, timeout=120)
     finally:
         summary = run.finish()["fast"]
-    assert summary["windows_skipped"] > 0 and summary["windows_done"] > 0
-    assert summary["windows_done"] + summary["windows_skipped"] <= summary["windows"]
-    assert summary["windows_failed"] == 0
-    assert summary["ring_size"] <= WINDOW  # features of frames that slid out are released
+    assert summary.stats.windows_skipped > 0 and summary.stats.windows_done > 0
+    assert summary.stats.windows_done + summary.stats.windows_skipped <= summary.windows
+    assert summary.stats.windows_failed == 0
+    assert summary.stats.ring_size <= WINDOW  # features of frames that slid out are released
     windows = [c.window for c in client.history("fast", count=1000)]
-    assert windows == sorted(windows) and len(windows) == summary["windows_done"]
+    assert windows == sorted(windows) and len(windows) == summary.stats.windows_done
     status = client.status("fast")
-    assert status.windows_skipped == summary["windows_skipped"]
+    assert status.windows_skipped == summary.stats.windows_skipped
     # frames of skipped windows that no processed window covered never reach the model
-    assert status.frames_dropped > 0 and summary["frames_encoded"] + status.frames_dropped <= summary["frames_in"]
+    assert status.frames_dropped > 0 and summary.stats.frames_encoded + status.frames_dropped <= summary.frames_in
 
 
 def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
@@ -220,7 +219,7 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
             client.remove_stream("cam", timeout=30)
     finally:
         result = run.finish()
-    assert result["yard"]["windows"] == 9 and "cam" not in result
+    assert result["yard"].windows == 9 and "cam" not in result
 
 
 @pytest.mark.parametrize("actor", ["worker:0", "ingest:long"])
@@ -255,13 +254,12 @@ def test_a_window_whose_frames_died_with_their_ingest_actor_is_captioned_once_af
                              file_windows_in_flight=1)
     gate = tmp_path / "hold"
     gate.touch()
-    config._test_model_wrapper = HoldWhileFileExists(gate)
-    run = BackgroundRun(config)
+    run = BackgroundRun(config, worker_class=worker_with(HoldWhileFileExists(gate)))
     client = SlowFastClient(redis_url)
 
     def queued() -> int:
         try:
-            return ray.get(ray.get_actor("worker:0").stats.remote())["long"]["queued"]
+            return ray.get(ray.get_actor("worker:0").stats.remote())["long"].queued
         except (ValueError, KeyError):  # not started yet
             return 0
 
@@ -314,9 +312,9 @@ def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
 ):
     """2 CPUs: the CPU model worker takes 1 and the first camera 0.75; the second camera cannot
     be placed. It is reported in its status, the first camera is captioned, and stop is prompt."""
-    import pipeline.runner as runner_module
+    import pipeline.running as running_module
 
-    monkeypatch.setattr(runner_module, "PLACEMENT_WARN_S", 1.0)
+    monkeypatch.setattr(running_module, "PLACEMENT_WARN_S", 1.0)
     streams = [{"id": "placed", "source": f"loop://{clip}"}, {"id": "unplaced", "source": f"loop://{clip}"}]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams, ingest_cpus=0.75)
     run = BackgroundRun(config)
@@ -330,7 +328,7 @@ def test_a_stream_the_cluster_cannot_place_is_reported_not_waited_on(
         stopped_at = time.time()
         result = run.finish()
     assert time.time() - stopped_at < 60  # bounds a wait for a placement that never comes, not speed
-    assert result["placed"]["state"] == "stopped" and result["unplaced"]["state"] == "not finished"
+    assert result["placed"].state == "stopped" and result["unplaced"].state == "not finished"
 
 
 def plasma_usage(gcs_address: str) -> tuple[int, int]:
@@ -385,7 +383,7 @@ def test_long_looping_run_keeps_object_store_flat_and_exports_metrics(
     assert frames_after - frames_before >= 120  # the camera kept running meanwhile
     assert objects_after <= objects_before + 2 * WINDOW, (objects_before, objects_after)
     assert mib_after <= mib_before + 2 * WINDOW, (mib_before, mib_after)
-    assert result["loop"]["ring_size"] <= WINDOW
+    assert result["loop"].stats.ring_size <= WINDOW
     assert metrics["slowfast_frames_in_total"] >= frames_before
     assert metrics["slowfast_windows_done_total"] >= 1
     assert metrics["slowfast_window_latency_s_count"] >= 1 and "slowfast_queue_depth" in metrics

@@ -1,6 +1,6 @@
 """Faults caused for real, on real Ray, Redis, an RTSP server and the tiny model: a model that
-raises on some windows, a camera that drops and comes back, a camera refused at start, and
-more streams than the cluster has cores for at once."""
+raises on some windows, a damaged recording, a camera that drops and comes back, a camera
+refused at start, and more streams than the cluster has cores for at once."""
 
 from __future__ import annotations
 
@@ -11,11 +11,26 @@ import pytest
 
 from connectors.client import SlowFastClient
 from connectors.redis_schema import IngestState
-from tests.support.media import cfr_times, free_port, make_clip
-from tests.support.model_faults import FailOnPrompt
+from tests.support.media import cfr_times, damage, free_port, make_clip
+from tests.support.model_faults import FailOnPrompt, worker_with
 from tests.test_pipeline_e2e import BackgroundRun, clip, pipeline_config, wait_until  # noqa: F401 - clip: a fixture
 
 FAILING_PROMPT = "Fail on this window."
+
+
+def test_a_damaged_recordings_corrupt_frames_are_counted_apart_from_dropped_ones(
+    ray_session, redis_url, tiny_model_dir, tmp_path
+):
+    """20 KB of noise in the middle of a recording: the decoder skips what it cannot use and the
+    status counts it in `frames_corrupt`; `frames_dropped` stays for frames no processed window
+    covered, none in a file (its windows are never skipped)."""
+    clean = make_clip(tmp_path / "clean.ts", cfr_times(30, 10)).path
+    corrupt = damage(clean, tmp_path / "corrupt.ts", garbage=(0.5, 20_000))
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [{"id": "damaged", "source": str(corrupt)}])
+    summary = BackgroundRun(config).finish(stop=False, timeout=240)["damaged"]
+    assert summary.state == "ended" and summary.stats.windows_done == summary.windows > 0
+    status = SlowFastClient(redis_url).status("damaged")
+    assert status.frames_corrupt >= 1 and status.frames_dropped == 0
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +49,10 @@ def test_a_window_the_model_fails_on_is_retried_then_recorded_as_failed(
     streams = [{"id": "file", "source": str(clip), "standing_questions": [
         {"id": "boom", "prompt": FAILING_PROMPT, "every_n_windows": 4}]}]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams)
-    config._test_model_wrapper = FailOnPrompt(FAILING_PROMPT)
-    run = BackgroundRun(config)
+    run = BackgroundRun(config, worker_class=worker_with(FailOnPrompt(FAILING_PROMPT)))
     summary = run.finish(stop=False, timeout=240)["file"]
-    assert summary["state"] == "ended" and summary["windows"] == 9
-    assert (summary["windows_done"], summary["windows_failed"], summary["windows_skipped"]) == (6, 3, 0)
+    assert summary.state == "ended" and summary.windows == 9
+    assert (summary.stats.windows_done, summary.stats.windows_failed, summary.stats.windows_skipped) == (6, 3, 0)
 
     client = SlowFastClient(redis_url)
     status = client.status("file")
@@ -126,7 +140,7 @@ def test_camera_health_follows_outages_and_a_camera_refused_at_start(
         assert client.status("late").last_error is None
     finally:
         summaries = run.finish()
-    assert summaries["cam"]["state"] == "stopped" and summaries["late"]["state"] == "stopped"
+    assert summaries["cam"].state == "stopped" and summaries["late"].state == "stopped"
 
 
 def test_more_file_streams_than_the_cluster_has_room_for_all_run(ray_session, redis_url, tiny_model_dir, tmp_path):
@@ -155,7 +169,7 @@ def test_more_file_streams_than_the_cluster_has_room_for_all_run(ray_session, re
         assert {s.id for s in client.streams()} >= set(ids)
     finally:
         summaries = run.finish()
-    assert all(summaries[sid]["state"] == "ended" and summaries[sid]["windows_done"] == 1 for sid in ids)
+    assert all(summaries[sid].state == "ended" and summaries[sid].stats.windows_done == 1 for sid in ids)
 
 
 def _actor_alive(ray, name: str) -> bool:

@@ -42,7 +42,7 @@ def test_file_gets_rolling_summaries_every_n_windows_and_a_complete_final_summar
     result = run_pipeline(config_for(redis_url, tiny_model_dir, tmp_path, clip, summary_every_n_windows=every),
                           on_event=lambda _: None)
     total = expected_windows(48, WINDOW, STRIDE)
-    assert result["film"]["windows_done"] == total == 11
+    assert result["film"].stats.windows_done == total == 11
 
     client = SlowFastClient(redis_url)
     captions = {c.window: c for c in client.history("film", count=100)}

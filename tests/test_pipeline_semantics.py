@@ -27,7 +27,7 @@ def test_captions_and_events_follow_the_scenes(ray_session, redis_url, tmp_path)
     )
     events: list[str] = []
     summaries = run_pipeline(config, on_event=events.append)
-    assert summaries["scenes"]["state"] == "ended"
+    assert summaries["scenes"].state == "ended"
     assert sum(MARKER in line for line in events) == 1
 
     client = SlowFastClient(redis_url)

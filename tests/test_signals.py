@@ -81,7 +81,7 @@ def run_args(clip: Path, tmp_path: Path, model: Path, redis_url: str | None = No
 
 
 def test_sigint_and_sigterm_set_the_stop_event_in_process():
-    from pipeline.runner import stop_on_signals
+    from pipeline.signals import stop_on_signals
 
     # What was there before, not Python's default: a shell starting the tests in the
     # background hands them SIGINT ignored.

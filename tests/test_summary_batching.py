@@ -12,8 +12,8 @@ import pytest
 from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
 from connectors.redis_schema import SummaryKind
-from pipeline.config import GenerationConfig, StreamConfig
-from pipeline.processor import WindowProcessor
+from pipeline.config import StreamConfig, load_config
+from pipeline.engine import Engine
 from pipeline.window import FrameRef, Window
 from tests.support.random_model import random_frames
 
@@ -43,26 +43,32 @@ class CountingModel:
 
 def run_batches(tiny_vlm, redis_url, batch_size: int, summary_every: int, rounds: int = 4):
     model = CountingModel(tiny_vlm)
-    processor = WindowProcessor(model, Publisher(redis_url), GenerationConfig(max_new_tokens=3), batch_size,
-                                fetch_frames=lambda refs: [f.ref for f in refs], model_name="tiny")
-    for seed, sid in enumerate(STREAMS):
-        processor.add_stream(StreamConfig(id=sid, source=f"rtsp://cam/{sid}", live=True), run=1, files=None,
-                             summary_every=summary_every)
+    config = load_config(None, redis_url=redis_url, window=WINDOW, stride=STRIDE, batch_size=batch_size,
+                         generation={"max_new_tokens": 3})
+    engine = Engine(config, model, Publisher(redis_url), fetch_frames=lambda refs: [f.ref for f in refs],
+                    model_name="tiny")
+    for sid in STREAMS:
+        engine.add_stream(StreamConfig(id=sid, source=f"rtsp://cam/{sid}"), run=1, live=True,
+                          summary_every=summary_every)
     windows = {sid: windows_of(sid, rounds, seed) for seed, sid in enumerate(STREAMS)}
     captioned = []
     for k in range(rounds):  # each batch: the newest window of every camera, as the worker takes them
-        captioned += [(c.stream, c.window) for c in processor.process([windows[sid][k] for sid in STREAMS])]
-    return processor, model.calls, captioned
+        for sid in STREAMS:
+            engine.submit(windows[sid][k], (sid, k))
+        step = engine.step()
+        captioned += [r.token for r in step.resolutions]
+        assert engine.step() is None
+    return engine, model.calls, captioned
 
 
 @pytest.mark.parametrize("batch_size", [2, 3])
 def test_summaries_never_take_a_windows_place_or_add_a_model_call(tiny_vlm, redis_url, batch_size):
     _, plain_calls, plain = run_batches(tiny_vlm, redis_url, batch_size, summary_every=0)
-    processor, calls, captioned = run_batches(tiny_vlm, redis_url, batch_size, summary_every=1)
+    engine, calls, captioned = run_batches(tiny_vlm, redis_url, batch_size, summary_every=1)
     assert captioned == plain  # the same windows, captioned in the same batches
     assert len(calls) == len(plain_calls)  # summaries join the caption call, never one of their own
     assert all(call.count("VideoQuery") == 2 and len(call) <= batch_size for call in calls)
-    states = [processor.streams[sid].summaries for sid in STREAMS]
+    states = [engine.outputs.streams[sid].summaries for sid in STREAMS]
     client = SlowFastClient(redis_url)
     if batch_size == 2:  # full batches: every due summary is skipped and counted, captions roll over
         assert all(call == ["VideoQuery", "VideoQuery"] for call in calls)

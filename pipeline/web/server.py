@@ -7,7 +7,7 @@ import ipaddress
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -154,3 +154,21 @@ def serving(redis_url: str, address: str | None, token: str | None = None) -> It
         yield server
     finally:
         server.stop()
+
+
+def web_beside(address: str | None, token: str | None, on_url: Callable[[str], None]):
+    """The `beside` context of run_pipeline serving the web page while the run lasts; its
+    `url` attribute is the page's address once served. A bad address or a missing token
+    raises WebError here, before anything starts."""
+    if address is not None:
+        check_token(parse_address(address)[0], token)
+
+    @contextlib.contextmanager
+    def beside(redis_url: str) -> Iterator[None]:
+        with serving(redis_url, address, token) as server:
+            on_url(server.url)
+            beside.url = server.url
+            yield
+
+    beside.url = None
+    return beside

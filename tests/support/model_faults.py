@@ -1,8 +1,9 @@
 """Test-only model wrappers that make a worker's model slow or failing on purpose.
 
-Set one on a config with `config._test_model_wrapper = HoldEachBatch(1.0)`: each model worker
-wraps the model it loads, so tests control timing and faults instead of hoping the machine is
-fast or slow. Not a setting: YAML, SLOWFAST_* variables and CLI flags cannot reach it.
+`run_pipeline(config, worker_class=worker_with(HoldEachBatch(1.0)))`: each model worker wraps
+the model it loads, so tests control timing and faults instead of hoping the machine is fast
+or slow. The wrappers live here, in the tests; the pipeline only lets a worker subclass load
+its model its own way.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipeline.actors import ModelWorker
 
 __all__: list[str] = []  # helpers only (tests/conftest.py star-imports fixture modules)
 
@@ -74,3 +77,14 @@ class HoldWhileFileExists:
             return inner.generate(queries, **kwargs)
 
         return _Wrapped(model, generate)
+
+
+def worker_with(wrap) -> type[ModelWorker]:
+    """A model worker class whose model is `wrap(the model it loads)`."""
+
+    class WrappedModelWorker(ModelWorker):
+        @staticmethod
+        def load_model(config, model_path):
+            return wrap(ModelWorker.load_model(config, model_path))
+
+    return WrappedModelWorker

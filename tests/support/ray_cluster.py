@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import ray
 
-from pipeline.runner import LOCAL_RAY_SYSTEM_CONFIG
+from pipeline.ray_session import LOCAL_RAY_SYSTEM_CONFIG
 
 
 @pytest.fixture(scope="session")

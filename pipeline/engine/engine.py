@@ -1,0 +1,269 @@
+"""The engine a model worker runs: the scheduler decides what runs and what becomes of each
+window, the model runner does the model work, the output processor publishes. No Ray.
+
+Thread-safety: `submit`, `ingest_report` and the stats take a short lock and may run beside
+a `step()` that is inside its model call; everything that calls the model (`step`,
+`answer`) or changes the set of streams takes the model lock, one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from connectors.publisher import Publisher
+from connectors.redis_schema import Answer, Question, QuestionKind, StreamStatus
+from model import SlowFastVLM, TextQuery
+
+from ..config import PipelineConfig, StreamConfig
+from ..messages import IngestReport, StreamStats
+from ..outputs import CaptionFiles
+from ..rates import RateMeter
+from ..scheduler import Batch, Outcome, Policy, Resolution, Scheduler
+from ..summaries import RollingSummaries
+from ..window import FramesLost, Window
+from .model_runner import FrameFetcher, ModelRunner
+from .output_processor import OutputProcessor, error_answer
+
+log = logging.getLogger("slowfast.pipeline")
+
+
+@dataclass(frozen=True)
+class EarlierOutputs:
+    """What a stream continuing its run already has in Redis (a restarted worker, a resumed file)."""
+
+    captions: Sequence[Any] = ()  # every caption of the run, for the files
+    summaries: Sequence[Any] = ()  # its rolling summaries so far
+    since_summary: Sequence[Any] = ()  # the captions after the last of them
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step decided: the outcome of each window it settled, and the windows it ran."""
+
+    resolutions: list[Resolution]
+    windows: list[Window] = field(default_factory=list)
+
+    @property
+    def streams(self) -> set[str]:
+        return {w.stream for w in self.windows} | {r.item.lane for r in self.resolutions if r.item is not None}
+
+
+class Engine:
+    def __init__(self, config: PipelineConfig, vlm: SlowFastVLM, publisher: Publisher, fetch_frames: FrameFetcher,
+                 model_name: str):
+        self.config, self.publisher, self.fetch_frames = config, publisher, fetch_frames
+        self.scheduler = Scheduler(config.batch_size)
+        self.runner = ModelRunner(vlm, config.generation, config.batch_size, fetch_frames)
+        self.outputs = OutputProcessor(publisher, model_name, self._picture)
+        self.reports: dict[str, IngestReport] = {}
+        self.fps_out: dict[str, RateMeter] = {}
+        self.files_ended: deque[str] = deque()  # files whose final summary is still to write
+        self._lock = threading.Lock()  # scheduler, reports: held briefly, never across a model call
+        self._model_lock = threading.Lock()  # the model and the set of streams: one at a time
+
+    # ---- streams -------------------------------------------------------------------
+    def add_stream(self, stream: StreamConfig, run: int, live: bool, summary_every: int, next_window: int = 0,
+                   earlier: EarlierOutputs = EarlierOutputs()) -> None:
+        """Take a stream; `next_window` > 0 continues its numbering (files append)."""
+        stream = stream.model_copy(update={"live": live})
+        files = None
+        if not live:
+            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, earlier.captions)
+        summaries = None
+        if summary_every:
+            summaries = RollingSummaries.resumed(stream.id, run, summary_every, earlier.summaries, earlier.since_summary)
+        with self._model_lock, self._lock:
+            self.runner.add_stream(stream)
+            self.outputs.add_stream(stream, run, files, summaries)
+            self.scheduler.add_lane(stream.id, Policy.NEWEST if live else Policy.ORDERED, next_window)
+            self.fps_out[stream.id] = RateMeter()
+
+    def remove_stream(self, stream: str) -> list[Resolution]:
+        """Drop a stream (after its running batch): its waiting windows resolve REMOVED."""
+        with self._model_lock, self._lock:
+            resolutions = self.scheduler.remove_lane(stream)
+            self.runner.remove_stream(stream)
+            self.outputs.remove_stream(stream)
+            self.reports.pop(stream, None)
+            self.fps_out.pop(stream, None)
+            if stream in self.files_ended:
+                self.files_ended.remove(stream)
+        return resolutions
+
+    @property
+    def stream_count(self) -> int:
+        return len(self.scheduler.lanes)
+
+    def resume_point(self, stream: str) -> int | None:
+        """For a (re)starting source: forget its frames (numbering restarts with the source) and
+        return the next window number to use; None if the stream is not this engine's."""
+        with self._lock:
+            ring = self.runner.rings.get(stream)
+            if ring is None:
+                return None
+            ring.restart()
+            return self.scheduler.next_seq(stream)
+
+    # ---- work ----------------------------------------------------------------------------
+    def submit(self, window: Window, token: Any) -> list[Resolution]:
+        """Offer a window; `token` resolves (via a later Resolution) once it is decided."""
+        with self._lock:
+            return self.scheduler.submit(window.stream, window.seq, window, token)
+
+    def ingest_report(self, stream: str, report: IngestReport) -> None:
+        with self._lock:
+            if stream not in self.scheduler.lanes:
+                return
+            self.reports[stream] = report
+            if report.file_ended and stream not in self.files_ended:
+                self.files_ended.append(stream)  # every window is done: summarise the file
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle and not self.files_ended
+
+    def step(self) -> StepResult | None:
+        """Run the next batch, or else one model call towards a file's final summary. None
+        when there is nothing to do."""
+        with self._lock:
+            batch = self.scheduler.next_batch()
+        if batch is None:
+            return self._final_summary_step()
+        with self._model_lock:
+            lost, error = self._run(batch)
+        with self._lock:
+            if lost is not None:
+                resolutions = self.scheduler.frames_lost(batch, lost, error)
+            else:
+                resolutions = self.scheduler.finished(batch, error)
+        for resolution in resolutions:
+            if resolution.outcome is Outcome.FAILED:
+                self.outputs.window_failed(resolution.item.payload, resolution.error)
+        return StepResult(resolutions, batch.payloads)
+
+    def _run(self, batch: Batch) -> tuple[Any, str | None]:
+        """Model call and outputs for a batch: (the item whose frames are gone, error) on failure."""
+        windows = [w for w in batch.payloads if w.stream in self.runner.streams]
+        due = sum(len(self.runner.queries_due(w)) for w in windows)
+        summary_tasks = self.outputs.due_summaries(room=self.config.batch_size - due)
+        try:
+            replies, summary_replies = self.runner.run_windows(windows, [t.prompt for t in summary_tasks])
+        except FramesLost as exc:  # not the model's fault: the scheduler re-queues or drops it
+            self.outputs.summaries_abandoned(summary_tasks)
+            log.warning("window %d of %s: %s", exc.window.seq, exc.window.stream, exc)
+            return next(i for i in batch.items if i.payload is exc.window), str(exc)
+        except Exception as exc:  # one bad batch must not stop the worker: retried, then failed
+            self.outputs.summaries_abandoned(summary_tasks)
+            log.exception("processing failed for windows %s", [(w.stream, w.seq) for w in windows])
+            return None, f"{type(exc).__name__}: {exc}"
+        try:
+            self.outputs.summaries_done(summary_tasks, [r.text for r in summary_replies])
+            for window_replies in replies:
+                self.outputs.window_done(window_replies)
+                self.runner.remember_latest(window_replies)
+        except Exception as exc:
+            log.exception("publishing failed for windows %s", [(w.stream, w.seq) for w in windows])
+            return None, f"{type(exc).__name__}: {exc}"
+        return None, None
+
+    def _final_summary_step(self) -> StepResult | None:
+        if not self.files_ended:
+            return None
+        stream = self.files_ended[0]
+        with self._model_lock:
+            try:
+                tasks = self.outputs.final_summary_tasks(stream)
+                if tasks:
+                    replies = self.runner.run([TextQuery(t.prompt) for t in tasks])
+                    self.outputs.final_summary_results(stream, tasks, [r.text for r in replies])
+            except Exception:  # the captions are done; a failed summary must not stop the worker
+                log.exception("final summary of %s failed", stream)
+                tasks = []
+        if not tasks:
+            with self._lock:
+                if self.files_ended and self.files_ended[0] == stream:
+                    self.files_ended.popleft()
+        return StepResult([])
+
+    def _picture(self, window: Window):
+        """The window's last frame, or None if it is gone (its ingest actor died after the
+        frame was encoded): a window is never lost for want of its picture."""
+        try:
+            (image,) = self.fetch_frames(window.frames[-1:])
+        except FramesLost as exc:
+            log.warning("window %d of %s published without a picture: %s", window.seq, window.stream, exc)
+            return None
+        return image
+
+    # ---- ad-hoc questions ------------------------------------------------------------------
+    def answer(self, question: Question) -> Answer:
+        """Answer on the stream's latest window, or an error reply saying why not."""
+        with self._model_lock:
+            if question.stream not in self.runner.streams:
+                return error_answer(question, f"stream {question.stream!r} is not running")
+            latest = self.runner.rings[question.stream].latest
+            if latest is None:
+                return error_answer(question, f"stream {question.stream!r} has no window yet")
+            window, features = latest
+            try:
+                reply = self.runner.ask(features, question.text)
+            except ValueError as exc:  # ModelInputError: the question itself is unusable
+                return error_answer(question, str(exc), window)
+        return self.outputs.adhoc_answer(question, window, reply, with_probability=question.kind == QuestionKind.YESNO)
+
+    # ---- what it reports -----------------------------------------------------------------------
+    def stats(self, stream: str) -> StreamStats | None:
+        with self._lock:
+            counts, ring = self.scheduler.counts(stream), self.runner.rings.get(stream)
+            outputs = self.outputs.streams.get(stream)
+            if counts is None or ring is None or outputs is None:
+                return None
+            summaries = outputs.summaries
+            return StreamStats(
+                frames_encoded=ring.frames_encoded, ring_size=len(ring.features), frames_dropped=ring.frames_dropped,
+                windows_done=counts.done, windows_skipped=counts.skipped, windows_failed=counts.failed,
+                queued=self.scheduler.waiting(stream), summaries=len(summaries.done) if summaries else 0,
+                summaries_skipped=summaries.skipped if summaries else 0,
+            )
+
+    def all_stats(self) -> dict[str, StreamStats]:
+        return {sid: stats for sid in list(self.scheduler.lanes) if (stats := self.stats(sid)) is not None}
+
+    def status(self, stream: str) -> StreamStatus | None:
+        """The stream's status as published: the ingest's report with the engine's counts; None
+        until the ingest has reported."""
+        stats, report = self.stats(stream), self.reports.get(stream)
+        counts = self.scheduler.counts(stream)
+        ring, outputs = self.runner.rings.get(stream), self.outputs.streams.get(stream)
+        if stats is None or report is None or counts is None or ring is None or outputs is None:
+            return None
+        error, error_at = report.last_error, report.last_error_at
+        if error is None and counts.last_error is not None:
+            error, error_at = counts.last_error, counts.last_error_at
+        latest = ring.latest
+        return StreamStatus(
+            stream=stream, state=report.state, frames_in=report.frames_in, fps_in=report.fps_in,
+            fps_out=self.fps_out[stream].update(stats.frames_encoded), frames_dropped=stats.frames_dropped,
+            frames_corrupt=report.frames_corrupt, windows_emitted=report.windows_emitted,
+            windows_done=stats.windows_done, windows_skipped=stats.windows_skipped,
+            windows_failed=stats.windows_failed, reconnects=report.reconnects, latency_s=outputs.latency_s,
+            last_error=error, last_error_at=error_at,
+            lag_s=max(0.0, time.time() - latest[0].wall_end) if latest and report.live else 0.0,
+            summaries_skipped=stats.summaries_skipped,
+        )
+
+    def publish_status(self, stream: str) -> None:
+        status = self.status(stream)
+        if status is not None:
+            self.publisher.publish_status(status)
+
+    def flush(self) -> bool:
+        """Try to hand the publisher's offline buffer to Redis; True when it is empty."""
+        return self.publisher.flush()

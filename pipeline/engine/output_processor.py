@@ -1,0 +1,199 @@
+"""The output side of the engine: model replies become `Caption`, `Answer`, `Event` and
+`Summary` records (built here and nowhere else), published to Redis one transaction per
+window, written to a file stream's files, and fed to its rolling and final summaries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from connectors.publisher import Publisher, PublishResult
+from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, Summary
+from connectors.sources import redact_uri
+
+from ..config import StandingQuestion, StreamConfig, Trigger
+from ..outputs import CaptionFiles
+from ..pictures import window_picture
+from ..summaries import FinalSummary, RollingSummaries, SummaryTask, summary_markdown
+from ..window import Window
+from .model_runner import Reply, WindowReplies
+
+PictureSource = Callable[[Window], np.ndarray | None]  # the window's last frame, None if it is gone
+
+
+@dataclass
+class StreamOutputs:
+    config: StreamConfig
+    run: int
+    files: CaptionFiles | None
+    summaries: RollingSummaries | None
+    final: FinalSummary | None = None
+    final_published: bool = False
+    latency_s: float | None = None  # of the latest published window
+
+
+def error_answer(question: Question, error: str, window: Window | None = None) -> Answer:
+    """The reply to an ad-hoc question that could not be answered, saying why."""
+    return Answer(question_id=question.id, stream=question.stream, question=question.text, kind=AnswerKind.ADHOC,
+                  window=window.seq if window else None, error=error)
+
+
+def trigger_fires(trigger: Trigger | None, reply: Reply) -> bool:
+    if trigger is None:
+        return False
+    if trigger.starts_with is not None:
+        return reply.text.strip().lower().startswith(trigger.starts_with.lower())
+    return reply.yes_probability > trigger.p_yes_above
+
+
+class OutputProcessor:
+    def __init__(self, publisher: Publisher, model_name: str, picture_of: PictureSource):
+        self.publisher, self.model_name, self.picture_of = publisher, model_name, picture_of
+        self.streams: dict[str, StreamOutputs] = {}
+
+    def add_stream(self, config: StreamConfig, run: int, files: CaptionFiles | None,
+                   summaries: RollingSummaries | None) -> None:
+        self.streams[config.id] = StreamOutputs(config, run, files, summaries)
+
+    def remove_stream(self, stream: str) -> None:
+        outputs = self.streams.pop(stream, None)
+        if outputs is not None and outputs.files is not None:
+            outputs.files.close()
+
+    # ---- windows -------------------------------------------------------------------
+    def _caption(self, window: Window, text: str = "", prompt: str | None = None, error: str | None = None) -> Caption:
+        return Caption(
+            stream=window.stream, window=window.seq, run=self.streams[window.stream].run,
+            start=window.start, end=window.end, wall_start=window.wall_start, wall_end=window.wall_end,
+            text=text, model=self.model_name, prompt=prompt, error=error, latency_s=time.time() - window.closed_at,
+        )
+
+    def window_done(self, replies: WindowReplies) -> Caption:
+        """Publish the window (caption, standing answers, events fired, picture) in one
+        transaction, then its file line and its place in the rolling summary."""
+        window = replies.window
+        outputs = self.streams[window.stream]
+        captioned = replies.caption is not None
+        caption = self._caption(window, replies.caption.text, outputs.config.caption_prompt) if captioned else self._caption(window)
+        answers, events = [], []
+        for question, reply in replies.standing:
+            answers.append(self._standing_answer(window, question, reply))
+            if trigger_fires(question.trigger, reply):
+                events.append(self._event(window, question, reply))
+        picture = self.picture_of(window)
+        result = self.publisher.publish_window(
+            caption, answers, events, frame=window_picture(picture, caption) if picture is not None else None,
+        )
+        # A window re-sent after an ingest restart is a duplicate: it is in the files already.
+        if outputs.files is not None and captioned and result != PublishResult.DUPLICATE:
+            outputs.files.write(caption)
+        outputs.latency_s = caption.latency_s
+        if outputs.summaries is not None and captioned:
+            outputs.summaries.add_caption(caption)
+        return caption
+
+    def window_failed(self, window: Window, error: str) -> None:
+        """A window the model failed on: an entry with `error` and no text in the caption history
+        (and the file's JSONL), so a consumer sees the gap and why."""
+        outputs = self.streams.get(window.stream)
+        if outputs is None:
+            return
+        caption = self._caption(window, error=error)
+        result = self.publisher.publish_window(caption, [], [])
+        if outputs.files is not None and result != PublishResult.DUPLICATE:
+            outputs.files.write(caption)
+
+    def _standing_answer(self, window: Window, question: StandingQuestion, reply: Reply) -> Answer:
+        trigger = question.trigger
+        wants_probability = trigger is not None and trigger.p_yes_above is not None
+        return Answer(
+            question_id=question.id, stream=window.stream, question=question.prompt, kind=AnswerKind.STANDING,
+            window=window.seq, start=window.start, end=window.end, text=reply.text,
+            probability=reply.yes_probability if wants_probability else None, model=self.model_name,
+        )
+
+    def _event(self, window: Window, question: StandingQuestion, reply: Reply) -> Event:
+        trigger = question.trigger
+        return Event(
+            stream=window.stream, window=window.seq, run=self.streams[window.stream].run, question_id=question.id,
+            question=question.prompt, text=reply.text,
+            probability=reply.yes_probability if trigger.p_yes_above is not None else None,
+            trigger=trigger.describe(), start=window.start, end=window.end, wall_end=window.wall_end,
+        )
+
+    # ---- ad-hoc answers ----------------------------------------------------------------
+    def adhoc_answer(self, question: Question, window: Window, reply: Reply, with_probability: bool) -> Answer:
+        return Answer(
+            question_id=question.id, stream=question.stream, question=question.text, kind=AnswerKind.ADHOC,
+            window=window.seq, start=window.start, end=window.end, text=reply.text,
+            probability=reply.yes_probability if with_probability else None, model=self.model_name,
+        )
+
+    # ---- rolling summaries -------------------------------------------------------------
+    def due_summaries(self, room: int) -> list[SummaryTask]:
+        """Rolling summaries that fit in the batch's free slots: they never take a window's
+        place. A live stream's summary without room is skipped (its captions roll into the
+        next one); a file's waits for the next batch."""
+        tasks = []
+        for outputs in self.streams.values():
+            rolling = outputs.summaries
+            if rolling is None or not rolling.due():
+                continue
+            if len(tasks) < room:
+                tasks.append(rolling.next_task())
+            elif outputs.config.live:
+                rolling.next_task()
+                rolling.skip()
+        return tasks
+
+    def summaries_done(self, tasks: Sequence[SummaryTask], texts: Sequence[str]) -> None:
+        for task, text in zip(tasks, texts):
+            self._publish_summary(self.streams[task.stream].summaries.complete(text))
+
+    def summaries_abandoned(self, tasks: Sequence[SummaryTask]) -> None:
+        """Their model call failed: their captions stay pending for the next summary."""
+        for task in tasks:
+            outputs = self.streams.get(task.stream)
+            if outputs is not None and outputs.summaries is not None:
+                outputs.summaries.abandon()
+
+    def _publish_summary(self, summary: Summary) -> None:
+        self.publisher.publish_summary(summary.model_copy(update={"model": self.model_name}))
+
+    # ---- a file's final summary ------------------------------------------------------------
+    def final_summary_tasks(self, stream: str) -> list[SummaryTask]:
+        """The next model call towards a file's final summary, after its last window: first a
+        rolling summary of the captions left, then each round of summaries of summaries.
+        Empty when it is published (or there is nothing to summarise)."""
+        outputs = self.streams.get(stream)
+        if outputs is None or outputs.summaries is None or outputs.final_published:
+            return []
+        rolling = outputs.summaries
+        if rolling.pending:
+            rolling.abandon()
+            return [rolling.next_task(force=True)]
+        if not rolling.done:
+            return []  # no caption at all
+        if outputs.final is None:
+            outputs.final = FinalSummary(rolling.done)
+        return outputs.final.tasks()
+
+    def final_summary_results(self, stream: str, tasks: Sequence[SummaryTask], texts: Sequence[str]) -> None:
+        outputs = self.streams[stream]
+        if tasks and tasks[0].level == 0:  # the rolling summary of the captions left
+            self.summaries_done(tasks, texts)
+            return
+        outputs.final.complete(texts, first_seq=0)
+        summary = outputs.final.finished
+        if summary is None:
+            return
+        summary = summary.model_copy(update={"model": self.model_name})
+        self.publisher.publish_summary(summary)
+        if outputs.files is not None:
+            outputs.files.write_summary(summary_markdown(stream, redact_uri(outputs.config.source), summary,
+                                                         outputs.summaries.done))
+        outputs.final_published = True

@@ -1,0 +1,88 @@
+"""Starting Ray for a run, and the small helpers the driver uses on Ray calls."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+import ray
+
+from .config import PipelineConfig
+
+log = logging.getLogger("slowfast.pipeline")
+
+
+# Ray starts its worker processes at nice 15, below everything else on the host. Here the
+# actors are the real-time work (camera ingest, the model), so any busy process beside the
+# run would starve them: frames dropped, windows skipped. They run at the driver's priority.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
+def start_ray(config: PipelineConfig) -> bool:
+    """Join the configured cluster, or start a local Ray serving metrics on `metrics_port`.
+
+    Ray's own log lines (start-up notes, the token-auth warning) propagate to the root logger,
+    which the application points at its log file, instead of Ray's stderr handler.
+
+    The caller's SIGINT / SIGTERM handlers are kept: ray.init replaces the SIGTERM handler with
+    one that exits (SystemExit(15)), and its core worker installs a native one that dumps a
+    stack trace and aborts (a SIGTERM then ended the run with 134 and no summary). False if a
+    SIGTERM arrived during ray.init (handed to the caller's handler)."""
+    logging.getLogger("ray").propagate = True
+    options: dict[str, Any] = {}
+    if config.ray_address is None:  # a cluster's nodes get it from `ray start` (RAY_worker_niceness)
+        options["_system_config"] = LOCAL_RAY_SYSTEM_CONFIG
+        if config.metrics_port:
+            options["_metrics_export_port"] = config.metrics_port
+    main = threading.current_thread() is threading.main_thread()
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False, **options)
+    except SystemExit as exc:
+        if not (main and exc.code == signal.SIGTERM and callable(kept[signal.SIGTERM])):
+            raise
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        kept[signal.SIGTERM](signal.SIGTERM, None)
+        return False
+    finally:
+        for sig, handler in kept.items():  # only the main thread may set handlers
+            if handler is not None:
+                signal.signal(sig, handler)
+    return True
+
+
+def metrics_url() -> str:
+    """Where the driver's node serves the pipeline's metrics (Ray's metrics export); every
+    node of a cluster serves its own actors' metrics the same way."""
+    here = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n["NodeID"] == here), None)
+    if node is None:  # a driver outside the cluster (Ray Client)
+        return "on each Ray node at http://NODE:PORT/metrics (PORT: ray start --metrics-export-port)"
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def results_within(refs: list, timeout_s: float) -> dict:
+    """{ref: value} of the refs that resolve, without error, within one shared timeout."""
+    if not refs:
+        return {}
+    ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if not_ready:
+        log.warning("%d of %d calls not done after %.0f s", len(not_ready), len(refs), timeout_s)
+    results = {}
+    for ref in ready:
+        with contextlib.suppress(ray.exceptions.RayError):
+            results[ref] = ray.get(ref)
+    return results
+
+
+def actor_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,103 @@
+"""The driver's side of questions and control messages: ad-hoc questions go to the model
+worker that holds their stream, add/remove requests change the running pipeline, and every
+reply is written in order once Redis takes it (an outage delays replies, never loses them)."""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from connectors.intake import ControlIntake, QuestionIntake
+from connectors.redis_conn import UNREACHABLE
+from connectors.redis_schema import ControlAction, InvalidMessage, Question
+
+from .config import StreamConfig
+from .engine.output_processor import error_answer
+from .running import Pipeline
+
+POLL_MS = 200
+FINAL_ANSWER_WAIT_S = 30.0
+
+
+class Router:
+    def __init__(self, redis_url: str, pipeline: Pipeline, on_event: Callable[[str], None]):
+        consumer = f"driver-{socket.gethostname()}"
+        self.questions = QuestionIntake(redis_url, consumer_name=consumer)
+        self.controls = ControlIntake(redis_url, consumer_name=consumer)
+        self.pipeline, self.on_event = pipeline, on_event
+        self.pending: dict[Any, tuple[str, Question]] = {}  # a worker's answer ref -> (entry id, question)
+        self.replies: deque[Callable[[], object]] = deque()  # written in order once Redis takes them
+
+    def poll(self) -> None:
+        """One round: send what waits, route new questions and controls, collect answers.
+        Raises an UNREACHABLE error while Redis is down (the caller backs off)."""
+        self._send_replies()
+        self._route_questions()
+        self._handle_controls()
+        self._finish_answers(wait_s=0)
+        self._send_replies()
+
+    def close(self) -> None:
+        """At the stop: the answers still being worked on, then every reply Redis takes."""
+        self._finish_answers(wait_s=FINAL_ANSWER_WAIT_S)
+        try:
+            self._send_replies()
+        except UNREACHABLE:
+            self.on_event(f"redis unreachable at exit: {len(self.replies)} question/control replies not delivered")
+        self.questions.close()
+        self.controls.close()
+
+    def _route_questions(self) -> None:
+        intake = self.questions
+        for entry_id, question in intake.poll(block_ms=POLL_MS, count=16) + intake.reclaim(count=16):
+            if isinstance(question, InvalidMessage):
+                continue  # the intake already replied with the error and acknowledged it
+            handle = self.pipeline.streams.get(question.stream)
+            if handle is None:
+                error = error_answer(question, f"stream {question.stream!r} is not running")
+                self.replies.append(lambda e=entry_id, q=question, a=error: intake.complete(e, q, a))
+                continue
+            self.pending[self.pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)
+
+    def _finish_answers(self, wait_s: float) -> None:
+        """Queue the replies of the questions the workers have answered."""
+        if not self.pending:
+            return
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=wait_s)
+        for ref in ready:
+            entry_id, question = self.pending.pop(ref)
+            try:
+                answer = ray.get(ref)
+            except Exception as exc:  # a worker that died mid-question still owes a reply
+                answer = error_answer(question, f"answering failed: {type(exc).__name__}: {exc}")
+            self.replies.append(lambda e=entry_id, q=question, a=answer: self.questions.complete(e, q, a))
+
+    def _send_replies(self) -> None:
+        """Write queued replies in order; one that fails (Redis unreachable) stays first in line."""
+        while self.replies:
+            self.replies[0]()
+            self.replies.popleft()
+
+    def _handle_controls(self) -> None:
+        for entry_id, control in self.controls.poll(block_ms=0, count=8):
+            if isinstance(control, InvalidMessage):
+                continue
+            error = None
+            try:
+                if control.action == ControlAction.ADD:
+                    if not control.source:
+                        raise ValueError("add needs a source")
+                    stream = StreamConfig(id=control.stream, source=control.source, live=control.live, **control.config)
+                    self.pipeline.add_stream(stream)
+                else:
+                    self.pipeline.remove_stream(control.stream)
+                self.on_event(f"control: {control.action} {control.stream}")
+            except UNREACHABLE:
+                raise
+            except Exception as exc:  # a bad request affects only itself
+                error = str(exc)
+            self.replies.append(lambda e=entry_id, c=control, err=error: self.controls.complete(e, c, err))

@@ -1,0 +1,219 @@
+"""The engine, window in to Redis out, without Ray: real Redis, the random tiny model, frames
+from an in-memory store. The Ray shell adds only transport to this (tests/test_pipeline_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from connectors.client import SlowFastClient
+from connectors.publisher import Publisher
+from connectors.redis_schema import IngestState, Question, QuestionKind, SummaryKind
+from model import VideoQuery
+from pipeline.config import StreamConfig, load_config
+from pipeline.engine import Engine, EarlierOutputs
+from pipeline.messages import IngestReport
+from pipeline.scheduler import Outcome
+from pipeline.window import FrameRef, FramesLost, Window
+from tests.support.random_model import random_frames
+
+WINDOW, STRIDE = 4, 2
+
+
+class FrameStore:
+    """Frames by seq; `gone` ones raise FramesLost, as the worker's object-store fetch does."""
+
+    def __init__(self, images):
+        self.images, self.gone = images, set()
+
+    def fetch(self, refs):
+        if any(f.seq in self.gone for f in refs):
+            raise FramesLost("frames gone with their owner")
+        return [self.images[f.seq] for f in refs]
+
+
+def windows_of(stream: str, count: int, live: bool, seed: int = 0) -> tuple[list[Window], FrameStore]:
+    images = random_frames(WINDOW + STRIDE * (count - 1), size=64, seed=seed)
+    refs = [FrameRef(i, i / 4.0, 1.7e9 + i / 4.0, None) for i in range(len(images))]
+    windows = [Window(stream, k, tuple(refs[k * STRIDE : k * STRIDE + WINDOW]), live=live) for k in range(count)]
+    return windows, FrameStore(images)
+
+
+def make_engine(vlm, redis_url, fetch, out_dir: Path, batch_size: int = 4) -> Engine:
+    config = load_config(None, redis_url=redis_url, out_dir=out_dir, window=WINDOW, stride=STRIDE, fps=4.0,
+                         batch_size=batch_size, generation={"max_new_tokens": 3})
+    return Engine(config, vlm, Publisher(redis_url), fetch, model_name="tiny")
+
+
+def run_all(engine: Engine) -> dict[int, Outcome]:
+    """Step until idle; the outcome each window's token got."""
+    outcomes = {}
+    while (step := engine.step()) is not None:
+        outcomes |= {r.token: r.outcome for r in step.resolutions}
+    return outcomes
+
+
+def test_a_file_window_goes_from_submit_to_redis_files_and_status(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("file", 3, live=False)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    question = {"id": "any", "prompt": "Is anything there?", "trigger": {"p_yes_above": 0.0}}
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4", standing_questions=[question]), run=1, live=False,
+                      summary_every=0)
+    for window in windows:
+        assert engine.submit(window, window.seq) == []
+    assert run_all(engine) == {0: Outcome.DONE, 1: Outcome.DONE, 2: Outcome.DONE}
+
+    client = SlowFastClient(redis_url)
+    captions = client.history("file")
+    assert [c.window for c in captions] == [0, 1, 2] and all(c.text and c.run == 1 for c in captions)
+    answers = client.answers("file")
+    assert [a.window for a in answers] == [0, 1, 2] and all(a.probability is not None for a in answers)
+    # P(yes) comes from the caption batch's own forward and equals the model's unbatched figure
+    features = engine.runner.rings["file"].latest[1]
+    expected = tiny_vlm.yes_probability(VideoQuery(features=features, question=question["prompt"]))
+    assert answers[-1].probability == pytest.approx(expected, rel=1e-4)
+    assert [e.window for e in client.events("file")] == [0, 1, 2]  # p_yes > 0 fires on every window
+    lines = [json.loads(line) for line in (tmp_path / "file" / "captions.jsonl").read_text().splitlines()]
+    assert [line["window"] for line in lines] == [0, 1, 2]
+    assert client.frame_info("file").window == 2
+
+    stats = engine.stats("file")
+    assert (stats.windows_done, stats.frames_encoded) == (3, WINDOW + 2 * STRIDE)
+    assert stats.ring_size == WINDOW  # frames that slid out are released
+    engine.ingest_report("file", IngestReport(state=IngestState.LIVE, live=False, frames_in=8, frames_corrupt=2,
+                                              windows_emitted=3))
+    engine.publish_status("file")
+    status = client.status("file")
+    assert (status.windows_done, status.frames_in, status.frames_corrupt, status.frames_dropped) == (3, 8, 2, 0)
+
+
+def test_a_window_whose_frames_are_gone_is_rolled_back_and_one_missing_only_its_picture_is_published(
+    tiny_vlm, redis_url, tmp_path
+):
+    (first, second), store = windows_of("file", 2, live=False, seed=3)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4"), run=1, live=False, summary_every=0)
+    client = SlowFastClient(redis_url)
+
+    store.gone = {WINDOW + STRIDE - 1}  # the second window's newest frame: it cannot be encoded
+    engine.submit(first, "first")
+    engine.submit(second, "second")
+    assert run_all(engine) == {"first": Outcome.DONE, "second": Outcome.RETRY}
+    assert [c.window for c in client.history("file")] == [0]  # reported, never published
+    assert engine.scheduler.next_seq("file") == 1  # the lane waits for the re-sent window
+    assert engine.stats("file").frames_encoded == WINDOW
+
+    store.gone = set()  # re-sent with its frames, encoded; then its last frame goes
+    original_encode = tiny_vlm.encode_frames
+
+    class GoneAfterEncoding:
+        def __getattr__(self, name):
+            return getattr(tiny_vlm, name)
+
+        def encode_frames(self, pixels):
+            store.gone = {WINDOW + STRIDE - 1}
+            return original_encode(pixels)
+
+    engine.runner.vlm = GoneAfterEncoding()
+    engine.submit(second, "again")
+    assert run_all(engine) == {"again": Outcome.DONE}
+    assert [(c.window, c.error) for c in client.history("file")] == [(0, None), (1, None)]
+    assert client.frame_info("file").window == 0  # the picture stays the previous window's
+
+
+def test_a_window_the_model_fails_on_twice_is_published_as_failed_and_the_engine_goes_on(
+    tiny_vlm, redis_url, tmp_path
+):
+    windows, store = windows_of("file", 2, live=False)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4"), run=1, live=False, summary_every=0)
+
+    class FailsOnWindowZero:  # window 0's frames hold the seed-0 images: fail while encoding them
+        def __getattr__(self, name):
+            return getattr(tiny_vlm, name)
+
+        def encode_frames(self, pixels):
+            if len(pixels) == WINDOW:
+                raise RuntimeError("injected")
+            return tiny_vlm.encode_frames(pixels)
+
+    engine.runner.vlm = FailsOnWindowZero()
+    engine.submit(windows[0], 0)
+    assert run_all(engine) == {0: Outcome.FAILED}
+    engine.runner.vlm = tiny_vlm
+    engine.submit(windows[1], 1)
+    assert run_all(engine) == {1: Outcome.DONE}
+    captions = SlowFastClient(redis_url).history("file")
+    assert [c.window for c in captions] == [0, 1]
+    assert "failed after 2 attempts: RuntimeError: injected" in captions[0].error and not captions[0].text
+    assert captions[1].error is None and captions[1].text
+    lines = (tmp_path / "file" / "captions.jsonl").read_text().splitlines()
+    assert "injected" in json.loads(lines[0])["error"]
+
+
+def test_ad_hoc_questions_use_the_latest_window_and_say_why_when_they_cannot(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("cam", 2, live=True)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    engine.add_stream(StreamConfig(id="cam", source="rtsp://cam/1"), run=1, live=True, summary_every=0)
+
+    def ask(stream, kind=QuestionKind.OPEN, text="Is it red?"):
+        return engine.answer(Question(id="q1", stream=stream, text=text, kind=kind))
+
+    assert ask("cam").error == "stream 'cam' has no window yet"
+    assert ask("nowhere").error == "stream 'nowhere' is not running"
+    assert engine.submit(windows[0], 0) == []
+    (overtaken,) = engine.submit(windows[1], 1)  # newest wins: the waiting window is skipped
+    assert (overtaken.token, overtaken.outcome) == (0, Outcome.SKIPPED)
+    assert run_all(engine) == {1: Outcome.DONE}
+    answer = ask("cam", QuestionKind.YESNO)
+    assert answer.error is None and answer.window == 1 and 0.0 <= answer.probability <= 1.0
+    assert ask("cam").probability is None
+
+
+def test_resume_point_restarts_the_ring_and_a_removed_streams_windows_resolve_removed(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("file", 3, live=False)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    assert engine.resume_point("file") is None  # not this engine's stream (yet)
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4"), run=2, live=False, summary_every=0, next_window=1)
+    assert engine.resume_point("file") == 1
+    engine.submit(windows[1], 1)
+    engine.submit(windows[2], 2)
+    assert [(r.token, r.outcome) for r in engine.remove_stream("file")] == [(1, Outcome.REMOVED), (2, Outcome.REMOVED)]
+    assert engine.step() is None and engine.stats("file") is None
+
+
+def test_a_files_final_summary_follows_its_last_window_and_lands_in_summary_md(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("file", 3, live=False)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path, batch_size=2)
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4"), run=1, live=False, summary_every=2)
+    for window in windows:
+        engine.submit(window, window.seq)
+    run_all(engine)
+    engine.ingest_report("file", IngestReport(state=IngestState.ENDED, live=False, final=True))
+    assert not engine.idle
+    run_all(engine)
+    assert engine.idle
+    summaries = SlowFastClient(redis_url).summaries("file")
+    # windows 0-1 fill the first batch; the summary of them rides with window 2; at the end, the
+    # captions left get theirs, then the whole file one
+    kinds = [(s.kind, s.first_window, s.last_window) for s in summaries]
+    assert kinds == [(SummaryKind.ROLLING, 0, 1), (SummaryKind.ROLLING, 2, 2), (SummaryKind.FINAL, 0, 2)]
+    assert (tmp_path / "file" / "summary.md").read_text().startswith("# Summary of file")
+
+
+def test_a_resumed_stream_keeps_its_earlier_captions_in_its_files(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("file", 3, live=False)
+    first = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    first.add_stream(StreamConfig(id="file", source="clip.mp4"), run=1, live=False, summary_every=0)
+    first.submit(windows[0], 0)
+    run_all(first)
+    earlier = EarlierOutputs(captions=SlowFastClient(redis_url).history("file"))
+    second = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    second.add_stream(StreamConfig(id="file", source="clip.mp4"), run=1, live=False, summary_every=0,
+                      next_window=1, earlier=earlier)
+    second.submit(windows[1], 1)
+    assert run_all(second) == {1: Outcome.DONE}
+    lines = [json.loads(line)["window"] for line in (tmp_path / "file" / "captions.jsonl").read_text().splitlines()]
+    assert lines == [0, 1]
