@@ -91,20 +91,24 @@ def test_compiler_failure_falls_back_to_eager_with_a_warning(tiny_vlm, caplog):
 
 
 def test_a_batch_that_has_finished_stops_stepping(tiny_vlm):
+    """Every row meets a stop token early (row 0 at once, row 1 after 9+ tokens): decoding
+    stops within STOP_CHECK_EVERY steps of the last row's stop, far short of the budget."""
+    budget = 24
     queries = feature_queries(tiny_vlm)
-    settings = generation.SamplingSettings(max_new_tokens=24)
+    settings = generation.SamplingSettings(max_new_tokens=budget)
     decoder = generation.Decoder(tiny_vlm.network)
-    free = decoder.generate(tiny_vlm._batch(queries, 24), settings, [])
-    stop = free[0].token_ids[0]  # row 0 stops at once; row 1 when (if) it meets that token
+    first, second = (f.token_ids for f in decoder.generate(tiny_vlm._batch(queries, budget), settings, []))
+    late = next(t for i, t in enumerate(second) if i >= 9 and t not in second[:i] and t != first[0])
+    stops = [first[0], late]
+    cuts = [min(ids.index(s) for s in stops if s in ids) for ids in (first, second)]
+    done_at = max(cuts)
+    assert cuts[0] == 0 and done_at + decoder.STOP_CHECK_EVERY < budget - 1  # the test's own premise
     steps = []
     decoder.step.register_forward_hook(lambda *_: steps.append(1))
-    stopped = decoder.generate(tiny_vlm._batch(queries, 24), settings, [stop])
-    assert stopped[0].token_ids == [] and stopped[0].finish_reason == "stop"
-    if stopped[1].finish_reason == "stop":
-        done_at = len(stopped[1].token_ids) + 1
-        assert len(steps) < done_at + decoder.STOP_CHECK_EVERY
-    else:
-        assert len(steps) == 23
+    stopped = decoder.generate(tiny_vlm._batch(queries, budget), settings, stops)
+    assert [s.finish_reason for s in stopped] == ["stop", "stop"]
+    assert [s.token_ids for s in stopped] == [first[: cuts[0]], second[: cuts[1]]]
+    assert done_at <= len(steps) < done_at + decoder.STOP_CHECK_EVERY
 
 
 def test_bf16_on_cpu(tiny_model_dir, tiny_vlm):
