@@ -120,8 +120,24 @@ def test_next_token_logits_match_the_first_generated_token(tiny_vlm):
         tiny_vlm.network, prompt_batch(tiny_vlm, [query]), generation.SamplingSettings(max_new_tokens=1), []
     )[0].token_ids[0]
     assert int(logits.argmax()) == first
-    probability = tiny_vlm.yes_probability(VideoQuery(frames=random_frames(8), question="Is anyone there?"))
-    assert 0.0 <= probability <= 1.0
+
+
+def test_yes_probability_weighs_the_first_tokens_yes_against_no(tiny_vlm):
+    """P(yes) / (P(yes) + P(no)) of the first answer token, "Yes" and "No" with or without a
+    leading space, recomputed here from the logits; generate gives the same from its prefill."""
+    query = VideoQuery(frames=random_frames(8), question="Is anyone there?")
+    probs = tiny_vlm.next_token_logits(query).softmax(-1)
+
+    def mass(word: str) -> float:
+        ids = {tiny_vlm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (word, " " + word)}
+        assert len(ids) == 2
+        return float(probs[sorted(ids)].sum())
+
+    expected = mass("Yes") / (mass("Yes") + mass("No"))
+    assert abs(expected - 0.5) > 0.05  # this random model leans one way: swapped words would show
+    assert tiny_vlm.yes_probability(query) == pytest.approx(expected, rel=1e-5)
+    (generated,) = tiny_vlm.generate([query], max_new_tokens=2)
+    assert generated.yes_probability == pytest.approx(expected, rel=1e-4)
 
 
 def test_stop_token_ends_a_sequence(tiny_vlm):
