@@ -21,6 +21,7 @@ from typing import Any
 from redis.client import PubSub
 
 from .redis_conn import MAX_BLOCK_S, UNREACHABLE, Outage, block_ms, connect
+from .search import Searcher, SearchRequest, SearchResult, entry_time, time_range
 from .redis_schema import (
     DATA,
     DEFAULT_KEYS,
@@ -34,6 +35,7 @@ from .redis_schema import (
     Control,
     ControlAction,
     ControlReply,
+    EntryKind,
     Event,
     FrameInfo,
     Keys,
@@ -96,6 +98,7 @@ class SlowFastClient:
         self._url, self._socket_timeout = redis_url, socket_timeout
         self._bytes_redis: Any = None
         self._max_block_s = min(MAX_BLOCK_S, socket_timeout / 2)  # blocking reads stay below the timeout
+        self._searcher: Searcher | None = None
 
     # ------------------------------------------------------------------ reading results
 
@@ -176,6 +179,45 @@ class SlowFastClient:
     def summaries(self, stream: str, since: str | None = None, count: int = 100) -> list[Summary]:
         return self._range(self.keys.summaries(stream), Summary, since, count)
 
+    def entries_between(self, stream: str, kind: EntryKind | str, start: float | None = None,
+                        end: float | None = None, batch: int = READ_BATCH) -> list[tuple[str, Any]]:
+        """(entry id, entry) of one kind whose time (see Hit.wall_time) is in [start, end], oldest
+        first. Read newest first, so a recent range costs only its own entries."""
+        kind = EntryKind(kind)
+        cls = {EntryKind.CAPTION: Caption, EntryKind.ANSWER: Answer, EntryKind.EVENT: Event,
+               EntryKind.SUMMARY: Summary}[kind]
+        key, out, before = self.keys.entries(stream, kind), [], "+"
+        while True:
+            page = self.redis.xrevrange(key, max=before, count=batch)
+            for entry_id, fields in page:
+                entry = decode_entry(cls, fields)
+                wall = entry_time(kind, entry)
+                if end is not None and wall > end:
+                    continue
+                if start is not None and wall < start:
+                    return out[::-1]
+                out.append((entry_id, entry))
+            if len(page) < batch:
+                return out[::-1]
+            before = f"({page[-1][0]}"
+
+    def search(self, query: str, *, streams: Collection[str] | None = None, kinds: Collection[str] | None = None,
+               since: str | float | None = None, start: Any = None, end: Any = None, limit: int = 20) -> SearchResult:
+        """Captions, answers, events and summaries that hold the query's words, best first (BM25,
+        a phrase as written scores double), newest first among equals. `query`: words (all must
+        appear), "a phrase", prefix*. Filters: `streams` (default all registered), `kinds`,
+        `since` (seconds or "30m") or `start`/`end` (unix s, ISO date-time, "14:00").
+        Raises ValueError for a query or filter that cannot be searched."""
+        request = SearchRequest.build(query, streams=streams, kinds=kinds, since=since, start=start, end=end,
+                                      limit=limit)
+        return self.searcher.search(request)
+
+    @property
+    def searcher(self) -> Searcher:
+        if self._searcher is None:
+            self._searcher = Searcher(self.redis, self._binary(), self.keys)
+        return self._searcher
+
     def follow(
         self, stream: str | None = None, since: str | None = None, *, past: int = 0,
         stop: threading.Event | None = None, poll_s: float = 1.0,
@@ -250,7 +292,28 @@ class SlowFastClient:
         malformed, model failure, ...), TimeoutError if no reply came within `timeout`, and
         ValueError for a question that cannot be sent (empty, too long, bad stream id).
         """
-        q = Question(stream=stream, text=question, kind=QuestionKind(kind))
+        return self._question(Question(stream=stream, text=question, kind=QuestionKind(kind)), timeout)
+
+    def ask_history(self, stream: str, question: str, *, since: str | float | None = None, start: Any = None,
+                    end: Any = None, timeout: float = 120.0) -> Answer:
+        """Ask about the stream's history in a wall-clock range (`since` or `start`/`end`, as in
+        `search`; none: all of it). The pipeline retrieves the range's relevant captions, events
+        and summaries, asks its model a text-only question holding them, and replies with the
+        answer and the entries it drew on (`Answer.sources`). Errors as in `ask`."""
+        lo, hi = time_range(since, start, end)
+        return self._question(Question(stream=stream, text=question, kind=QuestionKind.HISTORY, start=lo, end=hi),
+                              timeout)
+
+    def report(self, stream: str, *, since: str | float | None = None, start: Any = None, end: Any = None,
+               timeout: float = 600.0) -> Answer:
+        """A report on the stream's wall-clock range, built by the running pipeline: a summary of
+        the range's captions by the summary tree, its events, the pictures Redis holds.
+        `Answer.report` holds the parts, `Answer.text` the Markdown. Errors as in `ask`."""
+        lo, hi = time_range(since, start, end)
+        return self._question(Question(stream=stream, text="report", kind=QuestionKind.REPORT, start=lo, end=hi),
+                              timeout)
+
+    def _question(self, q: Question, timeout: float) -> Answer:
         entry_id = self._send(self.keys.questions, q)
         # The intake fills id/reply_to from the entry id: waiting on that key also catches the
         # error reply to a message the pipeline could not parse.

@@ -29,6 +29,7 @@ from enum import StrEnum
 from redis.client import Pipeline
 
 from .redis_conn import UNREACHABLE, connect
+from .search import INDEX_ENTRY, INDEX_LIFETIME, IndexedEntry, entry_text, entry_time, index_commands
 from .redis_schema import (
     CAPTION_FLAT,
     DATA,
@@ -40,6 +41,7 @@ from .redis_schema import (
     JPEG,
     SNAPSHOTS_MAXLEN,
     Caption,
+    EntryKind,
     Event,
     FrameInfo,
     Keys,
@@ -174,6 +176,8 @@ class Publisher:
         self._lock = threading.RLock()
         self._set_state = self.redis.register_script(_SET_STATE_IF_NEWER)
         self._set_if_missing = self.redis.register_script(_SET_IF_MISSING)
+        self._index_entry = self.redis.register_script(INDEX_ENTRY)
+        self._index_lifetime = self.redis.register_script(INDEX_LIFETIME)
         # What this publisher last wrote that describes the present (not history): written
         # back by maintain() if Redis lost it.
         self._registered: dict[str, StreamInfo] = {}
@@ -210,10 +214,13 @@ class Publisher:
         def build(p: Pipeline) -> None:
             k = self.keys
             p.xadd(k.captions(sid), encode_entry(caption), id=caption.entry_id, maxlen=self.history_len)
-            for key, entries, maxlen in ((k.answers(sid), answers, self.answers_len),
-                                         (k.events(sid), events, self.events_len)):
+            self._index(p, sid, EntryKind.CAPTION, caption.entry_id, caption)
+            for kind, key, entries, maxlen in ((EntryKind.ANSWER, k.answers(sid), answers, self.answers_len),
+                                               (EntryKind.EVENT, k.events(sid), events, self.events_len)):
                 for i, entry in enumerate(entries):
-                    p.xadd(key, encode_entry(entry), id=window_entry_id(caption.run, caption.window, i), maxlen=maxlen)
+                    entry_id = window_entry_id(caption.run, caption.window, i)
+                    p.xadd(key, encode_entry(entry), id=entry_id, maxlen=maxlen)
+                    self._index(p, sid, kind, entry_id, entry)
             state = encode_hash(caption, CAPTION_FLAT)
             state["caption"] = state.pop("text")
             state["entry_id"] = caption.entry_id
@@ -254,6 +261,7 @@ class Publisher:
 
         def build(p: Pipeline) -> None:
             p.xadd(self.keys.summaries(sid), encode_entry(summary), id=summary.entry_id, maxlen=self.history_len)
+            self._index(p, sid, EntryKind.SUMMARY, summary.entry_id, summary)
             p.hset(self.keys.state(sid), STATE_SUMMARY, summary.to_json())
             self._refresh_ttl(p, sid)
 
@@ -298,6 +306,7 @@ class Publisher:
 
         def build(p: Pipeline) -> None:
             p.hdel(self.keys.registry, stream_id)
+            self._index_keys(p, stream_id, "expire", self.removed_ttl_s)
             for key in self.keys.per_stream(stream_id):
                 p.expire(key, self.removed_ttl_s)
             if self.notify:
@@ -328,9 +337,10 @@ class Publisher:
         """Delete the stream's keys and registry entry now (a restart from scratch); returns
         how many keys existed. Needs Redis: raises when it is unreachable."""
         pipe = self.redis.pipeline(transaction=True)
+        self._index_keys(pipe, stream_id, "delete")
         pipe.delete(*self.keys.per_stream(stream_id))
         pipe.hdel(self.keys.registry, stream_id)
-        deleted, _ = pipe.execute()
+        _, deleted, _ = pipe.execute()
         return int(deleted)
 
     def flush(self) -> bool:
@@ -411,6 +421,16 @@ class Publisher:
         self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _index(self, p: Pipeline, sid: str, kind: EntryKind, entry_id: str, entry: Answer | Caption | Event | Summary) -> None:
+        """The entry's search postings, after its XADD in the same transaction (connectors.search)."""
+        indexed = IndexedEntry(kind, entry_id, entry_text(kind, entry), entry_time(kind, entry))
+        index_commands(self._index_entry, p, self.keys, sid, indexed, self.key_ttl_s)
+
+    def _index_keys(self, p: Pipeline, sid: str, action: str, seconds: int = 0) -> None:
+        """Expire or delete every postings key of the stream's search index with its other keys."""
+        self._index_lifetime(keys=[self.keys.index_terms(sid, kind) for kind in EntryKind],
+                             args=[action, seconds], client=p)
 
     def _refresh_ttl(self, p: Pipeline, sid: str) -> None:
         for key in self.keys.per_stream(sid):

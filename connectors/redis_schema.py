@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.validation import describe_validation_error
 
@@ -77,6 +77,15 @@ def safe_stream_id(name: str) -> str:
     return cleaned or "stream"
 
 
+class EntryKind(StrEnum):
+    """The kinds of history entries that are searched."""
+
+    CAPTION = "caption"
+    ANSWER = "answer"
+    EVENT = "event"
+    SUMMARY = "summary"
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """Key names. `prefix` is `sfs` in production; tests may isolate themselves with another.
@@ -119,9 +128,25 @@ class Keys:
         """Stream: `jpeg` of an event's window, entry id = the window's entry id; capped."""
         return f"{self.prefix}:{{{sid}}}:snapshots"
 
+    def entries(self, sid: str, kind: EntryKind | str) -> str:
+        """The stream of entries of one kind (captions, answers, events, summaries)."""
+        by_kind = {EntryKind.CAPTION: self.captions, EntryKind.ANSWER: self.answers, EntryKind.EVENT: self.events,
+                   EntryKind.SUMMARY: self.summaries}
+        return by_kind[EntryKind(kind)](sid)
+
+    def index_terms(self, sid: str, kind: EntryKind | str) -> str:
+        """Sorted set: the search index's terms of one kind, scored by when each was last written."""
+        return f"{self.prefix}:{{{sid}}}:ix:{EntryKind(kind).value}"
+
+    def index_postings(self, sid: str, kind: EntryKind | str, term: str) -> str:
+        """String: a term's postings (connectors.search.POSTING records), in entry-id order."""
+        return f"{self.index_terms(sid, kind)}:{term}"
+
     def per_stream(self, sid: str) -> tuple[str, ...]:
+        """The stream's fixed keys (postings keys are named by the index_terms sets)."""
         return (self.captions(sid), self.answers(sid), self.events(sid), self.summaries(sid), self.state(sid),
-                self.status(sid), self.frame(sid), self.snapshots(sid))
+                self.status(sid), self.frame(sid), self.snapshots(sid),
+                *(self.index_terms(sid, kind) for kind in EntryKind))
 
     @property
     def registry(self) -> str:
@@ -259,6 +284,59 @@ class Summary(Model):
 class AnswerKind(StrEnum):
     STANDING = "standing"
     ADHOC = "adhoc"
+    HISTORY = "history"  # the reply to a question about a time range (QuestionKind.HISTORY)
+    REPORT = "report"  # the reply to a report request (QuestionKind.REPORT)
+
+
+class Hit(Model):
+    """One history entry found by a search, or drawn on by an answer about the past."""
+
+    stream: StreamId
+    kind: EntryKind
+    entry_id: str = Field(description="its id in the kind's stream (sfs:{sid}:captions, ...)")
+    window: int | None = Field(default=None, description="its window; a summary's last window")
+    first_window: int | None = Field(default=None, description="a summary's first window")
+    window_entry_id: str | None = Field(default=None, description="the entry id of its window (pictures)")
+    start: float | None = Field(default=None, description="stream time, seconds")
+    end: float | None = None
+    wall_time: float = Field(description="when it happened, unix s: the window's capture end; a summary's creation")
+    text: str
+    question: str | None = Field(default=None, description="an answer's or event's question")
+    score: float = 0.0
+    picture_key: str | None = Field(default=None, description="where the window's JPEG is, while Redis holds it")
+    picture_id: str | None = None
+
+
+class EventSpan(Model):
+    """A standing question's events in a row: opened at its first window, closed after its last."""
+
+    question_id: str
+    question: str
+    first_window: int
+    last_window: int
+    windows: int = Field(description="windows that fired")
+    start: float = Field(description="stream time of the first window's start, seconds")
+    end: float = Field(description="stream time of the last window's end, seconds")
+    opened: float = Field(description="wall-clock end of the first window, unix s")
+    closed: float = Field(description="wall-clock end of the last window, unix s")
+    text: str = Field(description="the answer that opened it")
+    picture_key: str | None = None
+    picture_id: str | None = None
+
+
+class Report(Model):
+    """A stream's report on a wall-clock range (the reply to QuestionKind.REPORT, with its Markdown
+    in Answer.text)."""
+
+    stream: StreamId
+    start: float | None = None
+    end: float | None = None
+    captions: int = Field(description="captions of the range the summary was built from")
+    first_window: int | None = None
+    last_window: int | None = None
+    summary: str = ""
+    events: list[EventSpan] = Field(default_factory=list)
+    pictures: list[Hit] = Field(default_factory=list, description="windows of the range whose picture Redis holds")
 
 
 class Answer(Model):
@@ -278,6 +356,8 @@ class Answer(Model):
     probability: float | None = Field(default=None, ge=0.0, le=1.0, description="P(yes)")
     error: str | None = None
     model: str | None = None
+    sources: list[Hit] | None = Field(default=None, description="history: the entries the answer drew on")
+    report: Report | None = Field(default=None, description="report: its parts (text is its Markdown)")
     answered_at: float = Field(default_factory=now)
 
     @property
@@ -288,6 +368,8 @@ class Answer(Model):
 class QuestionKind(StrEnum):
     OPEN = "open"
     YESNO = "yesno"  # answered with the probability of "Yes" as well
+    HISTORY = "history"  # about the stream's history in [start, end], answered from retrieved entries
+    REPORT = "report"  # a report on [start, end]: `text` is an optional note, the reply is a Report
 
 
 class Question(Model):
@@ -303,8 +385,21 @@ class Question(Model):
     stream: StreamId
     text: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     kind: QuestionKind = QuestionKind.OPEN
+    start: float | None = Field(default=None, ge=0, description="history/report: range start, unix s")
+    end: float | None = Field(default=None, ge=0, description="history/report: range end, unix s")
     reply_to: str | None = None
     created_at: float = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _range(self) -> Question:
+        if (self.start is not None or self.end is not None) and self.kind not in PAST_KINDS:
+            raise ValueError(f"a time range goes with kind {QuestionKind.HISTORY.value!r} or {QuestionKind.REPORT.value!r}")
+        if self.start is not None and self.end is not None and self.end < self.start:
+            raise ValueError("the range ends before it starts")
+        return self
+
+
+PAST_KINDS = (QuestionKind.HISTORY, QuestionKind.REPORT)  # answered from the history, not the latest window
 
 
 class IngestState(StrEnum):

@@ -335,6 +335,9 @@ class ModelWorker:
     async def answer(self, question: Question):
         return await asyncio.to_thread(self.engine.answer, question)
 
+    async def answer_texts(self, prompts: list[str]) -> list[str]:
+        return await asyncio.to_thread(self.engine.answer_texts, prompts)
+
     async def stats(self, drain: bool = False) -> dict[str, StreamStats]:
         """Per stream counts. With `drain`, first let every queued and running window finish."""
         while drain and not self.engine.idle:

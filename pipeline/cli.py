@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import tempfile
 import threading
 import time
@@ -25,10 +26,11 @@ from rich.table import Table
 from common.validation import describe_validation_error
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_conn import describe_redis_error
-from connectors.redis_schema import Caption, Event, check_stream_id, safe_stream_id
+from connectors.redis_schema import Caption, Event, Hit, check_stream_id, safe_stream_id
 from model.errors import CheckpointError, UnsupportedConfigError
 
 from .config import ConfigError, PipelineConfig, load_config
+from .history import describe_hit, redis_picture, report_markdown
 from .summaries import clock
 from .logs import run_log
 from .progress import estimated_windows, resumed_windows
@@ -249,25 +251,127 @@ def format_caption(caption: Caption) -> str:
     return f"{caption.stream} #{caption.window} [{caption.start:.2f}s-{caption.end:.2f}s] {caption.text}"
 
 
+Since = Annotated[Optional[str], typer.Option("--since", help="the last DURATION: 90s, 30m, 2h, 1d")]
+From = Annotated[Optional[str], typer.Option(
+    "--from", help="range start: ISO date-time (2026-11-24T14:00), time of day (14:00, today) or unix seconds")]
+To = Annotated[Optional[str], typer.Option("--to", help="range end, same forms")]
+StreamOption = Annotated[Optional[str], typer.Option("--stream", help="stream id")]
+
+
+def print_hit(hit: Hit) -> None:
+    """One line per history entry: stream, times, what it is, its text, where its picture is."""
+    where = redis_picture(hit)
+    line = f"{hit.stream} {describe_hit(hit)} {' '.join(hit.text.split())}" + (f"  picture: {where}" if where else "")
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 @reports_errors
 def ask(
-    stream: str,
-    question: str,
-    redis_url: RedisUrl,
+    words: Annotated[Optional[list[str]], typer.Argument(metavar="[STREAM] QUESTION")] = None,
+    redis_url: RedisUrl = ...,
+    stream_option: StreamOption = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the answer")] = 60.0,
     yes_no: Annotated[bool, typer.Option("--yes-no", help="also return P(yes)")] = False,
 ) -> None:
-    """Ask a question about the stream's latest window and print the answer."""
+    """Ask about the stream's latest window; with --since or --from/--to, about its history in that
+    range (answered from the range's captions, events and summaries, which are listed)."""
+    words = words or []
+    if stream_option is not None and len(words) == 1:
+        stream, question = stream_option, words[0]
+    elif stream_option is None and len(words) == 2:
+        stream, question = words
+    else:
+        fail("give STREAM QUESTION, or --stream ID QUESTION")
+    past = since is not None or from_ is not None or to is not None
+    if past and yes_no:
+        fail("--yes-no is for questions about the latest window, not about a range")
     client = SlowFastClient(redis_url)
     try:
-        answer = client.ask(stream, question, timeout=timeout, kind="yesno" if yes_no else "open")
+        if past:
+            answer = client.ask_history(stream, question, since=since, start=from_, end=to, timeout=timeout)
+        else:
+            answer = client.ask(stream, question, timeout=timeout, kind="yesno" if yes_no else "open")
     except QuestionError as exc:
         fail(str(exc), 1)
     except TimeoutError:
         fail(f"no answer within {timeout:g} s (is the pipeline running?)", 1)
+    if past:
+        console.print(answer.text or "", markup=False, highlight=False)
+        console.print(f"drawn from {len(answer.sources or [])} entries:", markup=False, highlight=False)
+        for hit in answer.sources or []:
+            print_hit(hit)
+        return
     suffix = f"  (P(yes)={answer.probability:.2f})" if answer.probability is not None else ""
     console.print(f"[{answer.start:.1f}s-{answer.end:.1f}s] {answer.text}{suffix}")
+
+
+@app.command()
+@reports_errors
+def search(
+    query: str,
+    redis_url: RedisUrl,
+    stream: Annotated[Optional[list[str]], typer.Option("--stream", help="only this stream (repeatable)")] = None,
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    kind: Annotated[Optional[list[str]], typer.Option(
+        "--kind", help="only caption, answer, event or summary (repeatable)")] = None,
+    limit: Annotated[int, typer.Option(help="hits to show")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object: total and hits")] = False,
+) -> None:
+    """Search every caption, answer, event and summary Redis holds: words (all must appear), "a phrase",
+    prefix*; best first, newest first among equals."""
+    result = SlowFastClient(redis_url).search(query, streams=stream, kinds=kind, since=since, start=from_, end=to,
+                                              limit=limit)
+    if as_json:
+        print(json.dumps({"total": result.total, "hits": [h.model_dump(mode="json") for h in result.hits]}))
+        return
+    for hit in result.hits:
+        print_hit(hit)
+    console.print(f"{len(result.hits)} of {result.total} hits ({result.elapsed_ms:.0f} ms)", markup=False,
+                  highlight=False)
+
+
+@app.command()
+@reports_errors
+def report(
+    redis_url: RedisUrl,
+    stream: Annotated[str, typer.Option("--stream", help="stream id")],
+    since: Since = None,
+    from_: From = None,
+    to: To = None,
+    out: Annotated[Optional[Path], typer.Option(help="write the Markdown here, the pictures beside it")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the report")] = 600.0,
+) -> None:
+    """A report on the stream's range (the running pipeline's model summarises its captions): the
+    summary, the events opened and closed in it, the pictures Redis still holds."""
+    check_stream_id(stream)
+    client = SlowFastClient(redis_url)
+    try:
+        answer = client.report(stream, since=since, start=from_, end=to, timeout=timeout)
+    except QuestionError as exc:
+        fail(str(exc), 1)
+    except TimeoutError:
+        fail(f"no report within {timeout:g} s (is the pipeline running?)", 1)
+    if out is None:
+        console.print(answer.text or "", markup=False, highlight=False, soft_wrap=True)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = out.with_name(f"{out.stem}-pictures")
+    saved: dict[str, str] = {}
+    for hit in answer.report.pictures:
+        jpeg = client.snapshot(stream, hit.picture_id) if hit.picture_key.endswith(":snapshots") else \
+            (found[1] if (found := client.frame(stream)) and found[0].entry_id == hit.picture_id else None)
+        if jpeg is not None:
+            folder.mkdir(exist_ok=True)
+            (folder / f"window-{hit.window}.jpg").write_bytes(jpeg)
+            saved[hit.picture_id] = f"![window {hit.window}]({folder.name}/window-{hit.window}.jpg)"
+    out.write_text(report_markdown(answer.report, lambda h: saved.get(h.picture_id)), encoding="utf-8")
+    console.print(f"report: {out}" + (f" (pictures in {folder})" if saved else ""), markup=False, highlight=False)
 
 
 @app.command()

@@ -151,8 +151,8 @@ class Engine:
     def _run(self, batch: Batch) -> tuple[Any, str | None]:
         """Model call and outputs for a batch: (the item whose frames are gone, error) on failure."""
         windows = [w for w in batch.payloads if w.stream in self.runner.streams]
-        due = sum(len(self.runner.queries_due(w)) for w in windows)
-        summary_tasks = self.outputs.due_summaries(room=self.config.batch_size - due)
+        # Rolling summaries take the batch's free window slots, never a window's place.
+        summary_tasks = self.outputs.due_summaries(room=self.config.batch_size - len(windows))
         try:
             replies, summary_replies = self.runner.run_windows(windows, [t.prompt for t in summary_tasks])
         except FramesLost as exc:  # not the model's fault: the scheduler re-queues or drops it
@@ -217,6 +217,11 @@ class Engine:
             except ValueError as exc:  # ModelInputError: the question itself is unusable
                 return error_answer(question, str(exc), window)
         return self.outputs.adhoc_answer(question, window, reply, with_probability=question.kind == QuestionKind.YESNO)
+
+    def answer_texts(self, prompts: Sequence[str]) -> list[str]:
+        """Text-only prompts (questions about the past, reports), batched, between steps."""
+        with self._model_lock:
+            return [reply.text for reply in self.runner.run([TextQuery(p) for p in prompts])]
 
     # ---- what it reports -----------------------------------------------------------------------
     def stats(self, stream: str) -> StreamStats | None:

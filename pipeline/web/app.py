@@ -34,13 +34,16 @@ from connectors.redis_schema import (
     STATUS_INTERVAL_S,
     STREAM_ID_RE,
     Caption,
+    Hit,
     Keys,
     NotificationKind,
     QuestionKind,
     StreamInfo,
 )
+from connectors.search import picture_path
 
 from ..config import PipelineConfig
+from ..history import report_markdown
 from ..outputs import CaptionFiles
 
 log = logging.getLogger("slowfast.web")
@@ -65,10 +68,25 @@ SECURITY_HEADERS = {
 StreamIdPath = Annotated[str, PathParam(pattern=STREAM_ID_RE.pattern, description="stream id")]
 
 
-class QuestionRequest(BaseModel):
+class RangeFields(BaseModel):
+    since: str | None = Field(default=None, description="the last DURATION: 90s, 30m, 2h, 1d")
+    start: str | None = Field(default=None, description="range start: ISO date-time, time of day or unix seconds")
+    end: str | None = Field(default=None, description="range end, same forms")
+
+
+class QuestionRequest(RangeFields):
     text: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
-    kind: QuestionKind = QuestionKind.OPEN
+    kind: QuestionKind = Field(default=QuestionKind.OPEN, description="`history`: about the range (since or "
+                               "start/end), answered from its captions, events and summaries")
     timeout_s: float = Field(default=60.0, gt=0, le=300, description="how long to wait for the answer")
+
+
+class ReportRequest(RangeFields):
+    timeout_s: float = Field(default=600.0, gt=0, le=3600, description="how long to wait for the report")
+
+
+def hit_json(hit: Hit) -> dict:
+    return hit.model_dump(mode="json") | {"picture_url": picture_path(hit.stream, hit)}
 
 
 # ---------------------------------------------------------------------------- reading Redis
@@ -355,11 +373,17 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
             raise HTTPException(404, "snapshot trimmed or expired")
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400, immutable"})
 
-    @app.post("/api/streams/{stream}/questions", summary="Ask about the stream's latest window; waits for the reply")
+    @app.post("/api/streams/{stream}/questions", summary="Ask about the stream's latest window, or (kind "
+              "`history`) about its past; waits for the reply")
     def api_ask(stream: StreamIdPath, question: QuestionRequest) -> JSONResponse:
         known(stream)
+        past = question.kind == QuestionKind.HISTORY
         try:
-            answer = client.ask(stream, question.text, timeout=question.timeout_s, kind=question.kind)
+            if past:
+                answer = client.ask_history(stream, question.text, since=question.since, start=question.start,
+                                            end=question.end, timeout=question.timeout_s)
+            else:
+                answer = client.ask(stream, question.text, timeout=question.timeout_s, kind=question.kind)
         except QuestionError as exc:
             return JSONResponse({"detail": str(exc), "reply": exc.reply.model_dump(mode="json")}, status_code=422)
         except TimeoutError:
@@ -367,7 +391,50 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
                                 status_code=504)
         except ValueError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        return JSONResponse(answer.model_dump(mode="json"))
+        body = answer.model_dump(mode="json")
+        if answer.sources is not None:
+            body["sources"] = [hit_json(h) for h in answer.sources]
+        return JSONResponse(body)
+
+    @app.get("/api/search", summary="Search every caption, answer, event and summary Redis holds",
+             description="`q`: words (all must appear), \"a phrase\", prefix*. Best first (BM25, a phrase as "
+                         "written scores double), newest first among equals. Filters: `stream`, `kind` (repeatable), "
+                         "`since` (30m, 2h) or `from`/`to` (ISO date-time, 14:00, unix seconds).")
+    def api_search(
+        q: Annotated[str, Query(description="the query")],
+        stream: Annotated[list[str] | None, Query(description="only these streams")] = None,
+        kind: Annotated[list[str] | None, Query(description="caption, answer, event or summary")] = None,
+        since: Annotated[str | None, Query(description="the last DURATION: 90s, 30m, 2h, 1d")] = None,
+        start: Annotated[str | None, Query(alias="from", description="range start")] = None,
+        end: Annotated[str | None, Query(alias="to", description="range end")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 20,
+    ) -> JSONResponse:
+        try:
+            result = client.search(q, streams=stream, kinds=kind, since=since, start=start, end=end, limit=limit)
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        return JSONResponse({"total": result.total, "elapsed_ms": round(result.elapsed_ms, 1),
+                             "hits": [hit_json(h) for h in result.hits]})
+
+    @app.post("/api/streams/{stream}/report", summary="A report on a range: summary, events, pictures; waits for it")
+    def api_report(stream: StreamIdPath, request: ReportRequest) -> JSONResponse:
+        known(stream)
+        try:
+            answer = client.report(stream, since=request.since, start=request.start, end=request.end,
+                                   timeout=request.timeout_s)
+        except QuestionError as exc:
+            return JSONResponse({"detail": str(exc), "reply": exc.reply.model_dump(mode="json")}, status_code=422)
+        except TimeoutError:
+            return JSONResponse({"detail": f"no report within {request.timeout_s:g} s (is the pipeline running?)"},
+                                status_code=504)
+        except ValueError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=422)
+        report = answer.report
+        return JSONResponse({
+            "markdown": report_markdown(report, lambda item: picture_path(stream, item)),
+            "report": report.model_dump(mode="json") | {"pictures": [hit_json(h) for h in report.pictures]},
+            "model": answer.model,
+        })
 
     @app.get("/api/streams/{stream}/captions.jsonl", summary="The caption history as JSON lines (download)",
              response_class=Response)

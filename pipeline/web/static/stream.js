@@ -163,6 +163,9 @@ $("ask").addEventListener("submit", async (e) => {
     button.disabled = false;
   }
 });
+setupSearch(streamId);
+setupPast(streamId);
+setupReport(streamId);
 $("older").addEventListener("click", loadOlderCaptions);
 $("events-more").addEventListener("click", () => loadEvents(true));
 

@@ -1,0 +1,4 @@
+// `/`: the search box over every stream.
+"use strict";
+
+setupSearch(null);
