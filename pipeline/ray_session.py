@@ -6,6 +6,7 @@ import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -19,6 +20,30 @@ log = logging.getLogger("slowfast.pipeline")
 # actors are the real-time work (camera ingest, the model), so any busy process beside the
 # run would starve them: frames dropped, windows skipped. They run at the driver's priority.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
+@contextlib.contextmanager
+def processes_in_their_own_group() -> Iterator[None]:
+    """Processes Ray starts meanwhile (a local Ray's GCS and raylet, and through the raylet the
+    actors) each lead a process group of their own.
+
+    A signal to the run's whole process group (systemd's and `tini -g`'s way of stopping a
+    service, `kill -TERM -PGID`) then reaches the driver alone, which drains as for a signal
+    to it alone; in the driver's group it killed the GCS too, and the driver hung a minute
+    and drained nothing. They still die with the driver (Ray's parent-death signal)."""
+    from ray._private import services  # Ray starts every process through this class
+
+    original = services.ConsolePopen
+
+    class OwnGroupPopen(original):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = original
 
 
 def start_ray(config: PipelineConfig) -> bool:
@@ -39,9 +64,11 @@ def start_ray(config: PipelineConfig) -> bool:
             options["_metrics_export_port"] = config.metrics_port
     main = threading.current_thread() is threading.main_thread()
     kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    local = processes_in_their_own_group() if config.ray_address is None else contextlib.nullcontext()
     try:
-        ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False, **options)
+        with local:
+            ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, **options)
     except SystemExit as exc:
         if not (main and exc.code == signal.SIGTERM and callable(kept[signal.SIGTERM])):
             raise

@@ -130,6 +130,33 @@ def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_mode
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_runs_whole_process_group_drains_like_one_to_the_driver(signum, clip, tmp_path, tiny_model_dir):
+    """`kill -TERM -PGID`, `tini -g` and a terminal's Ctrl-C signal every process of the run's
+    group: Ray's processes must not get it (a dead GCS hung the driver 60 s, exit 1, no summary)."""
+    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
+    try:
+        run.wait_for_line("cam #1 ")
+        sent = time.monotonic()
+        os.killpg(run.pid, signum)
+        code = run.proc.wait(timeout=90)
+        took = time.monotonic() - sent
+        time.sleep(0.5)  # the reader threads catch up
+        output = "".join(run.out)
+        assert code == 0, output + "".join(run.err)
+        assert took < 30, took
+        assert "stopping: draining" in output and "run summary" in output
+        assert "│ cam " in output and "stopped" in output
+        # Nothing of the run outlives it: Ray's processes go with the driver.
+        deadline = time.monotonic() + 30
+        while session_processes(run.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert session_processes(run.pid) == []
+    finally:
+        run.close()
+
+
+@pytest.mark.slow
 def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
     """SIGINT starts the drain (as SIGTERM does), SIGTERM then forces the exit; the run's
     processes (Ray's, the embedded Redis) go with it."""
