@@ -21,7 +21,7 @@ from .config import SlowFastConfig
 from .errors import ModelInputError
 from .modeling import SlowFastForCausalLM
 from .preprocess import preprocess_frames
-from .prompt import END_OF_TURN, build_prompt
+from .prompt import END_OF_TURN, PromptIds, build_prompt
 from .visual_tokens import VisualTokens, image_tokens, video_tokens
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,16 @@ DEFAULT_ENCODE_BATCH = 16
 
 @dataclass
 class VideoQuery:
-    """A question about a clip, given as raw frames or as per-frame features from encode_frames."""
+    """A question about a clip, given as raw frames or as per-frame features from encode_frames.
+
+    Queries of one `generate` call that hold the same frames or features object share one
+    prefill of the prompt's head (system turn and video tokens): asking several questions about
+    a clip costs one video prefill plus each question's own tokens."""
 
     question: str
     frames: np.ndarray | torch.Tensor | None = None
     features: torch.Tensor | None = None
+    max_new_tokens: int | None = None  # None: the call's; 0: no answer text, only the first-token scores (P(yes))
 
     def __post_init__(self) -> None:
         if (self.frames is None) == (self.features is None):
@@ -50,6 +55,7 @@ class TextQuery:
     no fast tokens in the sequence and no cross term in the hybrid layers."""
 
     question: str
+    max_new_tokens: int | None = None  # None: the call's
 
 
 Query = VideoQuery | TextQuery
@@ -236,17 +242,34 @@ class SlowFastVLM:
             limit = min(limit, self.config.tokenizer_model_max_length)
         return limit
 
-    def _batch(self, queries: list[Query], room_for_answer: int) -> generation.PromptBatch:
+    def _batch(self, queries: list[Query], room_for_answer: int, share_prefixes: bool = True) -> generation.PromptBatch:
+        """The prompts of `queries`. Video queries holding the same frames or features object
+        share their head (unless `share_prefixes` is False: each prompt whole, the reference)."""
         if not queries:
             raise ModelInputError("no queries given")
         tokenizer = self._require_tokenizer()
-        samples = [
-            generation.Sample(
-                build_prompt(tokenizer, q.question, image=not isinstance(q, TextQuery)), self.visual_tokens(q)
-            )
-            for q in queries
-        ]
-        return generation.assemble(self.network, samples, self.context_length - room_for_answer)
+        limit = self.context_length - room_for_answer
+        prompts = [build_prompt(tokenizer, q.question, image=not isinstance(q, TextQuery)) for q in queries]
+        # The video input's identity: the same object means the same clip (ids are stable while
+        # `queries` holds them).
+        clips = [id(q.features if q.features is not None else q.frames) if isinstance(q, VideoQuery) else None
+                 for q in queries]
+        shared = share_prefixes and any(clip is not None and clips.count(clip) > 1 for clip in clips)
+        if not shared:
+            samples = [generation.Sample(prompt, self.visual_tokens(q)) for q, prompt in zip(queries, prompts)]
+            return generation.assemble(self.network, samples, limit)
+        heads: list[generation.Sample] = []
+        head_of: dict[int, int] = {}
+        rows: list[tuple[int, list[int]]] = []
+        for query, prompt, clip in zip(queries, prompts, clips):
+            if clip is None:  # text only: its whole prompt is its own
+                rows.append((-1, prompt.before_image))
+                continue
+            if clip not in head_of:
+                head_of[clip] = len(heads)
+                heads.append(generation.Sample(PromptIds(prompt.before_image, []), self.visual_tokens(query)))
+            rows.append((head_of[clip], prompt.after_image))
+        return generation.assemble_shared(self.network, heads, rows, limit)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -266,11 +289,14 @@ class SlowFastVLM:
     ) -> list[Generation]:
         """Answer several (clip, question) pairs and text-only questions in one batched call;
         temperature 0 is greedy."""
+        budgets = [max_new_tokens if q.max_new_tokens is None else q.max_new_tokens for q in queries]
+        if any(budget < 0 for budget in budgets):
+            raise ModelInputError(f"max_new_tokens must be >= 0, got {min(budgets)}")
         settings = generation.SamplingSettings(
             max_new_tokens, temperature, top_p, repetition_penalty, decode_cross_attention, seed
         )
-        batch = self._batch(list(queries), room_for_answer=max_new_tokens)
-        sequences = self.decoder.generate(batch, settings, self.stop_token_ids)
+        batch = self._batch(list(queries), room_for_answer=max(budgets, default=0))
+        sequences = self.decoder.generate(batch, settings, self.stop_token_ids, budgets)
         probabilities = self._yes_probabilities(torch.stack([seq.first_logits for seq in sequences]))
         return [
             Generation(

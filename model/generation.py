@@ -76,61 +76,121 @@ class Sample:
 
 @dataclass
 class PromptBatch:
-    """A left-padded batch of prompts with their visual tokens spliced in."""
+    """A left-padded batch of prompts with their visual tokens spliced in.
+
+    With `prefix`, the rows are the tails of prompts whose heads several rows share (a
+    window's system turn and video tokens): the heads are prefilled once, then each row adds
+    only its own tokens (its question and the assistant's turn), at positions after its head.
+    """
 
     embeds: torch.Tensor  # [B, L, hidden]
     token_types: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, L]
     valid: torch.Tensor  # [B, L] bool, False on left padding
     slow: SlowTokenContext
+    has_visual: torch.Tensor  # [B] bool: the prompt holds video tokens (its head's, when shared)
+    prefix: SharedPrefixes | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
-        return self.valid.sum(1)
+        """Valid tokens of each row's whole prompt."""
+        own = self.valid.sum(1)
+        return own if self.prefix is None else own + self.prefix.row_valid.sum(1)
+
+
+@dataclass
+class SharedPrefixes:
+    """The distinct prompt heads of a batch, and which one each row continues."""
+
+    batch: PromptBatch  # [W, P]
+    of_row: torch.Tensor  # [B] long: the row's head; -1 for a row without one (a text-only prompt)
+
+    @property
+    def row_valid(self) -> torch.Tensor:
+        """[B, P] bool: the valid slots of each row's head."""
+        return self.batch.valid[self.of_row.clamp(min=0)] & (self.of_row >= 0)[:, None]
+
+
+def _sample_tokens(embed: nn.Embedding, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample's embeddings and token types, in order: text before, fast visual, text after."""
+    device = embed.weight.device
+    before = torch.tensor(sample.prompt.before_image, dtype=torch.long, device=device)
+    after = torch.tensor(sample.prompt.after_image, dtype=torch.long, device=device)
+    fast = sample.visual.fast.to(device=device, dtype=embed.weight.dtype)
+    embeds = torch.cat([embed(before), fast, embed(after)])
+    types = torch.cat([torch.full((len(before),), PROMPT_TEXT), torch.full((len(fast),), FAST_VISUAL),
+                       torch.full((len(after),), PROMPT_TEXT)])
+    return embeds, types
+
+
+def _left_padded(embed: nn.Embedding, rows: list[tuple[torch.Tensor, torch.Tensor]], first_positions: torch.Tensor):
+    """(embeds, token types, positions, valid) of rows padded on the left to the longest."""
+    device = embed.weight.device
+    batch, length = len(rows), max(len(r) for r, _ in rows)
+    embeds = torch.zeros(batch, length, embed.weight.shape[1], dtype=embed.weight.dtype, device=device)
+    token_types = torch.full((batch, length), PADDING, dtype=torch.long, device=device)
+    valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    for i, (row, row_types) in enumerate(rows):
+        embeds[i, length - len(row) :] = row
+        token_types[i, length - len(row) :] = row_types
+        valid[i, length - len(row) :] = True
+    positions = (valid.cumsum(1) - 1).clamp(min=0) + first_positions[:, None]
+    return embeds, token_types, positions, valid
+
+
+def _slow_tokens(embed: nn.Embedding, samples: list[Sample]) -> SlowTokenContext:
+    device, dtype = embed.weight.device, embed.weight.dtype
+    slow_len = max(s.visual.slow.shape[0] for s in samples)
+    slow_states = torch.zeros(len(samples), slow_len, embed.weight.shape[1], dtype=dtype, device=device)
+    slow_valid = torch.zeros(len(samples), slow_len, dtype=torch.bool, device=device)
+    for i, sample in enumerate(samples):
+        count = sample.visual.slow.shape[0]
+        slow_states[i, :count] = sample.visual.slow.to(device=device, dtype=dtype)
+        slow_valid[i, :count] = True
+    return SlowTokenContext(slow_states, slow_valid)
+
+
+def _check_length(length: int, visual: int, context_limit: int) -> None:
+    if length > context_limit:
+        raise ModelInputError(
+            f"prompt is {length} tokens ({visual} fast visual + {length - visual} text), "
+            f"more than the context allows ({context_limit} with room for the answer)"
+        )
 
 
 def assemble(model: SlowFastForCausalLM, samples: list[Sample], context_limit: int) -> PromptBatch:
     embed = model.model.embed_tokens
-    device = embed.weight.device
-    rows, types = [], []
-    for sample in samples:
-        before = torch.tensor(sample.prompt.before_image, dtype=torch.long, device=device)
-        after = torch.tensor(sample.prompt.after_image, dtype=torch.long, device=device)
-        fast = sample.visual.fast.to(device=device, dtype=embed.weight.dtype)
-        rows.append(torch.cat([embed(before), fast, embed(after)]))
-        types.append(
-            torch.cat(
-                [
-                    torch.full((len(before),), PROMPT_TEXT),
-                    torch.full((len(fast),), FAST_VISUAL),
-                    torch.full((len(after),), PROMPT_TEXT),
-                ]
-            )
-        )
-        if len(rows[-1]) > context_limit:
-            raise ModelInputError(
-                f"prompt is {len(rows[-1])} tokens ({len(fast)} fast visual + {len(before) + len(after)} text), "
-                f"more than the context allows ({context_limit} with room for the answer)"
-            )
-    batch, length = len(rows), max(len(r) for r in rows)
-    hidden = rows[0].shape[-1]
-    embeds = torch.zeros(batch, length, hidden, dtype=embed.weight.dtype, device=device)
-    token_types = torch.full((batch, length), PADDING, dtype=torch.long, device=device)
-    valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    for i, (row, row_types) in enumerate(zip(rows, types)):
-        embeds[i, length - len(row) :] = row
-        token_types[i, length - len(row) :] = row_types
-        valid[i, length - len(row) :] = True
-    positions = (valid.cumsum(1) - 1).clamp(min=0)
+    rows = [_sample_tokens(embed, sample) for sample in samples]
+    for (row, _), sample in zip(rows, samples):
+        _check_length(len(row), len(sample.visual.fast), context_limit)
+    zeros = torch.zeros(len(rows), dtype=torch.long, device=embed.weight.device)
+    embeds, token_types, positions, valid = _left_padded(embed, rows, zeros)
+    has_visual = (token_types == FAST_VISUAL).any(1)
+    return PromptBatch(embeds, token_types, positions, valid, _slow_tokens(embed, samples), has_visual)
 
-    slow_len = max(s.visual.slow.shape[0] for s in samples)
-    slow_states = torch.zeros(batch, slow_len, hidden, dtype=embed.weight.dtype, device=device)
-    slow_valid = torch.zeros(batch, slow_len, dtype=torch.bool, device=device)
-    for i, sample in enumerate(samples):
-        count = sample.visual.slow.shape[0]
-        slow_states[i, :count] = sample.visual.slow.to(device=device, dtype=embed.weight.dtype)
-        slow_valid[i, :count] = True
-    return PromptBatch(embeds, token_types, positions, valid, SlowTokenContext(slow_states, slow_valid))
+
+def assemble_shared(
+    model: SlowFastForCausalLM, heads: list[Sample], rows: list[tuple[int, list[int]]], context_limit: int
+) -> PromptBatch:
+    """Rows that continue shared heads: `heads` hold the text before the video and the video
+    tokens (nothing after); each row is (its head's index, or -1 for none, the ids that follow)."""
+    embed = model.model.embed_tokens
+    device = embed.weight.device
+    head_batch = assemble(model, heads, context_limit)
+    of_row = torch.tensor([index for index, _ in rows], dtype=torch.long, device=device)
+    prefixes = SharedPrefixes(head_batch, of_row)
+    head_lengths = prefixes.row_valid.sum(1)
+    no_video = embed.weight.new_zeros(0, embed.weight.shape[1])
+    tails = [_sample_tokens(embed, Sample(PromptIds(ids, []), VisualTokens(no_video, no_video))) for _, ids in rows]
+    for (tail, _), head_length, (index, _) in zip(tails, head_lengths.tolist(), rows):
+        visual = len(heads[index].visual.fast) if index >= 0 else 0
+        _check_length(head_length + len(tail), visual, context_limit)
+    embeds, token_types, positions, valid = _left_padded(embed, tails, head_lengths)
+    # The rows' slow tokens are their heads' (kept as states too, for paths that rebuild them).
+    pick = of_row.clamp(min=0)
+    slow = SlowTokenContext(head_batch.slow.states[pick], head_batch.slow.valid[pick] & (of_row >= 0)[:, None])
+    has_visual = head_batch.has_visual[pick] & (of_row >= 0)
+    return PromptBatch(embeds, token_types, positions, valid, slow, has_visual, prefixes)
 
 
 class AttentionMask:
@@ -152,8 +212,7 @@ class AttentionMask:
 
 
 def cross_mask(batch: PromptBatch, token_types: torch.Tensor, decode_cross_attention: bool) -> torch.Tensor:
-    has_visual = (batch.token_types == FAST_VISUAL).any(1)
-    return cross_attention_token_mask(token_types, has_visual, decode_cross_attention)
+    return cross_attention_token_mask(token_types, batch.has_visual, decode_cross_attention)
 
 
 @dataclass(frozen=True)
@@ -337,40 +396,78 @@ class Decoder:
         length = _round_up(batch.slow.valid.shape[1], self.SLOT_BLOCK)
         if (rows, length) not in self._slow_buffers:
             self._slow_buffers[rows, length] = SlowBuffers.allocate(batch.slow, rows, length)
-        has_visual = (batch.token_types == FAST_VISUAL).any(1)
-        return self._slow_buffers[rows, length].load(batch.slow, has_visual)
+        return self._slow_buffers[rows, length].load(batch.slow, batch.has_visual)
 
-    @torch.inference_mode()
-    def generate(self, batch: PromptBatch, settings: SamplingSettings, stop_token_ids: list[int]) -> list[GeneratedSequence]:
-        rows, prompt_len = batch.valid.shape
-        device = batch.embeds.device
-        steps = settings.max_new_tokens
-        padded_rows = _next_power_of_two(rows) if self.compiled else rows
-        slots = _round_up(prompt_len + steps, self.SLOT_BLOCK)
-        buffers = self._decode_buffers(padded_rows, slots)
-        buffers.key_valid.zero_()
-        buffers.key_valid[:rows, :prompt_len] = batch.valid
+    def _prefill_heads(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int) -> int:
+        """Prefill each shared head once, then copy its keys/values (and its slow tokens'
+        keys/values) to every row that continues it. Returns the heads' slot count."""
+        heads, of_row = batch.prefix.batch, batch.prefix.of_row
+        count, head_len = heads.valid.shape
+        keys = [k.new_empty(count, k.shape[1], head_len, k.shape[3]) for k in buffers.keys]
+        values = [v.new_empty(count, v.shape[1], head_len, v.shape[3]) for v in buffers.values]
+        heads.slow.token_mask = cross_mask(heads, heads.token_types, decode_cross_attention=False)
+        self.network.model(
+            heads.embeds,
+            heads.positions,
+            AttentionMask(heads.valid, head_len).for_queries(0, head_len),
+            cache=StaticKVCache(keys, values, torch.arange(head_len, device=heads.embeds.device)),
+            slow_context=heads.slow,
+        )
+        pick = of_row.clamp(min=0)
+        for layer, (head_keys, head_values) in enumerate(zip(keys, values)):
+            buffers.keys[layer][:rows, :, :head_len] = head_keys[pick]
+            buffers.values[layer][:rows, :, :head_len] = head_values[pick]
+        buffers.key_valid[:rows, :head_len] = batch.prefix.row_valid
+        batch.slow.kv = {layer: (k[pick], v[pick]) for layer, (k, v) in heads.slow.kv.items()}
+        return head_len
 
+    def _prefill(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int, settings: SamplingSettings) -> tuple[torch.Tensor, int]:
+        """The prompts into the cache (shared heads first, once each); returns the first-token
+        logits [rows, vocab] and the prompt's slot count."""
+        head_len = self._prefill_heads(batch, buffers, rows) if batch.prefix is not None else 0
+        prompt_len = head_len + batch.valid.shape[1]
+        buffers.key_valid[:rows, head_len:prompt_len] = batch.valid
         batch.slow.token_mask = cross_mask(batch, batch.token_types, settings.decode_cross_attention)
-        prefill_cache = StaticKVCache(buffers.keys, buffers.values, torch.arange(prompt_len, device=device), rows=rows)
+        device = batch.embeds.device
+        cache = StaticKVCache(buffers.keys, buffers.values, torch.arange(head_len, prompt_len, device=device), rows=rows)
+        masks = AttentionMask(buffers.key_valid[:rows, :prompt_len], buffers.key_valid.shape[1])
         logits = self.network(
             batch.embeds,
             batch.positions,
-            AttentionMask(batch.valid, slots).for_queries(0, prompt_len),
-            cache=prefill_cache,
+            masks.for_queries(head_len, prompt_len - head_len),
+            cache=cache,
             slow_context=batch.slow,
             logits_positions=slice(-1, None),
         )[:, -1].float()
-        first_logits = logits[:rows].clone()  # the decode steps below overwrite `logits`
-        slow = self._slow_context(batch, padded_rows) if settings.decode_cross_attention else None
+        return logits, prompt_len
+
+    @torch.inference_mode()
+    def generate(
+        self, batch: PromptBatch, settings: SamplingSettings, stop_token_ids: list[int], budgets: list[int] | None = None
+    ) -> list[GeneratedSequence]:
+        """`budgets`: new tokens per row (default `settings.max_new_tokens` each); a row with 0
+        only has its first-token scores. The batch stops stepping once every row is done."""
+        rows = batch.valid.shape[0]
+        device = batch.embeds.device
+        budgets = budgets if budgets is not None else [settings.max_new_tokens] * rows
+        steps = max(budgets)
+        head_len = batch.prefix.batch.valid.shape[1] if batch.prefix is not None else 0
+        padded_rows = _next_power_of_two(rows) if self.compiled else rows
+        slots = _round_up(head_len + batch.valid.shape[1] + steps, self.SLOT_BLOCK)
+        buffers = self._decode_buffers(padded_rows, slots)
+        buffers.key_valid.zero_()
+        logits, prompt_len = self._prefill(batch, buffers, rows, settings)
+        first_logits = logits.clone()  # the decode steps below overwrite `logits`
+        slow = self._slow_context(batch, padded_rows) if settings.decode_cross_attention and steps else None
 
         processors = settings.processors()
         generator = None
         if settings.seed is not None:
             generator = torch.Generator(device=device).manual_seed(settings.seed)
         stop = torch.tensor(stop_token_ids, dtype=torch.long, device=device)
+        budget = torch.tensor(budgets, dtype=torch.long, device=device)
         generated = torch.zeros(rows, steps, dtype=torch.long, device=device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        finished = budget == 0
         stopped_by_token = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens = torch.zeros(padded_rows, dtype=torch.long, device=device)
         first_positions = torch.zeros(padded_rows, 1, dtype=torch.long, device=device)
@@ -390,16 +487,19 @@ class Decoder:
                 stopped_by_token |= hit_stop
                 finished |= hit_stop
             generated[:, step] = next_tokens
+            finished |= budget <= step + 1
             if step == steps - 1:
                 break
-            if len(stop_token_ids) and (step + 1) % self.STOP_CHECK_EVERY == 0 and bool(finished.all()):
+            if (step + 1) % self.STOP_CHECK_EVERY == 0 and bool(finished.all()):
                 produced = step + 1
                 break
             tokens[:rows] = next_tokens
             logits = (self.compiled_step or self.step)(tokens, first_positions + step, first_slot + step, buffers, slow)[:rows]
 
         results = []
-        for index, (row, by_token) in enumerate(zip(generated[:, :produced].tolist(), stopped_by_token.tolist())):
+        rows_out = generated[:, :produced].tolist()
+        for index, (row, by_token, row_budget) in enumerate(zip(rows_out, stopped_by_token.tolist(), budgets)):
+            row = row[:row_budget]
             if by_token:
                 cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids)
                 results.append(GeneratedSequence(row[:cut], "stop", first_logits[index]))

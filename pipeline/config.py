@@ -54,6 +54,10 @@ class StandingQuestion(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     every_n_windows: int = Field(default=1, ge=1)
     trigger: Trigger | None = None
+    answer: Literal["text", "probability"] = Field(
+        default="text", description="text: the model's answer, decoded; probability: P(yes) from the first "
+        "token alone, no decoding (the answer reads Yes or No), for yes/no questions that only raise events",
+    )
 
 
 class StreamConfig(BaseModel):

@@ -17,6 +17,7 @@ from pipeline.engine import Engine, EarlierOutputs
 from pipeline.messages import IngestReport
 from pipeline.scheduler import Outcome
 from pipeline.window import FrameRef, FramesLost, Window
+from tests.support.model_faults import CountingModel
 from tests.support.random_model import random_frames
 
 WINDOW, STRIDE = 4, 2
@@ -87,6 +88,29 @@ def test_a_file_window_goes_from_submit_to_redis_files_and_status(tiny_vlm, redi
     engine.publish_status("file")
     status = client.status("file")
     assert (status.windows_done, status.frames_in, status.frames_corrupt, status.frames_dropped) == (3, 8, 2, 0)
+
+
+def test_a_batch_counts_windows_each_with_all_its_questions_in_one_model_call(tiny_vlm, redis_url, tmp_path):
+    """Two windows, each with a caption and two standing questions (one answered by P(yes)
+    alone): one generate call of six rows, two clip prefills; the probability-only answer reads
+    Yes or No by its P(yes), which is the model's own for that question."""
+    windows, store = windows_of("file", 2, live=False)
+    model = CountingModel(tiny_vlm)
+    engine = make_engine(model, redis_url, store.fetch, tmp_path, batch_size=2)
+    questions = [{"id": "red", "prompt": "Is there a red circle?", "answer": "probability"},
+                 {"id": "what", "prompt": "What moves?"}]
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4", standing_questions=questions), run=1, live=False,
+                      summary_every=0)
+    for window in windows:
+        engine.submit(window, window.seq)
+    assert run_all(engine) == {0: Outcome.DONE, 1: Outcome.DONE}
+    assert model.calls == [["VideoQuery"] * 6]
+    answers = {(a.window, a.question_id): a for a in SlowFastClient(redis_url).answers("file")}
+    features = engine.runner.rings["file"].latest[1]  # window 1's
+    expected = tiny_vlm.yes_probability(VideoQuery(features=features, question=questions[0]["prompt"]))
+    red = answers[1, "red"]
+    assert red.probability == pytest.approx(expected, rel=1e-4) and red.text == ("Yes" if expected >= 0.5 else "No")
+    assert answers[1, "what"].probability is None and answers[1, "what"].text not in ("", "Yes", "No")
 
 
 def test_a_window_whose_frames_are_gone_is_rolled_back_and_one_missing_only_its_picture_is_published(

@@ -15,6 +15,7 @@ from connectors.redis_schema import SummaryKind
 from pipeline.config import StreamConfig, load_config
 from pipeline.engine import Engine
 from pipeline.window import FrameRef, Window
+from tests.support.model_faults import CountingModel
 from tests.support.random_model import random_frames
 
 WINDOW, STRIDE = 4, 2
@@ -25,20 +26,6 @@ def windows_of(stream: str, count: int, seed: int) -> list[Window]:
     images = random_frames(WINDOW + STRIDE * (count - 1), size=64, seed=seed)
     refs = [FrameRef(i, i / 4.0, 1.7e9 + i / 4.0, images[i]) for i in range(len(images))]
     return [Window(stream, k, tuple(refs[k * STRIDE : k * STRIDE + WINDOW]), live=True) for k in range(count)]
-
-
-class CountingModel:
-    """The tiny model, counting its generate calls and what each held."""
-
-    def __init__(self, vlm):
-        self.vlm, self.calls = vlm, []
-
-    def __getattr__(self, name):
-        return getattr(self.vlm, name)
-
-    def generate(self, queries, **kwargs):
-        self.calls.append([type(q).__name__ for q in queries])
-        return self.vlm.generate(queries, **kwargs)
 
 
 def run_batches(tiny_vlm, redis_url, batch_size: int, summary_every: int, rounds: int = 4):

@@ -100,13 +100,14 @@ class ModelRunner:
 
     def run_windows(self, windows: Sequence[Window], text_prompts: Sequence[str] = ()) -> tuple[list[WindowReplies], list[Reply]]:
         """Every query due on these windows (a caption every `caption_every_n_windows`, each
-        standing question every its `every_n_windows`) and the text-only prompts, batched.
+        standing question every its `every_n_windows`) and the text-only prompts, in one
+        model call: a batch counts windows, each with all its queries.
         Raises FramesLost (naming the window) if a window's frames are gone."""
         features = [self.window_features(w) for w in windows]
         due = [(index, question) for index, window in enumerate(windows) for question in self.queries_due(window)]
-        queries = [VideoQuery(features=features[i], question=q.prompt if q else self.streams[windows[i].stream].caption_prompt)
-                   for i, q in due]
-        replies = self.run(queries + [TextQuery(p) for p in text_prompts])
+        # All of a window's queries hold its features object, so they share one prefill of it.
+        queries = [self._query(features[i], q, self.streams[windows[i].stream]) for i, q in due]
+        replies = self._generate(queries + [TextQuery(p) for p in text_prompts])
         results = []
         for index, window in enumerate(windows):
             own = [(q, r) for (i, q), r in zip(due, replies) if i == index]
@@ -119,19 +120,34 @@ class ModelRunner:
         if ring is not None:
             ring.latest = (replies.window, replies.features)
 
+    @staticmethod
+    def _query(features: torch.Tensor, question: StandingQuestion | None, config: StreamConfig) -> VideoQuery:
+        if question is None:
+            return VideoQuery(features=features, question=config.caption_prompt)
+        budget = 0 if question.answer == "probability" else None  # no decoding: P(yes) is the answer
+        return VideoQuery(features=features, question=question.prompt, max_new_tokens=budget)
+
     def ask(self, features: torch.Tensor, question: str) -> Reply:
         (reply,) = self.run([VideoQuery(features=features, question=question)])
         return reply
 
     def run(self, queries: Sequence[VideoQuery | TextQuery]) -> list[Reply]:
-        """One batched generate call per `batch_size` queries."""
-        g = self.generation
+        """Queries outside a window batch (final-summary rounds, questions): `batch_size` per call."""
         replies: list[Reply] = []
         for start in range(0, len(queries), self.batch_size):
-            outputs = self.vlm.generate(
-                list(queries[start : start + self.batch_size]), max_new_tokens=g.max_new_tokens,
-                temperature=g.temperature, top_p=g.top_p, repetition_penalty=g.repetition_penalty,
-                decode_cross_attention=g.decode_cross_attention,
-            )
-            replies += [Reply(o.text, o.yes_probability) for o in outputs]
+            replies += self._generate(queries[start : start + self.batch_size])
         return replies
+
+    def _generate(self, queries: Sequence[VideoQuery | TextQuery]) -> list[Reply]:
+        g = self.generation
+        outputs = self.vlm.generate(
+            list(queries), max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
+            repetition_penalty=g.repetition_penalty, decode_cross_attention=g.decode_cross_attention,
+        )
+        return [Reply(o.text if q.max_new_tokens != 0 else yes_or_no(o.yes_probability), o.yes_probability)
+                for q, o in zip(queries, outputs)]
+
+
+def yes_or_no(probability: float) -> str:
+    """The one-token answer a probability-only question reads as."""
+    return "Yes" if probability >= 0.5 else "No"

@@ -109,7 +109,7 @@ class OutputProcessor:
 
     def _standing_answer(self, window: Window, question: StandingQuestion, reply: Reply) -> Answer:
         trigger = question.trigger
-        wants_probability = trigger is not None and trigger.p_yes_above is not None
+        wants_probability = question.answer == "probability" or (trigger is not None and trigger.p_yes_above is not None)
         return Answer(
             question_id=question.id, stream=window.stream, question=question.prompt, kind=AnswerKind.STANDING,
             window=window.seq, start=window.start, end=window.end, text=reply.text,

@@ -79,6 +79,20 @@ class HoldWhileFileExists:
         return _Wrapped(model, generate)
 
 
+class CountingModel:
+    """The tiny model, counting its generate calls and what each held."""
+
+    def __init__(self, vlm):
+        self.vlm, self.calls = vlm, []
+
+    def __getattr__(self, name):
+        return getattr(self.vlm, name)
+
+    def generate(self, queries, **kwargs):
+        self.calls.append([type(q).__name__ for q in queries])
+        return self.vlm.generate(queries, **kwargs)
+
+
 def worker_with(wrap) -> type[ModelWorker]:
     """A model worker class whose model is `wrap(the model it loads)`."""
 
@@ -88,3 +102,4 @@ def worker_with(wrap) -> type[ModelWorker]:
             return wrap(ModelWorker.load_model(config, model_path))
 
     return WrappedModelWorker
+
