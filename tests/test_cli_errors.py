@@ -3,6 +3,7 @@ traceback (unless --debug), and `run` fails before it starts Ray. Real redis-ser
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,13 +45,19 @@ def protected_redis():
         yield server
 
 
-def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir):
+def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir, monkeypatch):
+    import huggingface_hub.constants
+
     ray_was_up = ray.is_initialized()
     source = ["--source", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "out")]
     result = runner.invoke(app, ["run", *source, "--model", str(tmp_path / "no-such-model")])
     one_error_line(result, 2, "model:", "no-such-model", "does not exist")
+    # The hub offline and an empty cache, whatever this machine's network (read at call time)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     result = runner.invoke(app, ["run", *source, "--model", HUB_ID])
-    one_error_line(result, 2, HUB_ID, "not a local folder", "neither in the Hugging Face cache nor reachable")
+    one_error_line(result, 2, HUB_ID, "not a local folder", "neither in the Hugging Face cache nor reachable",
+                   "outgoing traffic has been disabled")
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weight files
@@ -123,11 +130,22 @@ def test_runtime_replies_exit_1(redis_url):
                    "invalid stream id")
 
 
+def cli_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"COLUMNS": "200"} | (env or {}))
+
+
 def test_debug_shows_the_traceback(dead_redis_url):
-    result = runner.invoke(app, ["--debug", "status", "--redis-url", dead_redis_url])
-    assert result.exit_code == 1 and result.exception is not None and not isinstance(result.exception, SystemExit)
-    result = runner.invoke(app, ["status", "--redis-url", dead_redis_url], env={"SLOWFAST_DEBUG": "1"})
-    assert result.exception is not None and not isinstance(result.exception, SystemExit)
+    """--debug and SLOWFAST_DEBUG=1, each in a real process: the traceback on stderr, exit 1."""
+    status = ["status", "--redis-url", dead_redis_url]
+    procs = [cli_process("--debug", *status), cli_process(*status, env={"SLOWFAST_DEBUG": "1"})]
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1, err
+        assert "Traceback (most recent call last)" in err and not err.startswith("error: "), err
+        port = dead_redis_url.rsplit(":", 1)[1].split("/")[0]
+        assert err.strip().splitlines()[-1] == f"ConnectionError: Error 111 connecting to 127.0.0.1:{port}. Connection refused."
 
 
 def test_a_real_process_prints_only_the_error_line(tmp_path):
