@@ -204,8 +204,10 @@ def test_close_from_another_thread_stops_iteration(cfr: Clip) -> None:
     for frame in src:
         seen.append(frame)
         if len(seen) == 5:
-            threading.Thread(target=src.close).start()
-            threading.Event().wait(0.2)
+            closer = threading.Thread(target=src.close)
+            closer.start()
+            closer.join(timeout=60)  # close() has returned: the reader sees the stop on its next read
+            assert not closer.is_alive()
     assert 5 <= len(seen) <= 6 and src.state is SourceState.ENDED
     with pytest.raises(RuntimeError, match="only once"):
         next(iter(src))
