@@ -224,6 +224,8 @@ def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
                     "/api/streams/cam1/captions.vtt"]
             down = [api.get(path) for path in gets]
             down.append(api.post("/api/streams/cam1/questions", json={"text": "anyone?", "timeout_s": 1}))
+            down.append(api.get("/api/search", params={"q": "window"}))
+            down.append(api.post("/api/streams/cam1/report", json={"since": "1h", "timeout_s": 1}))
             for response in down:
                 assert response.status_code == 503, (response.request.url, response.text)
                 assert response.json()["detail"].startswith("Redis unreachable"), response.text
@@ -234,6 +236,7 @@ def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
             named = {"/api/streams/{stream}" + p.removeprefix("/api/streams/cam1") for p in gets[1:] if p != snapshot}
             assert routes == {*gets[:1], *named, "/api/streams/{stream}/snapshots/{snapshot_id}.jpg",
                               "/api/streams/{stream}/questions", "/streams/{stream}", "/api/updates",
+                              "/api/search", "/api/streams/{stream}/report",
                               *(p for p in pages if p != "/streams/cam1")}, routes
 
             updates = []
