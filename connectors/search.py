@@ -261,7 +261,8 @@ def _clock_time(text: str, now: float | None) -> float:
 
 
 def time_range(since: str | float | None = None, start: str | float | datetime | None = None,
-               end: str | float | datetime | None = None, now: float | None = None) -> tuple[float | None, float | None]:
+               end: str | float | datetime | None = None,
+               now: float | None = None) -> tuple[float | None, float | None]:
     """The wall-clock range (start, end) of `--since D` or `--from T --to T` (either end open)."""
     now = time.time() if now is None else now
     if since is not None and (start is not None or end is not None):
@@ -519,16 +520,15 @@ class Searcher:
             wall = np.zeros(len(docs))
             masks = {}
             for atom, k in zip(atoms, keys):
-                records = seg.atoms[atom]
-                where = np.searchsorted(k, docs)
-                found = (where < len(k)) & (k[np.minimum(where, len(k) - 1)] == docs) if len(k) else np.zeros(len(docs), bool)
-                rows = records[np.minimum(where, max(len(k) - 1, 0))] if len(k) else None
-                tf = np.where(found, rows["tf"], 0).astype(float) if rows is not None else np.zeros(len(docs))
-                dl = rows["dl"].astype(float) if rows is not None else np.ones(len(docs))
-                score += idf[atom] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * dl / avgdl) + 1e-9)
-                if rows is not None:
-                    wall = np.where(found, rows["wall"], wall)
-                masks[atom] = np.where(found, rows["mask"], np.uint64(0)) if rows is not None else np.zeros(len(docs), np.uint64)
+                if not len(k):
+                    masks[atom] = np.zeros(len(docs), np.uint64)
+                    continue
+                where = np.minimum(np.searchsorted(k, docs), len(k) - 1)
+                found, rows = k[where] == docs, seg.atoms[atom][where]
+                tf = np.where(found, rows["tf"], 0).astype(float)
+                score += idf[atom] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * rows["dl"] / avgdl))
+                wall = np.where(found, rows["wall"], wall)
+                masks[atom] = np.where(found, rows["mask"], np.uint64(0))
             keep = np.ones(len(docs), bool)
             if request.start is not None:
                 keep &= wall >= request.start

@@ -16,7 +16,9 @@ import ray
 from connectors.client import SlowFastClient
 from connectors.intake import ControlIntake, QuestionIntake
 from connectors.redis_conn import UNREACHABLE
-from connectors.redis_schema import PAST_KINDS, Answer, AnswerKind, ControlAction, InvalidMessage, Question, QuestionKind
+from connectors.redis_schema import (
+    PAST_KINDS, Answer, AnswerKind, ControlAction, InvalidMessage, Question, QuestionKind,
+)
 
 from .config import StreamConfig
 from .engine.output_processor import error_answer
@@ -117,7 +119,8 @@ class Router:
                     answer = error_answer(question, f"Redis unreachable while reading the history: {exc}")
                 except Exception as exc:  # a bad range, a model failure: this request only
                     answer = error_answer(question, f"answering failed: {type(exc).__name__}: {exc}")
-                self._queue_reply(entry_id, question, answer.model_copy(update={"kind": AnswerKind(question.kind)}))
+                answer = answer.model_copy(update={"kind": AnswerKind(question.kind)})
+                self._queue_reply(entry_id, question, answer)
 
     def _queue_reply(self, entry_id: str, question: Question, answer: Answer) -> None:
         self.replies.append(lambda e=entry_id, q=question, a=answer: self.questions.complete(e, q, a))
