@@ -422,7 +422,8 @@ class Publisher:
 
     # ------------------------------------------------------------------ internals
 
-    def _index(self, p: Pipeline, sid: str, kind: EntryKind, entry_id: str, entry: Answer | Caption | Event | Summary) -> None:
+    def _index(self, p: Pipeline, sid: str, kind: EntryKind, entry_id: str,
+               entry: Answer | Caption | Event | Summary) -> None:
         """The entry's search postings, after its XADD in the same transaction (connectors.search)."""
         indexed = IndexedEntry(kind, entry_id, entry_text(kind, entry), entry_time(kind, entry))
         index_commands(self._index_entry, p, self.keys, sid, indexed, self.key_ttl_s)
