@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipeline.cli import app as cli_app
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
+from tests.support.background_run import BackgroundRun, wait_until
 from tests.support.media import cfr_times, make_clip
 from tests.support.model_faults import HoldEachBatch, HoldWhileFileExists, worker_with
 
@@ -46,31 +46,6 @@ def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
         None, redis_url=redis_url, model=str(model_dir), out_dir=out_dir, window=WINDOW, stride=STRIDE,
         fps=FPS, streams=streams, generation={"max_new_tokens": 6}, **extra,
     )
-
-
-class BackgroundRun:
-    """run_pipeline in a thread, as `slowfast run` does in its main thread; collects its events."""
-
-    def __init__(self, config, **options):
-        self.stop, self.events, self.result = threading.Event(), [], {}
-        self.thread = threading.Thread(target=lambda: self.result.update(
-            run_pipeline(config, stop=self.stop, on_event=self.events.append, **options)))
-        self.thread.start()
-
-    def finish(self, stop: bool = True, timeout: float = 120) -> dict:
-        """Stop it (or, for files, let it end) and return the summaries."""
-        if stop:
-            self.stop.set()
-        self.thread.join(timeout=timeout)
-        assert not self.thread.is_alive()
-        return self.result
-
-
-def wait_until(predicate, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and not predicate():
-        time.sleep(0.3)
-    assert predicate()
 
 
 def test_file_windows_captions_and_outputs_are_exact(

@@ -11,9 +11,10 @@ import pytest
 
 from connectors.client import SlowFastClient
 from connectors.redis_schema import IngestState
+from tests.support.background_run import BackgroundRun, wait_until
 from tests.support.media import cfr_times, damage, free_port, make_clip
 from tests.support.model_faults import FailOnPrompt, worker_with
-from tests.test_pipeline_e2e import BackgroundRun, clip, pipeline_config, wait_until  # noqa: F401 - clip: a fixture
+from tests.test_pipeline_e2e import clip, pipeline_config  # noqa: F401 - clip: a fixture
 
 FAILING_PROMPT = "Fail on this window."
 

@@ -1,0 +1,36 @@
+"""`run_pipeline` in a background thread, as `slowfast run` runs it in its main thread, and a
+wait for a condition with a generous bound."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pipeline.runner import run_pipeline
+
+__all__: list[str] = []  # helpers only (tests/conftest.py star-imports fixture modules)
+
+
+class BackgroundRun:
+    """run_pipeline in a thread, as `slowfast run` does in its main thread; collects its events."""
+
+    def __init__(self, config, **options):
+        self.stop, self.events, self.result = threading.Event(), [], {}
+        self.thread = threading.Thread(target=lambda: self.result.update(
+            run_pipeline(config, stop=self.stop, on_event=self.events.append, **options)))
+        self.thread.start()
+
+    def finish(self, stop: bool = True, timeout: float = 120) -> dict:
+        """Stop it (or, for files, let it end) and return the summaries."""
+        if stop:
+            self.stop.set()
+        self.thread.join(timeout=timeout)
+        assert not self.thread.is_alive()
+        return self.result
+
+
+def wait_until(predicate, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not predicate():
+        time.sleep(0.3)
+    assert predicate()
