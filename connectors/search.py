@@ -6,12 +6,12 @@ Layout, per stream and entry kind (`caption`, `answer`, `event`, `summary`):
 - `sfs:{sid}:ix:<kind>:<term>` (string): the term's postings, appended in entry-id order, one
   fixed 30-byte record each (`POSTING`): the entry id, the term's count in the entry, the
   entry's length in words, its wall-clock time and the positions (mod 64) the term stands at;
-- `sfs:{sid}:ix:<kind>` (sorted set): the kind's terms, scored by when each was last written.
+- `sfs:{sid}:ix:<kind>` (sorted set): the kind's terms, scored by when each key's TTL was set.
 
-Retention follows the entries: each write drops the postings of entries the stream's `MAXLEN ~`
-trimmed (a prefix, since ids only grow), postings keys carry the stream's TTL, and a query keeps
-only postings at or above the oldest entry still held, so a trimmed or expired entry is never a
-hit. Ranking is BM25 with a phrase bonus, newest first among equals; phrases and prefixes are
+Retention follows the entries: writes drop the postings of entries the stream's `MAXLEN ~`
+trimmed (a prefix, since ids only grow), postings keys outlive the stream's TTL a little, and a
+query keeps only postings at or above the oldest entry still held, so a trimmed or expired entry
+is never a hit. Ranking is BM25 with a phrase bonus, newest first among equals; phrases and prefixes are
 answered from the postings and phrases are checked again on the text of the page returned.
 """
 
@@ -107,10 +107,14 @@ def postings_of(text: str, entry_id: str, wall: float) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------------------- upkeep (publisher side)
 
-# KEYS: entries stream, vocabulary, postings keys. ARGV: ttl (0: persist), now, entry id, its ms and
-# seq, stale terms to refresh, then one record per postings key, then the terms in the same order.
-# Nothing is appended unless the entry is in the stream (a refused XADD of the same MULTI) and
-# newer than the key's last posting (a retried window), so a posting always names a held entry.
+# KEYS: entries stream, vocabulary, postings keys. ARGV: postings TTL (0: none), now, entry id, its
+# ms and seq, stale terms to refresh, then one record per postings key, then the terms in the same
+# order. Nothing is appended unless the entry is in the stream (an XADD of the same MULTI may have
+# been refused) and not indexed yet (a retried window: every key of its terms already ends at or
+# past it, so the first tells). One APPEND per term; a new key gets its TTL and its place in the
+# vocabulary (scored by when its TTL was set), every 16th posting of a key drops the postings of
+# entries the stream trimmed (a prefix: ids only grow), and each call renews the TTL of a few keys
+# set longest ago, so every key is renewed before it could expire under a stream still written.
 INDEX_ENTRY = """
 local ttl, now, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 local ms, seq, refresh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -118,15 +122,19 @@ local n = #KEYS - 2
 local R = 30
 if #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 0 then return 0 end
 local function older(a_ms, a_seq, b_ms, b_seq) return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq) end
-local function keep(key)
-  if ttl > 0 then redis.call('EXPIRE', key, ttl) else redis.call('PERSIST', key) end
+local last = redis.call('GETRANGE', KEYS[3], -R, -R + 9)
+if #last == 10 then
+  local l_ms, l_seq = struct.unpack('<dH', last)
+  if not older(l_ms, l_seq, ms, seq) then return 0 end
 end
-local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
-local f_ms, f_seq = string.match(first, '^(%d+)-(%d+)$')
-f_ms, f_seq = tonumber(f_ms), tonumber(f_seq)
-local function trim(key)
-  local count = redis.call('STRLEN', key) / R
-  local lo, hi = 0, count
+local f_ms, f_seq
+local function trim(key, length)
+  if not f_ms then
+    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
+    f_ms, f_seq = string.match(first, '^(%d+)-(%d+)$')
+    f_ms, f_seq = tonumber(f_ms), tonumber(f_seq)
+  end
+  local lo, hi = 0, length / R
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
     local p_ms, p_seq = struct.unpack('<dH', redis.call('GETRANGE', key, mid * R, mid * R + 9))
@@ -134,29 +142,19 @@ local function trim(key)
   end
   if lo > 0 then redis.call('SET', key, redis.call('GETRANGE', key, lo * R, -1), 'KEEPTTL') end
 end
-local added = 0
 for i = 1, n do
   local key = KEYS[i + 2]
-  local last = redis.call('GETRANGE', key, -R, -R + 9)
-  local fresh = #last < 10
-  if not fresh then
-    local l_ms, l_seq = struct.unpack('<dH', last)
-    fresh = older(l_ms, l_seq, ms, seq)
-  end
-  if fresh then
-    redis.call('APPEND', key, ARGV[6 + i])
-    keep(key)
+  local length = redis.call('APPEND', key, ARGV[6 + i])
+  if length == R then
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
     redis.call('ZADD', KEYS[2], now, ARGV[6 + n + i])
-    local head = redis.call('GETRANGE', key, 0, 9)
-    local h_ms, h_seq = struct.unpack('<dH', head)
-    if older(h_ms, h_seq, f_ms, f_seq) then trim(key) end
-    added = added + 1
+  elseif length % (16 * R) == 0 then
+    trim(key, length)
   end
 end
--- Terms not written for half a TTL: refresh their keys, or forget them once their key is gone.
 if ttl > 0 and refresh > 0 then
   local prefix = KEYS[2] .. ':'
-  for _, term in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl / 2, 'LIMIT', 0, refresh)) do
+  for _, term in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl / 3, 'LIMIT', 0, refresh)) do
     if redis.call('EXPIRE', prefix .. term, ttl) == 1 then
       redis.call('ZADD', KEYS[2], now, term)
     else
@@ -164,7 +162,7 @@ if ttl > 0 and refresh > 0 then
     end
   end
 end
-return added
+return n
 """
 
 # KEYS: vocabularies. ARGV[1]: 'expire' (ARGV[2] seconds), 'persist' or 'delete'. Applies to every
@@ -180,7 +178,11 @@ for _, vocab in ipairs(KEYS) do
 end
 return 1
 """
-STALE_REFRESH = 8  # stale terms each indexed entry refreshes
+STALE_REFRESH = 8  # postings keys whose TTL each indexed entry renews, those set longest ago first
+# Postings keys live 1.5x the stream's key TTL and are renewed every half of that TTL, so they
+# outlive the entries they name (a posting of a gone entry is never a hit: queries keep only
+# postings at or above the oldest entry held).
+POSTINGS_TTL_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,8 @@ def index_commands(script: Any, pipe: Any, keys: Keys, stream: str, entry: Index
     script(
         keys=[keys.entries(stream, entry.kind), keys.index_terms(stream, entry.kind),
               *(keys.index_postings(stream, entry.kind, t) for t in terms)],
-        args=[ttl_s or 0, now if now is not None else time.time(), entry.entry_id, ms, seq, STALE_REFRESH,
+        args=[int(ttl_s * POSTINGS_TTL_FACTOR) if ttl_s else 0, now if now is not None else time.time(),
+              entry.entry_id, ms, seq, STALE_REFRESH,
               *(postings[t] for t in terms), *terms],
         client=pipe,
     )

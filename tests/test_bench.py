@@ -106,3 +106,31 @@ def test_long_video_bench_prints_one_hour_measured_and_derived(tmp_path):
     assert seconds > 0 and real_time == pytest.approx(seconds / 3600, abs=0.01)
     (gpu_hour,) = figure(r"^  ONE HOUR: ~{N} s \(the larger of the two; they overlap\)$", out)
     assert gpu_hour > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_search_bench_prints_upkeep_memory_latency_and_the_options_it_beat(tmp_path):
+    out = run_bench("search_bench", tmp_path)
+    (captions,) = figure(r"^history: 2 streams x 0.1 h, a caption every 4 s: {N} captions", out)
+    assert captions == 180
+    indexed, plain, extra, ratio = figure(
+        r"^upkeep: {N} ms per window with the index, {N} ms without \(medians\): \+?{N} ms \({N}x\)$", out)
+    assert indexed > 0 and plain > 0 and extra == pytest.approx(indexed - plain, abs=0.011)
+    per_caption, _, _, caption_bytes, _ = figure(
+        r"^memory: index {N} B per caption \({N} MiB in {N} keys\), captions {N} B per caption; index / captions {N}x$",
+        out)
+    assert per_caption > 0 and caption_bytes > 0
+    p50, p99, queries = figure(r"^search: p50 {N} ms, p99 {N} ms over {N} queries$", out)
+    assert 0 < p50 <= p99 and queries == 21
+    figure(r"^scan without index: {N} ms per query \({N}x the indexed p50\)$", out)
+    figure(r"^rebuild in process on start: {N} s to read and tokenise every caption", out)
+
+
+def test_gate_bench_prints_windows_and_frames_with_and_without_the_gate(tmp_path):
+    out = run_bench("gate_bench", tmp_path)
+    without = figure(r"^without gate: {N} of {N} windows to the model \({N} GPU windows per camera-hour", out)
+    with_gate = figure(r"^with gate: {N} of {N} windows to the model \({N} GPU windows per camera-hour", out)
+    assert without[0] == without[1] == with_gate[1] and with_gate[0] < without[0]
+    windows, frames = figure(r"^gate / no gate: windows {N}, frames {N}", out)
+    assert windows == round(with_gate[0] / without[0], 3) and 0 < frames < 1
