@@ -49,6 +49,18 @@ def open_video(spec: SourceSpec, settings: OpenSettings) -> tuple[InputContainer
         raise
 
 
+def nominal_rate(stream: VideoStream) -> float:
+    """Frames per second the stream declares (25 when it declares none)."""
+    return float(stream.average_rate or stream.guessed_rate or 25)
+
+
+def start_seconds(stream: VideoStream) -> float | None:
+    """The raw time of the stream's start (what maps to stream time 0), if it says."""
+    if stream.start_time is None or stream.time_base is None:
+        return None
+    return float(stream.start_time * stream.time_base)
+
+
 def count_frames(spec: SourceSpec, settings: OpenSettings) -> int:
     """Video packets in the file, by demuxing only (no decoding): the total for uniform sampling."""
     container, stream = open_video(spec, settings)

@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from .backoff import Backoff
 from .decoder import OpenSettings
 from .scaling import Scaler
+from .seeking import SamplePlan
 from .source import VideoSource
 from .types import SourceError
-from .uri import parse_source
+from .uri import Kind, parse_source
 
 TRANSPORTS = ("tcp", "udp")
 
@@ -35,6 +36,8 @@ def open_source(
     max_attempts: int | None = None,
     retry_connect: bool = False,
     skip_nonref: bool = False,
+    plan: SamplePlan | None = None,
+    first_frame: int = 0,
     av_options: Mapping[str, str] | None = None,
 ) -> VideoSource:
     """Open a video source and connect to it (SourceError if it cannot start).
@@ -48,8 +51,11 @@ def open_source(
     rate, FFmpeg skips decoding frames no other frame refers to (B-frames, usually; each sample
     is then the first reference frame at or after its tick, with its own true timestamp, and
     source_index counts decoded frames only); retry_connect: a live source that is down at
-    start keeps retrying (state connecting) instead of raising. av_options: extra FFmpeg
-    options passed to av.open.
+    start keeps retrying (state connecting) instead of raising. plan (scan_samples of the
+    file at this fps) with first_frame: start at that sampled frame, as a single pass would
+    sample it and number it (seq), seeking instead of decoding what comes before; a frame
+    that differs from the scan is a SourceError naming PLAN_MISMATCH (source_index then
+    counts from the seek). av_options: extra FFmpeg options passed to av.open.
     """
     spec = parse_source(uri, loop=loop)
     if transport not in TRANSPORTS:
@@ -60,6 +66,10 @@ def open_source(
         raise SourceError(spec.uri, "fps must be > 0")
     if open_timeout <= 0 or read_timeout <= 0:
         raise SourceError(spec.uri, "timeouts must be > 0")
+    if plan is not None and (frames is not None or live or spec.kind is not Kind.FILE or plan.fps != fps):
+        raise SourceError(spec.uri, "a sample plan needs a local file read at the plan's fps")
+    if plan is not None and not 0 <= first_frame < plan.frames:
+        raise SourceError(spec.uri, f"first_frame {first_frame} is not one of the plan's {plan.frames} frames")
     try:
         backoff = Backoff(backoff_initial, backoff_max, backoff_jitter, max_attempts)
         scaler = Scaler(size, crop, interpolation)
@@ -76,5 +86,7 @@ def open_source(
         realtime=realtime,
         retry_connect=retry_connect,
         skip_nonref=skip_nonref,
+        plan=plan,
+        first_frame=first_frame,
     )
     return source.start()

@@ -27,12 +27,15 @@ class RateSampler:
         self._next_tick = 0
         self._eps = TOLERANCE * fps  # in ticks
 
+    def tick(self, t: float) -> int:
+        """The tick a frame at stream time t counts for (at most TOLERANCE before it)."""
+        return math.floor(t * self.fps + self._eps)
+
     def take(self, t: float, index: int) -> int:
         """How many times the frame at stream time t (index-th decoded) is emitted."""
-        x = t * self.fps
-        if x < self._next_tick - self._eps:
+        if t * self.fps < self._next_tick - self._eps:
             return 0
-        self._next_tick = math.floor(x + self._eps) + 1
+        self._next_tick = self.tick(t) + 1
         return 1
 
 

@@ -16,10 +16,11 @@ from av.container import InputContainer
 from av.video.stream import VideoStream
 
 from .backoff import Backoff
-from .decoder import Decoder, OpenSettings, count_frames, open_video
+from .decoder import Decoder, OpenSettings, count_frames, nominal_rate, open_video, start_seconds
 from .failures import Failure, classify
 from .sampling import RateSampler, UniformSampler
 from .scaling import Scaler
+from .seeking import PLAN_MISMATCH, PlannedFrames, SamplePlan, seek_before
 from .timeline import Timeline
 from .types import Frame, SourceError, SourceState, SourceStats
 from .uri import Kind, SourceSpec
@@ -48,6 +49,8 @@ class VideoSource:
         realtime: bool = True,
         retry_connect: bool = False,
         skip_nonref: bool = False,
+        plan: SamplePlan | None = None,
+        first_frame: int = 0,
     ) -> None:
         self.spec = spec
         self.uri = spec.display  # safe to log/publish
@@ -67,7 +70,8 @@ class VideoSource:
         self._timeline: Timeline | None = None
         self._sampler: RateSampler | UniformSampler | None = None
         self._iterating = False
-        self._seq = 0
+        self._planned = PlannedFrames(plan, first_frame) if plan is not None else None
+        self._seq = first_frame if plan is not None else 0
         self._index = 0
         self._last_frame_mono: float | None = None
         self._clock_origin: float | None = None  # realtime pacing of loop://
@@ -163,6 +167,8 @@ class VideoSource:
             elif self.is_live:
                 self._lost(Failure("stream ended (EOF from server)", False))
             else:
+                if self._planned is not None:
+                    self._check_plan(self._planned.check_end)
                 yield from self._pad_uniform()
                 self._state = SourceState.ENDED
                 return
@@ -185,6 +191,8 @@ class VideoSource:
                     self._last_duration = float(vf.duration * vf.time_base)
                 index, self._index = self._index, self._index + 1
                 copies = self._sampler.take(t, index)
+                if copies and self._planned is not None and self._planned_number(t) is None:
+                    continue  # decoded to reach the first frame asked for
                 if not copies:
                     continue  # never converted to RGB
                 image = self._scaler(vf)
@@ -199,6 +207,17 @@ class VideoSource:
         self._stats.sampled += 1
         self._last_emitted = frame
         return frame
+
+    def _planned_number(self, t: float) -> int | None:
+        """A sampled frame's number in a single pass (None: before the first frame asked for)."""
+        assert self._planned is not None and isinstance(self._sampler, RateSampler)
+        return self._check_plan(lambda: self._planned.number(self._sampler.tick(t)))
+
+    def _check_plan(self, check):
+        try:
+            return check()
+        except ValueError as exc:
+            self._fail(Failure(f"{PLAN_MISMATCH}: {exc}", True))
 
     def _pad_uniform(self) -> Iterator[Frame]:
         """frames=N promises N frames; if corrupt packets made the file shorter than its
@@ -236,6 +255,9 @@ class VideoSource:
             self._start_segment(stream, first)
             if self._skips_non_reference(stream):
                 stream.codec_context.skip_frame = "NONREF"
+            if first and self._planned is not None and self._planned.first_frame:
+                seek_before(container, stream, self._planned.plan.seconds_before(self._planned.first_frame)
+                            + (start_seconds(stream) or 0.0))
         except BaseException:
             container.close()
             raise
@@ -256,8 +278,7 @@ class VideoSource:
     def _init_sampling(self, stream: VideoStream) -> None:
         if self._frames is not None and self.is_live:
             raise SourceError(self.spec.uri, "frames=N (uniform sampling) needs a file, not a live source")
-        rate = stream.average_rate or stream.guessed_rate or 25
-        self._timeline = Timeline(1.0 / float(rate), LIVE_MAX_FORWARD_GAP if self.is_live else None)
+        self._timeline = Timeline(1.0 / nominal_rate(stream), LIVE_MAX_FORWARD_GAP if self.is_live else None)
         if self._frames is None:
             self._sampler = RateSampler(self._fps)
         else:
@@ -268,9 +289,7 @@ class VideoSource:
 
     def _start_segment(self, stream: VideoStream, first: bool) -> None:
         assert self._timeline is not None
-        origin = None
-        if stream.start_time is not None and stream.time_base is not None and self.spec.kind is not Kind.RTSP:
-            origin = float(stream.start_time * stream.time_base)
+        origin = start_seconds(stream) if self.spec.kind is not Kind.RTSP else None
         if first:
             self._timeline.restart(at=0.0, origin=origin)
         elif self.spec.kind is Kind.LOOP:
