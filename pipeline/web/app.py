@@ -16,7 +16,7 @@ import logging
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs
@@ -31,9 +31,12 @@ from connectors.redis_conn import UNREACHABLE
 from connectors.redis_schema import (
     DEFAULT_KEYS,
     MAX_QUESTION_CHARS,
+    Answer,
     STATUS_INTERVAL_S,
     STREAM_ID_RE,
     Caption,
+    EventAck,
+    EventPhase,
     Hit,
     Keys,
     NotificationKind,
@@ -51,6 +54,7 @@ STATIC = Path(__file__).parent / "static"
 TOKEN_COOKIE = "sfs_token"
 TOKEN_HEADER = "x-slowfast-token"
 EVENT_WINDOW_S = 3600.0  # "recent" events: the last hour
+RECENT_RECORDS = 200  # event records a card looks through for the recent openings and closings
 RESYNC_S = 5.0  # full re-read of every stream by the update thread (not by browsers)
 # what changes a stream's card: its entries, its state, its removal
 UPDATE_KINDS = tuple(NotificationKind)
@@ -81,8 +85,27 @@ class QuestionRequest(RangeFields):
     timeout_s: float = Field(default=60.0, gt=0, le=300, description="how long to wait for the answer")
 
 
+class AckRequest(BaseModel):
+    by: str = Field(default="", max_length=200, description="who acknowledges")
+    note: str = Field(default="", max_length=2000)
+
+
 class ReportRequest(RangeFields):
     timeout_s: float = Field(default=600.0, gt=0, le=3600, description="how long to wait for the report")
+
+
+def replied(ask: Callable[[], Answer], timeout_s: float, what: str) -> Answer | JSONResponse:
+    """The pipeline's reply, or the response that says why there is none: 422 for an error reply
+    or a request that cannot be sent, 504 when no reply came in time."""
+    try:
+        return ask()
+    except QuestionError as exc:
+        return JSONResponse({"detail": str(exc), "reply": exc.reply.model_dump(mode="json")}, status_code=422)
+    except TimeoutError:
+        return JSONResponse({"detail": f"no {what} within {timeout_s:g} s (is the pipeline running?)"},
+                            status_code=504)
+    except ValueError as exc:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
 
 
 def hit_json(hit: Hit) -> dict:
@@ -98,10 +121,13 @@ def caption_json(caption: Caption | None) -> dict | None:
     return caption.model_dump(mode="json") | {"entry_id": caption.entry_id}
 
 
-def event_json(stream: str, entry_id: str, event: Any) -> dict:
+def event_json(stream: str, entry_id: str | None, event: Any, acks: dict[str, EventAck]) -> dict:
+    """An event record with its picture's URL and its event's acknowledgement (None if none)."""
     out = event.model_dump(mode="json") | {"entry_id": entry_id}
     if event.snapshot_id:
         out["snapshot_url"] = f"/api/streams/{stream}/snapshots/{event.snapshot_id}.jpg"
+    ack = acks.get(event.event_id) if event.event_id else None
+    out["ack"] = ack.model_dump(mode="json") if ack else None
     return out
 
 
@@ -111,7 +137,10 @@ def stream_summary(client: SlowFastClient, info: StreamInfo) -> dict:
     status = client.status(sid)
     frame = client.frame_info(sid)
     since = time.time() - EVENT_WINDOW_S
-    recent = [(eid, e) for eid, e in client.older("events", sid, count=20) if e.created_at >= since]
+    # Openings and closings; an open event's updates (one per window) would crowd them out.
+    recent = [(eid, e) for eid, e in client.older("events", sid, count=RECENT_RECORDS)
+              if e.created_at >= since and e.phase != EventPhase.UPDATED][:20]
+    acks = client.acks(sid)
     return {
         "id": sid,
         "source": info.source,
@@ -122,7 +151,8 @@ def stream_summary(client: SlowFastClient, info: StreamInfo) -> dict:
         "caption": caption_json(client.latest(sid)),
         "frame": None if frame is None else frame.model_dump(mode="json") | {
             "entry_id": frame.entry_id, "url": f"/api/streams/{sid}/frame.jpg?w={frame.entry_id}"},
-        "events": [event_json(sid, eid, e) for eid, e in recent],
+        "events": [event_json(sid, eid, e, acks) for eid, e in recent],
+        "open_events": [event_json(sid, None, e, acks) for e in client.open_events(sid)],
         # A running stream's status is re-published every STATUS_INTERVAL_S: much older means
         # the pipeline itself is gone, whatever the last state says.
         "stale_after_s": STALE_AFTER_INTERVALS * STATUS_INTERVAL_S,
@@ -353,7 +383,17 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
         count: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> list[dict]:
         known(stream)
-        return [event_json(stream, eid, e) for eid, e in client.older("events", stream, before=before, count=count)]
+        acks = client.acks(stream)
+        return [event_json(stream, eid, e, acks) for eid, e in client.older("events", stream, before=before, count=count)]
+
+    @app.post("/api/streams/{stream}/events/{event_id}/ack", summary="Acknowledge an event (open or closed)")
+    def api_ack(stream: StreamIdPath, event_id: Annotated[str, PathParam(max_length=200)], request: AckRequest) -> dict:
+        known(stream)
+        try:
+            ack = client.acknowledge(stream, event_id, by=request.by, note=request.note)
+        except KeyError as exc:
+            raise HTTPException(404, exc.args[0]) from None
+        return ack.model_dump(mode="json")
 
     @app.get("/api/streams/{stream}/frame.jpg", summary="The latest window's last frame (JPEG)",
              response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
@@ -377,20 +417,15 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
               "`history`) about its past; waits for the reply")
     def api_ask(stream: StreamIdPath, question: QuestionRequest) -> JSONResponse:
         known(stream)
-        past = question.kind == QuestionKind.HISTORY
-        try:
-            if past:
-                answer = client.ask_history(stream, question.text, since=question.since, start=question.start,
-                                            end=question.end, timeout=question.timeout_s)
-            else:
-                answer = client.ask(stream, question.text, timeout=question.timeout_s, kind=question.kind)
-        except QuestionError as exc:
-            return JSONResponse({"detail": str(exc), "reply": exc.reply.model_dump(mode="json")}, status_code=422)
-        except TimeoutError:
-            return JSONResponse({"detail": f"no answer within {question.timeout_s:g} s (is the pipeline running?)"},
-                                status_code=504)
-        except ValueError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
+        if question.kind == QuestionKind.HISTORY:
+            answer = replied(lambda: client.ask_history(stream, question.text, since=question.since,
+                                                        start=question.start, end=question.end,
+                                                        timeout=question.timeout_s), question.timeout_s, "answer")
+        else:
+            answer = replied(lambda: client.ask(stream, question.text, timeout=question.timeout_s, kind=question.kind),
+                             question.timeout_s, "answer")
+        if isinstance(answer, JSONResponse):
+            return answer
         body = answer.model_dump(mode="json")
         if answer.sources is not None:
             body["sources"] = [hit_json(h) for h in answer.sources]
@@ -419,16 +454,10 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
     @app.post("/api/streams/{stream}/report", summary="A report on a range: summary, events, pictures; waits for it")
     def api_report(stream: StreamIdPath, request: ReportRequest) -> JSONResponse:
         known(stream)
-        try:
-            answer = client.report(stream, since=request.since, start=request.start, end=request.end,
-                                   timeout=request.timeout_s)
-        except QuestionError as exc:
-            return JSONResponse({"detail": str(exc), "reply": exc.reply.model_dump(mode="json")}, status_code=422)
-        except TimeoutError:
-            return JSONResponse({"detail": f"no report within {request.timeout_s:g} s (is the pipeline running?)"},
-                                status_code=504)
-        except ValueError as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=422)
+        answer = replied(lambda: client.report(stream, since=request.since, start=request.start, end=request.end,
+                                               timeout=request.timeout_s), request.timeout_s, "report")
+        if isinstance(answer, JSONResponse):
+            return answer
         report = answer.report
         return JSONResponse({
             "markdown": report_markdown(report, lambda item: picture_path(stream, item)),
