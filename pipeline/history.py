@@ -135,23 +135,28 @@ def report_summary(captions: Sequence[Caption], every: int, ask: AskModel) -> st
 
 
 def event_spans(events: Sequence[tuple[str, Event]], pictures: dict[str, Hit]) -> list[EventSpan]:
-    """Each standing question's events in windows in a row, as one span: opened on its first
-    window, closed after its last; with the first window's picture while Redis holds it."""
+    """The range's events as spans, opened on their first window and closed after their last,
+    with the first window's picture while Redis holds it. Records that name their event
+    (`event_id`: opened, updated, closed) are one span each; others, one per standing question's
+    windows in a row."""
     spans: list[EventSpan] = []
-    open_by_question: dict[str, int] = {}
+    current: dict[str, int] = {}  # event id, or question id -> index in spans
     for _, event in sorted(events, key=lambda item: (item[1].window, item[0])):
-        index = open_by_question.get(event.question_id)
+        key = getattr(event, "event_id", None) or event.question_id
+        fired = getattr(event, "phase", None) != "closed"
+        index = current.get(key)
         span = spans[index] if index is not None else None
-        if span is not None and event.window <= span.last_window + 1:
+        if span is not None and (key != event.question_id or event.window <= span.last_window + 1):
             if event.window > span.last_window:
-                spans[index] = span.model_copy(update={"last_window": event.window, "windows": span.windows + 1,
-                                                       "end": event.end, "closed": event.wall_end})
+                spans[index] = span.model_copy(update={"last_window": event.window, "end": event.end,
+                                                       "closed": event.wall_end, "windows": span.windows + fired})
             continue
-        picture = pictures.get(window_entry_id(event.run, event.window))
-        open_by_question[event.question_id] = len(spans)
+        first = getattr(event, "first_window", None)
+        picture = pictures.get(window_entry_id(event.run, event.window if first is None else first))
+        current[key] = len(spans)
         spans.append(EventSpan(
             question_id=event.question_id, question=event.question, first_window=event.window,
-            last_window=event.window, windows=1, start=event.start, end=event.end, opened=event.wall_end,
+            last_window=event.window, windows=int(fired), start=event.start, end=event.end, opened=event.wall_end,
             closed=event.wall_end, text=event.text, picture_key=picture.picture_key if picture else None,
             picture_id=picture.picture_id if picture else None,
         ))

@@ -247,3 +247,18 @@ def test_parse_query_and_postings_units():
     assert (record["ms"], record["seq"], record["tf"], record["dl"]) == (1700000000000, 3, 2, 7)
     assert int(record["mask"]) == (1 << 1) | (1 << 5)
     assert SearchRequest.build("red", since="2h", now=10_000.0).start == 10_000.0 - 7200
+
+
+def test_event_spans_join_a_questions_windows_in_a_row():
+    from connectors.redis_schema import Event
+    from pipeline.history import event_spans
+
+    def fired(window: int, question_id: str = "rc") -> tuple[str, Event]:
+        return f"{1000 + window}-0", Event(stream="cam1", window=window, run=1000, question_id=question_id,
+                                           question=f"{question_id}?", text="Yes", trigger="p_yes>0.5",
+                                           start=4.0 * window, end=4.0 * window + 15.75, wall_end=100.0 + window)
+
+    spans = event_spans([fired(1), fired(2), fired(3), fired(6), fired(2, "van")], {})
+    assert [(s.question_id, s.first_window, s.last_window, s.windows) for s in spans] == \
+        [("rc", 1, 3, 3), ("van", 2, 2, 1), ("rc", 6, 6, 1)]
+    assert (spans[0].opened, spans[0].closed, spans[0].start, spans[0].end) == (101.0, 103.0, 4.0, 27.75)
