@@ -37,6 +37,7 @@ from .redis_schema import (
     ControlReply,
     EntryKind,
     Event,
+    EventAck,
     FrameInfo,
     Keys,
     M,
@@ -47,6 +48,7 @@ from .redis_schema import (
     StreamInfo,
     StreamStatus,
     Summary,
+    Undelivered,
     decode_entry,
     encode_entry,
 )
@@ -147,7 +149,31 @@ class SlowFastClient:
         return self._range(self.keys.answers(stream), Answer, since, count)
 
     def events(self, stream: str, since: str | None = None, count: int = 100) -> list[Event]:
+        """Event records (opened, updated, closed) in window order."""
         return self._range(self.keys.events(stream), Event, since, count)
+
+    def open_events(self, stream: str) -> list[Event]:
+        """The stream's events open now (each one's latest record), oldest first."""
+        raw = self.redis.hgetall(self.keys.open_events(stream))
+        return sorted((Event.model_validate_json(v) for v in raw.values()), key=lambda e: (e.first_window, e.event_id))
+
+    def acknowledge(self, stream: str, event_id: str, by: str = "", note: str = "") -> EventAck:
+        """Record that a person has seen an event (open or closed); raises KeyError for an
+        event the stream never had."""
+        if not self.redis.hexists(self.keys.open_events(stream), event_id) and not any(
+                e.event_id == event_id for e in self.events(stream, count=10_000)):
+            raise KeyError(f"stream {stream!r} has no event {event_id!r}")
+        ack = EventAck(event_id=event_id, by=by, note=note)
+        self.redis.hset(self.keys.acks(stream), event_id, ack.to_json())
+        return ack
+
+    def undelivered(self, stream: str, count: int = 100) -> list[Undelivered]:
+        """Event notifications the pipeline gave up on, oldest first (the last `count`)."""
+        return self._range(self.keys.undelivered(stream), Undelivered, None, count)
+
+    def acks(self, stream: str) -> dict[str, EventAck]:
+        """Event id -> its acknowledgement."""
+        return {k: EventAck.model_validate_json(v) for k, v in self.redis.hgetall(self.keys.acks(stream)).items()}
 
     def older(self, key_of: str, stream: str, before: str | None = None, count: int = 50) -> list[Any]:
         """Newest first: the last `count` captions/answers/events (`key_of`: "captions",

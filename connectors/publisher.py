@@ -43,6 +43,7 @@ from .redis_schema import (
     Caption,
     EntryKind,
     Event,
+    EventPhase,
     FrameInfo,
     Keys,
     Notification,
@@ -50,12 +51,16 @@ from .redis_schema import (
     StreamInfo,
     StreamStatus,
     Summary,
+    Undelivered,
     encode_entry,
     encode_hash,
     window_entry_id,
 )
 
 log = logging.getLogger(__name__)
+# Closing records written after a stream's last window take entry indexes from here on, past
+# any that window's own events used.
+EVENTS_AT_END = 1000
 
 _DUPLICATE = "equal or smaller than the target stream top item"
 
@@ -114,7 +119,7 @@ class _Op:
     """One buffered write: adds its commands to a transaction; `window` ops can overflow."""
 
     stream: str
-    kind: str  # "window" | "status" | "registry"
+    kind: str  # "window" | "status" | "registry" | "record"
     build: Callable[[Pipeline], None]
     entry: tuple[str, str] | None = None  # (captions key, entry id) of a window op
     waited: bool = False  # sat in the buffer during an outage
@@ -207,9 +212,12 @@ class Publisher:
         foreign = ({a.stream for a in answers} | {e.stream for e in events}) - {None, sid}
         if foreign:
             raise ValueError(f"answers/events of stream(s) {sorted(map(str, foreign))} in a window of {sid!r}")
-        if frame is not None and events:
-            snapshot = {"snapshot_key": self.keys.snapshots(sid), "snapshot_id": caption.entry_id}
-            events = [e.model_copy(update=snapshot) for e in events]
+        # Every record of an event names its first window's picture, kept when the event opens.
+        opens = frame is not None and any(e.phase == EventPhase.OPENED for e in events)
+        events = [e.model_copy(update={
+            "snapshot_key": self.keys.snapshots(sid),
+            "snapshot_id": window_entry_id(e.run, e.window if e.first_window is None else e.first_window)})
+            if opens or e.phase != EventPhase.OPENED else e for e in events]
 
         def build(p: Pipeline) -> None:
             k = self.keys
@@ -221,6 +229,7 @@ class Publisher:
                     entry_id = window_entry_id(caption.run, caption.window, i)
                     p.xadd(key, encode_entry(entry), id=entry_id, maxlen=maxlen)
                     self._index(p, sid, kind, entry_id, entry)
+            self._track_open(p, sid, events)
             state = encode_hash(caption, CAPTION_FLAT)
             state["caption"] = state.pop("text")
             state["entry_id"] = caption.entry_id
@@ -232,7 +241,7 @@ class Publisher:
                 info, jpeg = frame
                 picture = ["entry_id", caption.entry_id, DATA, info.to_json(), JPEG, jpeg]
                 self._set_state(keys=[k.frame(sid)], args=[caption.entry_id, *picture], client=p)
-                if events:
+                if opens:
                     p.xadd(k.snapshots(sid), {JPEG: jpeg}, id=caption.entry_id, maxlen=self.snapshots_len)
             self._refresh_ttl(p, sid)
             if self.notify:
@@ -254,6 +263,43 @@ class Publisher:
                     )
 
         return self._submit(_Op(sid, "window", build, entry=(self.keys.captions(sid), caption.entry_id)))
+
+    def _track_open(self, p: Pipeline, sid: str, events: Sequence[Event]) -> None:
+        """The open-events hash follows each event's records: set while open, gone once closed."""
+        for event in events:
+            if not event.event_id:
+                continue
+            if event.phase == EventPhase.CLOSED:
+                p.hdel(self.keys.open_events(sid), event.event_id)
+            else:
+                p.hset(self.keys.open_events(sid), event.event_id, event.to_json())
+
+    def close_events(self, sid: str, events: Sequence[Event]) -> PublishResult:
+        """Closing records outside a window (the stream ended with events open), in one
+        transaction; their entry ids follow the last window's."""
+
+        def build(p: Pipeline) -> None:
+            for i, event in enumerate(events):
+                entry_id = window_entry_id(event.run, event.window, EVENTS_AT_END + i)
+                p.xadd(self.keys.events(sid), encode_entry(event), id=entry_id, maxlen=self.events_len)
+                self._index(p, sid, EntryKind.EVENT, entry_id, event)
+            self._track_open(p, sid, events)
+            self._refresh_ttl(p, sid)
+
+        if not events:
+            return PublishResult.PUBLISHED
+        first = window_entry_id(events[0].run, events[0].window, EVENTS_AT_END)
+        return self._submit(_Op(sid, "window", build, entry=(self.keys.events(sid), first)))
+
+    def publish_undelivered(self, record: Undelivered) -> PublishResult:
+        """Write down an event notification that never reached its sink (kept, capped)."""
+        sid = record.stream
+
+        def build(p: Pipeline) -> None:
+            p.xadd(self.keys.undelivered(sid), encode_entry(record), maxlen=self.events_len)
+            self._refresh_ttl(p, sid)
+
+        return self._submit(_Op(sid, "record", build))
 
     def publish_summary(self, summary: Summary) -> PublishResult:
         """Add a summary to the stream's summaries (idempotent id) and make it the state hash's latest."""

@@ -108,6 +108,18 @@ class Keys:
         """Stream: standing-question triggers."""
         return f"{self.prefix}:{{{sid}}}:events"
 
+    def open_events(self, sid: str) -> str:
+        """Hash: event id -> the open event's latest record (Event JSON); removed when it closes."""
+        return f"{self.prefix}:{{{sid}}}:events:open"
+
+    def acks(self, sid: str) -> str:
+        """Hash: event id -> its acknowledgement (EventAck JSON)."""
+        return f"{self.prefix}:{{{sid}}}:events:acks"
+
+    def undelivered(self, sid: str) -> str:
+        """Stream: event notifications given up on (Undelivered JSON), capped."""
+        return f"{self.prefix}:{{{sid}}}:events:undelivered"
+
     def summaries(self, sid: str) -> str:
         """Stream: rolling summaries and the final summary of a file, capped."""
         return f"{self.prefix}:{{{sid}}}:summaries"
@@ -144,8 +156,9 @@ class Keys:
 
     def per_stream(self, sid: str) -> tuple[str, ...]:
         """The stream's fixed keys (postings keys are named by the index_terms sets)."""
-        return (self.captions(sid), self.answers(sid), self.events(sid), self.summaries(sid), self.state(sid),
-                self.status(sid), self.frame(sid), self.snapshots(sid),
+        return (self.captions(sid), self.answers(sid), self.events(sid), self.open_events(sid), self.acks(sid),
+                self.undelivered(sid),
+                self.summaries(sid), self.state(sid), self.status(sid), self.frame(sid), self.snapshots(sid),
                 *(self.index_terms(sid, kind) for kind in EntryKind))
 
     @property
@@ -240,6 +253,13 @@ class Caption(Model):
     error: str | None = Field(
         default=None, description="set when the model failed on this window twice: `text` is empty, the "
         "window is counted in `windows_failed`, never in `windows_done`",
+    )
+    unchanged_since_window: int | None = Field(
+        default=None, description="set when the scene gate found this window unchanged: the model did not run, "
+        "and `text` is the caption of this earlier window",
+    )
+    unchanged_since: float | None = Field(
+        default=None, description="wall-clock end of that earlier window, unix s: when the caption dates from"
     )
     created_at: float = Field(default_factory=now)
 
@@ -430,8 +450,22 @@ class StreamStatus(Model):
     windows_emitted: int = Field(default=0, description="windows the ingest sent to the model worker")
     windows_done: int = 0
     windows_skipped: int = Field(default=0, description="live windows overtaken by a newer one (newest wins)")
+    windows_gated: int = Field(
+        default=0, description="of windows_done, those the scene gate found unchanged: published without the model"
+    )
     windows_failed: int = Field(default=0, description="windows the model raised on twice (see Caption.error)")
+    windows_total: int | None = Field(
+        default=None, description="a file split over the model workers: its windows in all (the progress is "
+        "windows_done + windows_failed of it; those wait to be published in window order)")
+    eta_s: float | None = Field(default=None, description="a split file: seconds to go, at its rate so far")
     summaries_skipped: int = Field(default=0, description="rolling summaries with no room in a live stream's batch")
+    events_opened: int = Field(default=0, description="events its standing questions opened (this worker's count)")
+    events_open: int = Field(default=0, description="its events open now")
+    deliveries_pending: int = Field(default=0, description="event notifications waiting to be delivered or retried")
+    deliveries_failed: int = Field(
+        default=0, description="event notifications given up on (see `sfs:{sid}:events:undelivered`)")
+    last_delivery_error: str | None = Field(default=None, description="why the latest failed delivery attempt failed")
+    last_delivery_error_at: float | None = None
     reconnects: int = 0
     latency_s: float | None = Field(default=None, description="latest window's end-to-end latency")
     offline_dropped: int = Field(
@@ -454,11 +488,19 @@ STATUS_FLAT = ("state", "fps_in", "fps_out", "lag_s", "frames_in", "frames_dropp
                "updated_at")
 
 
+class EventPhase(StrEnum):
+    OPENED = "opened"  # the trigger said yes on `open_after` windows in a row
+    UPDATED = "updated"  # it said yes again while the event was open
+    CLOSED = "closed"  # it said no on `close_after` windows in a row (or the stream ended)
+
+
 class Event(Model):
-    """A standing question whose trigger fired on a window (`sfs:{sid}:events`)."""
+    """One record of a standing question's event (`sfs:{sid}:events`): its opening, an update
+    on each later window the trigger fires on while it is open, and its closing. All records of
+    one event share `event_id` and name its first window's picture."""
 
     stream: StreamId
-    window: int = Field(ge=0)
+    window: int = Field(ge=0, description="the window of this record")
     run: int = Field(ge=1)
     question_id: str
     question: str
@@ -468,9 +510,41 @@ class Event(Model):
     start: float
     end: float
     wall_end: float
-    snapshot_key: str | None = Field(default=None, description="stream holding the window's JPEG")
+    event_id: str = Field(default="", description="`{question_id}:{run}:{first_window}`, the same in every record")
+    phase: EventPhase = EventPhase.OPENED
+    first_window: int | None = Field(default=None, ge=0, description="the window that opened the event")
+    opened_at: float | None = Field(default=None, description="wall-clock end of the first window, unix s")
+    snapshot_key: str | None = Field(default=None, description="stream holding the first window's JPEG")
     snapshot_id: str | None = Field(default=None, description="its entry id in `snapshot_key`")
     created_at: float = Field(default_factory=now)
+
+
+def event_id(question_id: str, run: int, first_window: int) -> str:
+    return f"{question_id}:{run}:{first_window}"
+
+
+class EventAck(Model):
+    """A person's acknowledgement of an event (`sfs:{sid}:events:acks`)."""
+
+    event_id: str
+    by: str = Field(default="", max_length=200)
+    note: str = Field(default="", max_length=2000)
+    at: float = Field(default_factory=now)
+
+
+class Undelivered(Model):
+    """An event notification that never reached its sink (`sfs:{sid}:events:undelivered`): it
+    failed `attempts` times, was refused, or was still due when the pipeline stopped."""
+
+    stream: StreamId
+    event_id: str
+    phase: EventPhase
+    sink: Annotated[str, AfterValidator(redact_uri)] = Field(description="the webhook URL, credentials masked")
+    idempotency_key: str
+    attempts: int = Field(ge=0, description="attempts made (0: none before the stop)")
+    error: str = Field(description="why it was given up on")
+    event: Event
+    at: float = Field(default_factory=now)
 
 
 class FrameInfo(Model):

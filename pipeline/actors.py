@@ -19,15 +19,20 @@ import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from connectors.publisher import Publisher
-from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question
-from connectors.sources import SourceError, SourceState, open_source
+from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question, StreamStatus
+from connectors.sources import SamplePlan, SourceError, SourceState, open_source
 
 from .config import PipelineConfig, StreamConfig
 from .engine import EarlierOutputs, Engine
+from .gate import StreamGate
+from .engine.batch_rows import batch_row_counts
 from .messages import IngestReport, StreamStats, StreamSummary
+from .notify import Notifier
 from .rates import RateMeter
 from .resume import earlier_outputs, summary_every
 from .scheduler import FINAL, Outcome, Resolution
+from .segments import Segment
+from .split import SegmentLanes
 from .window import FrameRef, FramesLost, SlidingWindow, Window
 
 log = logging.getLogger("slowfast.pipeline")
@@ -47,10 +52,14 @@ class IngestActor:
     flight (nothing skipped); live streams never wait (the worker keeps the newest). A
     heartbeat thread sends the stream's status every STATUS_INTERVAL_S, frames or not."""
 
-    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int):
+    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int,
+                 segment: Segment | None = None, plan: SamplePlan | None = None):
+        """`segment` (with the file's `plan`): the windows of one segment of a split file, from
+        its first (the source seeks there) to its last, under the segment's lane id."""
         # The worker goes by name, not handle: a handle argument would sit in the object store
         # and break restarts (ray#53727), and the driver may move the stream (retarget()).
         self.stream, self.config, self.worker_name, self.frame_size = stream, config, worker_name, frame_size
+        self.segment, self.plan = segment, plan
         self.worker: Any = None
         self.stop_event = threading.Event()
         self.state = IngestState.STARTING  # until the source runs, and once it is over
@@ -135,22 +144,33 @@ class IngestActor:
         self.state = IngestState.CONNECTING
         try:
             # Files skip decoding frames that sampling never needs (see open_source).
-            with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size,
-                             live=self.stream.live, retry_connect=True, skip_nonref=not self.stream.live) as source:
+            seek = self.segment.source_options(self.plan, self.config.stride) if self.segment else {}
+            with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size, live=self.stream.live,
+                             retry_connect=True, skip_nonref=not self.stream.live, **seek) as source:
                 self.source, self.source_running = source, True
                 self.live = source.is_live
                 windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
-                                        first_seq=first_window_seq if self.live else 0)
+                                        first_seq=first_window_seq if self.live else
+                                        self.segment.first_seq() if self.segment else 0)
+                settings = self.stream.gate
+                gate = None
+                if settings.enabled if settings.enabled is not None else self.live:
+                    gate = StreamGate(settings.threshold, settings.refresh_every_n_windows, self.config.window)
                 for frame in source:
                     if self.stop_event.is_set():
                         break
                     ref = ray.put(frame.image)
                     self.frames_in += 1
                     self.frames_counter.inc(tags={"stream": self.stream.id})
+                    if gate is not None:
+                        gate.add_frame(frame.seq, frame.image)
                     window = windows.push(FrameRef(frame.seq, frame.pts, frame.wall_time, ref))
                     if window is not None:
-                        self._submit(window, in_flight)
-                if not self.stop_event.is_set() and not self.live:
+                        self._submit(gate.mark(window) if gate is not None else window, in_flight)
+                        if self.segment is not None and self.segment.ends_with(window.seq):
+                            break
+                if not self.stop_event.is_set() and not self.live and (
+                        self.segment is None or self.segment.end_window is None):
                     tail = windows.finish()
                     if tail is not None:
                         self._submit(tail, in_flight)
@@ -238,6 +258,44 @@ class IngestActor:
         )
 
 
+class StatusMetrics:
+    """What an operator alerts on, read from each status the worker publishes (one source for
+    both): the state as a 0/1 gauge per state, the status's running counts as counters (by
+    how much each grew), and its present values as gauges."""
+
+    COUNTED = {
+        "reconnects": "times the source reconnected",
+        "windows_gated": "windows the scene gate published unchanged, without the model",
+        "events_opened": "events the standing questions opened",
+        "deliveries_failed": "event notifications given up on (written down in Redis)",
+    }
+    PRESENT = {
+        "events_open": "events open now",
+        "deliveries_pending": "event notifications waiting to be delivered or retried",
+    }
+
+    def __init__(self) -> None:
+        tags = ("stream",)
+        self.state = Gauge("slowfast_stream_state", "1 for the stream's current state, 0 for the others",
+                           tag_keys=("stream", "state"))
+        self.counters = {name: Counter(f"slowfast_{name}", text, tag_keys=tags) for name, text in self.COUNTED.items()}
+        self.gauges = {name: Gauge(f"slowfast_{name}", text, tag_keys=tags) for name, text in self.PRESENT.items()}
+        self.seen: dict[tuple[str, str], int] = {}  # (stream, count) -> its value in the last status
+
+    def export(self, status: StreamStatus) -> None:
+        sid = status.stream
+        for state in IngestState:
+            self.state.set(1.0 if status.state == state else 0.0, tags={"stream": sid, "state": str(state)})
+        for name, counter in self.counters.items():
+            value = getattr(status, name)
+            grown = value - self.seen.get((sid, name), 0)
+            if grown > 0:  # a smaller value is a count that started over (a restarted source)
+                counter.inc(grown, tags={"stream": sid})
+            self.seen[sid, name] = value
+        for name, gauge in self.gauges.items():
+            gauge.set(getattr(status, name), tags={"stream": sid})
+
+
 def _fetch_frames(refs: list[FrameRef]) -> list:
     """The frames from the object store. A frame's owner is the ingest actor that put it: if
     that actor died, the frame is gone with it (ObjectLostError and its kin)."""
@@ -257,8 +315,11 @@ class ModelWorker:
         vlm = self.load_model(config, model_path)
         self.frame_size_px = config.size or vlm.config.image_size
         self.publisher = Publisher(config.redis_url, history_len=config.history_len)
-        self.engine = Engine(config, vlm, self.publisher, _fetch_frames, model_name=Path(str(model_path)).name)
+        self.notifier = Notifier(write_down=self.publisher.publish_undelivered)
+        self.engine = Engine(config, vlm, self.publisher, _fetch_frames, model_name=Path(str(model_path)).name,
+                             notifier=self.notifier)
         self.incarnation = uuid.uuid4().hex  # changes when Ray restarts the actor (state lost)
+        self.segment_lanes = SegmentLanes()
         self.wakeup = asyncio.Event()
         self.loop_task: asyncio.Task | None = None
         tags = ("stream",)
@@ -272,18 +333,25 @@ class ModelWorker:
         self.queue_depth = Gauge("slowfast_queue_depth", "windows waiting at the worker", tag_keys=tags)
         self.batch_windows = Histogram("slowfast_batch_windows", "windows per batched model call",
                                        boundaries=[1, 2, 4, 8, 16, 32])
+        self.status_metrics = StatusMetrics()
 
     @staticmethod
     def load_model(config: PipelineConfig, model_path: str):
         import torch
 
         from model import SlowFastVLM
+        from model.compiled import use_compile_cache
 
+        if config.compile_cache_dir is not None:
+            try:
+                use_compile_cache(config.compile_cache_dir)
+            except OSError as exc:  # a slower start, not a worker that cannot start
+                log.warning("compile cache %s unusable, compiling without it: %s", config.compile_cache_dir, exc)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         vlm = SlowFastVLM.from_pretrained(model_path, device=config.device, dtype=dtype,
                                           encode_batch_size=config.encode_batch_size)
         # On CUDA: compile and capture now, so the first window does not wait for it.
-        seconds = vlm.warm_up(config.window, config.generation.max_new_tokens, config.batch_size,
+        seconds = vlm.warm_up(config.window, config.generation.max_new_tokens, batch_row_counts(config),
                               config.generation.decode_cross_attention)
         if seconds:
             log.info("model worker warm-up (compile + CUDA graphs) took %.1f s", seconds)
@@ -302,8 +370,23 @@ class ModelWorker:
         if self.loop_task is None:
             self.loop_task = asyncio.get_running_loop().create_task(self._loop())
 
+    async def add_segment(self, lane: StreamConfig, run: int, first_window: int, stream: str, merge: str) -> str:
+        """Take a segment of split file `stream` as lane `lane.id` from `first_window` on; its
+        windows go to actor `merge`. Returns the incarnation (a restart loses the lane)."""
+        relay = self.segment_lanes.add(lane.id, stream, merge)
+        await asyncio.to_thread(self.engine.add_stream, lane, run, False, 0, first_window, EarlierOutputs(), relay)
+        if self.loop_task is None:
+            self.loop_task = asyncio.get_running_loop().create_task(self._loop())
+        return self.incarnation
+
+    async def remove_segments(self, stream: str, keep_tag: str) -> None:
+        """Drop the stream's segment lanes that an earlier incarnation of its merge added."""
+        for lane in self.segment_lanes.of(stream, keep_tag):
+            await self.remove_stream(lane)
+
     async def remove_stream(self, stream: str) -> None:
         self._resolve(await asyncio.to_thread(self.engine.remove_stream, stream))
+        self.segment_lanes.remove(stream)
 
     async def resume_point(self, stream: str) -> int | None:
         return self.engine.resume_point(stream)
@@ -327,10 +410,19 @@ class ModelWorker:
         return await future
 
     async def ingest_report(self, stream: str, report: IngestReport) -> None:
-        """The ingest's side of the stream's status (its heartbeat); published with the engine's."""
+        """The ingest's side of the stream's status (its heartbeat); published with the engine's.
+        A segment's goes to its merge instead."""
+        if stream in self.segment_lanes:
+            await self.segment_lanes.report(stream, report, self.engine.stats(stream))
+            return
         self.engine.ingest_report(stream, report)
         self.wakeup.set()
-        await asyncio.to_thread(self.engine.publish_status, stream)
+        await asyncio.to_thread(self._publish_status, stream)
+
+    def _publish_status(self, stream: str) -> None:
+        status = self.engine.publish_status(stream)
+        if status is not None:
+            self.status_metrics.export(status)
 
     async def answer(self, question: Question):
         return await asyncio.to_thread(self.engine.answer, question)
@@ -340,7 +432,7 @@ class ModelWorker:
 
     async def stats(self, drain: bool = False) -> dict[str, StreamStats]:
         """Per stream counts. With `drain`, first let every queued and running window finish."""
-        while drain and not self.engine.idle:
+        while drain and not (self.engine.idle and not self.segment_lanes.busy):
             await asyncio.sleep(0.05)
         return self.engine.all_stats()
 
@@ -352,17 +444,23 @@ class ModelWorker:
             await asyncio.sleep(0.5)
         return self.publisher.buffered
 
+    async def drain_notifications(self, timeout_s: float) -> int:
+        """At the stop: deliver the event notifications still due within `timeout_s`, write down
+        the rest (Redis, log); returns how many were written down."""
+        return await asyncio.to_thread(self.notifier.close, timeout_s)
+
     async def _loop(self) -> None:
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
             while (step := await asyncio.to_thread(self.engine.step)) is not None:
+                await self.segment_lanes.ship()  # a segment's windows count as done once their merge has them
                 self._resolve(step.resolutions)
                 if step.windows:
                     self.batch_windows.observe(len(step.windows))
                 for stream in step.streams:
                     self.queue_depth.set(self.engine.scheduler.waiting(stream), tags={"stream": stream})
-                    await asyncio.to_thread(self.engine.publish_status, stream)
+                    await asyncio.to_thread(self._publish_status, stream)
 
     def _resolve(self, resolutions: list[Resolution]) -> None:
         for resolution in resolutions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import json
 import tempfile
 import threading
@@ -26,7 +27,7 @@ from rich.table import Table
 from common.validation import describe_validation_error
 from connectors.client import QuestionError, SlowFastClient
 from connectors.redis_conn import describe_redis_error
-from connectors.redis_schema import Caption, Event, Hit, check_stream_id, safe_stream_id
+from connectors.redis_schema import Caption, Event, EventPhase, Hit, StreamStatus, check_stream_id, safe_stream_id
 from model.errors import CheckpointError, UnsupportedConfigError
 
 from .config import ConfigError, PipelineConfig, load_config
@@ -391,11 +392,40 @@ def tail(
         console.print(format_caption(caption), markup=False, highlight=False)
 
 
+def time_of_day(unix_s: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix_s))
+
+
 def format_event(event: Event) -> str:
-    when = time.strftime("%H:%M:%S", time.localtime(event.created_at))
+    """One line per record: when, what happened to the event (opened, updated, closed), where,
+    the answer, and the event's id (what `slowfast ack` takes)."""
     p_yes = f" (P(yes)={event.probability:.2f})" if event.probability is not None else ""
-    return (f"{when} {event.stream} #{event.window} [{event.start:.2f}s-{event.end:.2f}s] "
+    line = (f"{time_of_day(event.created_at)} {event.phase} {event.stream} #{event.window} [{event.start:.2f}s-{event.end:.2f}s] "
             f"{event.question} -> {event.text}{p_yes}  [{event.trigger}]")
+    if event.event_id:
+        line += f"  event {event.event_id}"
+    if event.phase == EventPhase.CLOSED and event.opened_at is not None:
+        line += (f", open {time_of_day(event.opened_at)}-{time_of_day(event.wall_end)} "
+                 f"(windows {event.first_window}-{event.window})")
+    return line
+
+
+def print_open_events(client: SlowFastClient, stream: str | None) -> None:
+    """A table of the events open now (all streams, or one), with who acknowledged each."""
+    sids = [stream] if stream else [info.id for info in client.streams()]
+    table = Table("stream", "event", "question", "opened", "windows", "latest answer", "acknowledged",
+                  title="open events")
+    for sid in sids:
+        acks = client.acks(sid)
+        for event in client.open_events(sid):
+            ack = acks.get(event.event_id)
+            seen = f"{ack.by or 'someone'} {time_of_day(ack.at)}" + (f": {ack.note}" if ack.note else "") if ack else ""
+            table.add_row(sid, event.event_id, event.question, time_of_day(event.opened_at or event.wall_end),
+                          f"{event.first_window}-{event.window}", event.text, seen)
+    if table.row_count:
+        print_table(table)
+    else:
+        console.print("no open events", markup=False, highlight=False)
 
 
 @app.command()
@@ -403,14 +433,56 @@ def format_event(event: Event) -> str:
 def events(
     redis_url: RedisUrl,
     stream: Annotated[Optional[str], typer.Argument()] = None,
-    count: Annotated[int, typer.Option(help="print this many past events per stream first")] = 5,
+    count: Annotated[int, typer.Option(help="print this many past event records per stream first")] = 5,
+    open_only: Annotated[bool, typer.Option("--open", help="list the events open now and exit")] = False,
+    updates: Annotated[bool, typer.Option("--updates", help="also each window an open event is seen again")] = False,
 ) -> None:
-    """Print standing-question events as they fire (all streams, or one)."""
+    """Print standing-question events as they open and close (all streams, or one)."""
+    if stream is not None:
+        try:
+            check_stream_id(stream)
+        except ValueError as exc:
+            fail(str(exc))
     client = SlowFastClient(redis_url)
+    if open_only:
+        print_open_events(client, stream)
+        return
     client.streams()  # Redis down: one line here (the follower would wait for it)
     for event in client.follow_events(stream, past=max(count, 0), stop=threading.Event()):
+        if event.phase == EventPhase.UPDATED and not updates:
+            continue
         # one line each, however long: made to grep
         console.print(format_event(event), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def ack(
+    stream: str,
+    event_id: Annotated[str, typer.Argument(help="the event's id, as `slowfast events` prints it")],
+    redis_url: RedisUrl,
+    by: Annotated[Optional[str], typer.Option("--by", help="who acknowledges [default: your login name]")] = None,
+    note: Annotated[str, typer.Option("--note", help="a note kept with the acknowledgement")] = "",
+) -> None:
+    """Acknowledge an event (open or closed): the page and `events --open` show who and when."""
+    try:
+        check_stream_id(stream)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        done = SlowFastClient(redis_url).acknowledge(stream, event_id, by=by if by is not None else login_name(),
+                                                     note=note)
+    except KeyError as exc:
+        fail(exc.args[0])
+    console.print(f"acknowledged {stream} {done.event_id}" + (f" by {done.by}" if done.by else ""),
+                  markup=False, highlight=False)
+
+
+def login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return ""
 
 
 @app.command()
@@ -454,25 +526,35 @@ def status(
     all_runs: Annotated[bool, typer.Option("--all", help="also streams of earlier pipeline runs")] = False,
 ) -> None:
     """A table of the current pipeline run's streams (--all: earlier runs' too): state, fps in/out,
-    frames in/dropped, windows done/skipped/failed, lag, latency, seconds since the status was
-    refreshed (every second while running), error."""
+    frames in/dropped, windows done/skipped/failed, of them gated (unchanged, no model), events
+    open/opened, lag, latency, seconds since the status was refreshed (every second while
+    running), error (and event notifications failed or waiting)."""
     client = SlowFastClient(redis_url)
     streams = client.streams()
     current = max((info.pipeline for info in streams), default=0)
     shown = streams if all_runs else [info for info in streams if info.pipeline == current]
-    table = Table("stream", "state", "fps", "frames", "windows", "lag s", "latency s", "age s", "error")
+    table = Table("stream", "state", "fps", "frames", "windows", "gated", "events", "lag s", "latency s", "age s",
+                  "error")
     for info in shown:
         st = client.status(info.id)
         if st is None:
-            table.add_row(info.id, "registered", *["-"] * 6, "")
+            table.add_row(info.id, "registered", *["-"] * 8, "")
             continue
         table.add_row(info.id, str(st.state), f"{st.fps_in:.1f}/{st.fps_out:.1f}", f"{st.frames_in}/{st.frames_dropped}",
-                      f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}", f"{st.lag_s:.1f}",
+                      f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}", str(st.windows_gated),
+                      f"{st.events_open}/{st.events_opened}", f"{st.lag_s:.1f}",
                       f"{st.latency_s:.2f}" if st.latency_s is not None else "-", f"{time.time() - st.updated_at:.0f}",
-                      st.last_error or "")
+                      "; ".join(filter(None, [st.last_error, delivery_problem(st)])))
     print_table(table)
     if len(shown) < len(streams):
         console.print(f"{len(streams) - len(shown)} streams of earlier runs not shown (--all shows them)")
+
+
+def delivery_problem(st: StreamStatus) -> str:
+    if not st.deliveries_failed and not st.deliveries_pending:
+        return ""
+    last = f" (last error: {st.last_delivery_error})" if st.last_delivery_error else ""
+    return f"event notifications: {st.deliveries_failed} undelivered, {st.deliveries_pending} waiting{last}"
 
 
 @streams_app.command("add")
@@ -542,7 +624,8 @@ def demo(
         except ConfigError as exc:
             fail(str(exc))
         print_summaries(summaries)
-        fired = sorted(event.window for event in SlowFastClient(embedded.url).events(FILE_STREAM))
+        fired = sorted(event.window for event in SlowFastClient(embedded.url).events(FILE_STREAM)
+                       if event.phase != EventPhase.CLOSED)
         console.print(f"'{DEMO_QUESTION.prompt}' fired on file windows {fired}; a red circle is on screen in "
                       f"scenes {list(RED_CIRCLE_SCENES)} (with --window 16 --stride 16 window i is scene i)")
         console.print(f"file captions: {out / FILE_STREAM / 'captions.jsonl'} and captions.vtt")

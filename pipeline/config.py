@@ -9,9 +9,12 @@ import os
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from common.validation import describe_validation_error
@@ -19,6 +22,8 @@ from connectors.redis_schema import MAX_QUESTION_CHARS, check_stream_id
 from connectors.sources import SourceError
 from connectors.sources.uri import parse_source
 from model.prompt import CAPTION_PROMPT
+
+from .gate import DEFAULT_THRESHOLD
 
 DEFAULT_CAPTION_PROMPT = CAPTION_PROMPT
 ENV_PREFIX = "SLOWFAST_"
@@ -35,6 +40,12 @@ class Trigger(BaseModel):
 
     starts_with: str | None = Field(default=None, description="answer text starts with this (case-insensitive)")
     p_yes_above: float | None = Field(default=None, ge=0.0, le=1.0, description="P(yes) above this threshold")
+    open_after: int = Field(default=1, ge=1, le=1000, description="an event opens after this many windows in a row fire")
+    close_after: int = Field(
+        default=2, ge=1, le=1000, description="an open event closes after this many windows in a row do not fire "
+        "(2: one window's flicker does not split an event)",
+    )
+    cooldown_windows: int = Field(default=0, ge=0, description="after a close, windows that open nothing")
 
     @model_validator(mode="after")
     def _one_rule(self) -> Trigger:
@@ -44,6 +55,28 @@ class Trigger(BaseModel):
 
     def describe(self) -> str:
         return f"starts_with:{self.starts_with}" if self.starts_with is not None else f"p_yes>{self.p_yes_above}"
+
+
+MAX_NOTIFY_TIMEOUT_S = 60.0
+
+
+def _check_webhook(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a webhook is an http:// or https:// URL with a host, not {url!r}")
+    return url
+
+
+class NotifySink(BaseModel):
+    """Where an event's openings and closings are delivered (pipeline/notify.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    webhook: Annotated[str, AfterValidator(_check_webhook)] = Field(description="URL the event JSON is POSTed to")
+    secret: SecretStr | None = Field(
+        default=None, description="signs each body: header X-Slowfast-Signature: sha256=<HMAC-SHA256 hex>")
+    timeout_s: float = Field(default=5.0, gt=0.0, le=MAX_NOTIFY_TIMEOUT_S, description="per attempt")
+    max_attempts: int = Field(default=6, ge=1, le=100, description="tries before the delivery is written down as failed")
 
 
 class StandingQuestion(BaseModel):
@@ -58,6 +91,20 @@ class StandingQuestion(BaseModel):
         default="text", description="text: the model's answer, decoded; probability: P(yes) from the first "
         "token alone, no decoding (the answer reads Yes or No), for yes/no questions that only raise events",
     )
+    notify: list[NotifySink] = Field(default_factory=list, description="sinks of this question's events, "
+                                     "besides the stream's")
+
+
+class GateConfig(BaseModel):
+    """The scene gate: windows whose new frames barely differ from the last window the model
+    saw are published unchanged, without the model (see pipeline/gate.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = Field(default=None, description="None: on for live sources, off for files")
+    threshold: float = Field(default=DEFAULT_THRESHOLD, gt=0.0, le=1.0,
+                             description="fraction of a frame's 32x32 copy that must change")
+    refresh_every_n_windows: int = Field(default=10, ge=1, description="a static scene is captioned every N windows")
 
 
 class StreamConfig(BaseModel):
@@ -73,6 +120,8 @@ class StreamConfig(BaseModel):
         description="a rolling summary of the captions every N windows; None: the windows of about one minute; 0: none",
     )
     standing_questions: list[StandingQuestion] = Field(default_factory=list)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    notify: list[NotifySink] = Field(default_factory=list, description="sinks of every event of the stream")
 
     @field_validator("id")
     @classmethod
@@ -120,6 +169,10 @@ class PipelineConfig(BaseSettings):
     size: int | None = Field(default=None, ge=32, description="frame size; None: the model's input size")
     batch_size: int = Field(default=8, ge=1, le=256)
     encode_batch_size: int = Field(default=16, ge=1, le=256, description="frames per vision-tower forward")
+    compile_cache_dir: Path | None = Field(
+        default=None, description="model workers keep torch.compile's artifacts here, so a restarted worker "
+        "loads its compiled shapes instead of compiling them again; None: torch's default, a temporary directory",
+    )
     file_windows_in_flight: int = Field(default=2, ge=1, description="file backpressure: windows queued per stream")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     streams: list[StreamConfig] = Field(default_factory=list)

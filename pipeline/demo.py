@@ -14,7 +14,9 @@ from connectors.redis_schema import IngestState, NotificationKind
 
 from .config import PipelineConfig, StandingQuestion, StreamConfig, load_config
 
-DEMO_QUESTION = StandingQuestion(id="red-circle", prompt="Is there a red circle?", trigger={"p_yes_above": 0.5})
+# close_after 1: each visit of the red circle is an event of its own
+DEMO_QUESTION = StandingQuestion(id="red-circle", prompt="Is there a red circle?",
+                                 trigger={"p_yes_above": 0.5, "close_after": 1})
 DEMO_MAX_NEW_TOKENS = 16
 FILE_STREAM, CAMERA_STREAM = "file", "camera"
 

@@ -44,6 +44,11 @@ class StreamStats:
     windows_done: int = 0
     windows_skipped: int = 0
     windows_failed: int = 0
+    windows_gated: int = 0  # of windows_done, published unchanged without the model
+    events_opened: int = 0
+    events_open: int = 0
+    deliveries_pending: int = 0  # event notifications not delivered yet
+    deliveries_failed: int = 0  # event notifications given up on (written down)
     queued: int = 0
     summaries: int = 0
     summaries_skipped: int = 0

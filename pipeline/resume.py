@@ -92,13 +92,14 @@ def earlier_outputs(config: PipelineConfig, stream: str, run: int, live: bool, e
             return [c for c in captions if c.run == run]
 
         captions = [] if live else this_run(client.history(stream, since=f"{run - 1}-0", count=config.history_len))
+        open_events = [e for e in client.open_events(stream) if e.run == run]
         if not every:
-            return EarlierOutputs(captions=captions)
+            return EarlierOutputs(captions=captions, open_events=open_events)
         done = [s for s in client.summaries(stream, count=config.history_len)
                 if s.run == run and s.kind == SummaryKind.ROLLING]
         after = window_entry_id(run, done[-1].last_window) if done else f"{run - 1}-0"
         since = this_run(client.history(stream, since=after, count=MAX_PENDING_FACTOR * every + 16))
-    return EarlierOutputs(captions=captions, summaries=done, since_summary=since)
+    return EarlierOutputs(captions=captions, summaries=done, since_summary=since, open_events=open_events)
 
 
 def prepare_resume(config: PipelineConfig, restart: bool) -> list[str]:

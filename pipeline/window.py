@@ -34,6 +34,7 @@ class Window:
     frames: tuple[FrameRef, ...]
     live: bool
     closed_at: float = field(default_factory=time.time)
+    gated: bool = False  # the scene gate found its new frames unchanged: publish without the model
 
     @property
     def start(self) -> float:

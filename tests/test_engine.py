@@ -4,6 +4,7 @@ from an in-memory store. The Ray shell adds only transport to this (tests/test_p
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,61 @@ def test_a_resumed_stream_keeps_its_earlier_captions_in_its_files(tiny_vlm, redi
     assert run_all(second) == {1: Outcome.DONE}
     lines = [json.loads(line)["window"] for line in (tmp_path / "file" / "captions.jsonl").read_text().splitlines()]
     assert lines == [0, 1]
+
+
+def test_unchanged_windows_repeat_the_last_caption_and_answers_without_the_model(tiny_vlm, redis_url, tmp_path):
+    windows, store = windows_of("cam", 4, live=True)
+    model = CountingModel(tiny_vlm)
+    engine = make_engine(model, redis_url, store.fetch, tmp_path)
+    question = {"id": "red", "prompt": "Is there a red circle?", "answer": "probability"}
+    engine.add_stream(StreamConfig(id="cam", source="rtsp://cam/1", standing_questions=[question]), run=1, live=True,
+                      summary_every=0)
+    gated = [replace(w, gated=w.seq > 0) for w in windows]  # the first window always reaches the model
+    for window in gated[:2]:
+        engine.submit(window, window.seq)
+        run_all(engine)
+    assert len(model.calls) == 1  # the gated window cost no model call
+    client = SlowFastClient(redis_url)
+    first, second = client.history("cam")
+    assert second.text == first.text and second.unchanged_since_window == 0
+    assert second.unchanged_since == first.wall_end and first.unchanged_since_window is None
+    answers = client.answers("cam")
+    assert [(a.window, a.text, a.probability) for a in answers][1] == (1, answers[0].text, answers[0].probability)
+    assert engine.stats("cam").windows_gated == 1 and engine.stats("cam").frames_encoded == WINDOW
+    engine.submit(gated[2], 2)
+    run_all(engine)
+    assert client.history("cam")[-1].unchanged_since_window == 0  # still dates from the model's window
+
+
+@pytest.mark.parametrize("answers, open_after, close_after, expected", [
+    ("YNYYNNY", 1, 2, [(0, "opened"), (2, "updated"), (3, "updated"), (5, "closed"), (6, "opened")]),
+    ("YNYYNNY", 2, 1, [(3, "opened"), (4, "closed")]),
+])
+def test_a_flickering_trigger_makes_one_event_with_a_start_updates_and_an_end(
+    tiny_vlm, redis_url, tmp_path, answers, open_after, close_after, expected
+):
+    """The model runs on every window; its answer to the question is then replaced by a script
+    (Y: "yes", N: "no") so the test chooses which windows fire a `starts_with: yes` trigger."""
+    windows, store = windows_of("file", len(answers), live=False)
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path)
+    trigger = {"starts_with": "yes", "open_after": open_after, "close_after": close_after}
+    engine.add_stream(StreamConfig(id="file", source="clip.mp4", standing_questions=[
+        {"id": "q", "prompt": "Is it there?", "trigger": trigger}]), run=1, live=False, summary_every=0)
+    say = iter(answers)
+    original = engine.runner._generate
+
+    def scripted(queries):  # the model runs; the answer's text is replaced by the script's
+        replies = original(queries)
+        return [replace(r, text="yes" if q.question == "Is it there?" and next(say) == "Y" else "no")
+                if q.question == "Is it there?" else r for q, r in zip(queries, replies)]
+
+    engine.runner._generate = scripted
+    for window in windows:
+        engine.submit(window, window.seq)
+        run_all(engine)
+    trigger_records = [(e.window, str(e.phase)) for e in SlowFastClient(redis_url).events("file")]
+    assert trigger_records == expected
+    events = SlowFastClient(redis_url).events("file")
+    assert len({e.event_id for e in events if e.first_window == expected[0][0]}) == 1
+    opened = SlowFastClient(redis_url).open_events("file")
+    assert [e.event_id for e in opened] == ([events[-1].event_id] if expected[-1][1] == "opened" else [])

@@ -8,6 +8,7 @@ small synthetic-world model shipped with the package.
 from __future__ import annotations
 
 from connectors.client import SlowFastClient
+from connectors.redis_schema import EventPhase
 from pipeline.config import load_config
 from pipeline.demo_clip import SCENE_SECONDS, demo_scenes
 from pipeline.runner import run_pipeline
@@ -19,7 +20,9 @@ RED_CIRCLE_SCENES = (1, 2, 4)  # the scenes that show a red circle; the standing
 def test_captions_and_events_follow_the_scenes(ray_session, redis_url, tmp_path):
     scenes = demo_scenes(count=6, seed=11, red_circle_in=RED_CIRCLE_SCENES)
     clip = write_scene_file(tmp_path / "scenes.mp4", scenes, seconds_per_scene=SCENE_SECONDS, fps=8)
-    question = {"id": "red-circle", "prompt": "Is there a red circle?", "trigger": {"p_yes_above": 0.5}}
+    # close_after 1: each visit of the red circle is an event of its own
+    question = {"id": "red-circle", "prompt": "Is there a red circle?",
+                "trigger": {"p_yes_above": 0.5, "close_after": 1}}
     config = load_config(
         None, redis_url=redis_url, out_dir=tmp_path / "out", window=16, stride=16, fps=4.0,
         streams=[{"id": "scenes", "source": str(clip), "standing_questions": [question]}],
@@ -43,6 +46,11 @@ def test_captions_and_events_follow_the_scenes(ray_session, redis_url, tmp_path)
         exact += named == {o.kind for o in scene.objects}
     assert exact >= len(scenes) - 1, [(c.window, c.text, s.caption) for c, s in zip(captions, scenes)]
 
-    fired = client.events("scenes")
-    assert sorted(e.window for e in fired) == list(RED_CIRCLE_SCENES)
+    records = client.events("scenes")
+    fired = [e for e in records if e.phase != EventPhase.CLOSED]
+    assert [e.window for e in fired] == list(RED_CIRCLE_SCENES)
     assert all(e.question_id == "red-circle" and e.probability > 0.5 for e in fired)
+    # scenes 1, 3-4: two visits, two events, each closed by the first scene without the circle
+    assert [(e.window, e.phase, e.first_window) for e in records] == [
+        (1, "opened", 1), (2, "closed", 1), (3, "opened", 3), (4, "updated", 3), (5, "closed", 3)]
+    assert all(e.probability <= 0.5 for e in records if e.phase == EventPhase.CLOSED)

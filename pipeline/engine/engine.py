@@ -23,13 +23,14 @@ from model import SlowFastVLM, TextQuery
 
 from ..config import PipelineConfig, StreamConfig
 from ..messages import IngestReport, StreamStats
+from ..notify import DeliveryStats, Notifier
 from ..outputs import CaptionFiles
 from ..rates import RateMeter
 from ..scheduler import Batch, Outcome, Policy, Resolution, Scheduler
 from ..summaries import RollingSummaries
 from ..window import FramesLost, Window
 from .model_runner import FrameFetcher, ModelRunner
-from .output_processor import OutputProcessor, error_answer
+from .output_processor import OutputProcessor, Relay, error_answer
 
 log = logging.getLogger("slowfast.pipeline")
 
@@ -41,6 +42,7 @@ class EarlierOutputs:
     captions: Sequence[Any] = ()  # every caption of the run, for the files
     summaries: Sequence[Any] = ()  # its rolling summaries so far
     since_summary: Sequence[Any] = ()  # the captions after the last of them
+    open_events: Sequence[Any] = ()  # its events still open
 
 
 @dataclass(frozen=True)
@@ -49,19 +51,37 @@ class StepResult:
 
     resolutions: list[Resolution]
     windows: list[Window] = field(default_factory=list)
+    summarised: tuple[str, ...] = ()  # the file it worked on the end of (final summary, events closed)
 
     @property
     def streams(self) -> set[str]:
-        return {w.stream for w in self.windows} | {r.item.lane for r in self.resolutions if r.item is not None}
+        """Streams whose status this step changed."""
+        return ({w.stream for w in self.windows} | {r.item.lane for r in self.resolutions if r.item is not None}
+                | set(self.summarised))
+
+
+def stream_files(config: PipelineConfig, stream: StreamConfig, run: int, summary_every: int,
+                 earlier: EarlierOutputs) -> tuple[CaptionFiles | None, RollingSummaries | None]:
+    """A stream's files (a file's captions; rewritten with the `earlier` ones) and its rolling summaries."""
+    files = None
+    if not stream.live:
+        files = CaptionFiles(Path(config.out_dir) / stream.id, 1.0 / config.fps, earlier.captions)
+    summaries = None
+    if summary_every:
+        summaries = RollingSummaries.resumed(stream.id, run, summary_every, earlier.summaries, earlier.since_summary)
+    return files, summaries
 
 
 class Engine:
     def __init__(self, config: PipelineConfig, vlm: SlowFastVLM, publisher: Publisher, fetch_frames: FrameFetcher,
-                 model_name: str):
+                 model_name: str, notifier: Notifier | None = None):
+        """`notifier`: delivers the openings and closings of events (and counts them per stream)."""
         self.config, self.publisher, self.fetch_frames = config, publisher, fetch_frames
+        self.notifier = notifier
         self.scheduler = Scheduler(config.batch_size)
         self.runner = ModelRunner(vlm, config.generation, config.batch_size, fetch_frames)
-        self.outputs = OutputProcessor(publisher, model_name, self._picture)
+        self.outputs = OutputProcessor(publisher, model_name, self._picture,
+                                       on_event=notifier.event if notifier is not None else None)
         self.reports: dict[str, IngestReport] = {}
         self.fps_out: dict[str, RateMeter] = {}
         self.files_ended: deque[str] = deque()  # files whose final summary is still to write
@@ -70,18 +90,14 @@ class Engine:
 
     # ---- streams -------------------------------------------------------------------
     def add_stream(self, stream: StreamConfig, run: int, live: bool, summary_every: int, next_window: int = 0,
-                   earlier: EarlierOutputs = EarlierOutputs()) -> None:
-        """Take a stream; `next_window` > 0 continues its numbering (files append)."""
+                   earlier: EarlierOutputs = EarlierOutputs(), relay: Relay | None = None) -> None:
+        """Take a stream; `next_window` > 0 continues its numbering (files append). `relay`: a
+        segment of a split file, whose windows go there instead of being published."""
         stream = stream.model_copy(update={"live": live})
-        files = None
-        if not live:
-            files = CaptionFiles(Path(self.config.out_dir) / stream.id, 1.0 / self.config.fps, earlier.captions)
-        summaries = None
-        if summary_every:
-            summaries = RollingSummaries.resumed(stream.id, run, summary_every, earlier.summaries, earlier.since_summary)
+        files, summaries = stream_files(self.config, stream, run, summary_every, earlier) if relay is None else (None, None)
         with self._model_lock, self._lock:
             self.runner.add_stream(stream)
-            self.outputs.add_stream(stream, run, files, summaries)
+            self.outputs.add_stream(stream, run, files, summaries, earlier.open_events, relay)
             self.scheduler.add_lane(stream.id, Policy.NEWEST if live else Policy.ORDERED, next_window)
             self.fps_out[stream.id] = RateMeter()
 
@@ -149,12 +165,17 @@ class Engine:
         return StepResult(resolutions, batch.payloads)
 
     def _run(self, batch: Batch) -> tuple[Any, str | None]:
-        """Model call and outputs for a batch: (the item whose frames are gone, error) on failure."""
+        """Model call and outputs for a batch: (the item whose frames are gone, error) on failure.
+        Windows the scene gate found unchanged skip the model (once there is a caption to repeat)."""
         windows = [w for w in batch.payloads if w.stream in self.runner.streams]
+        unchanged = {id(w) for w in windows if w.gated and self.outputs.can_repeat(w.stream)}
+        to_model = [w for w in windows if id(w) not in unchanged]
         # Rolling summaries take the batch's free window slots, never a window's place.
         summary_tasks = self.outputs.due_summaries(room=self.config.batch_size - len(windows))
         try:
-            replies, summary_replies = self.runner.run_windows(windows, [t.prompt for t in summary_tasks])
+            replies, summary_replies = ([], [])
+            if to_model or summary_tasks:
+                replies, summary_replies = self.runner.run_windows(to_model, [t.prompt for t in summary_tasks])
         except FramesLost as exc:  # not the model's fault: the scheduler re-queues or drops it
             self.outputs.summaries_abandoned(summary_tasks)
             log.warning("window %d of %s: %s", exc.window.seq, exc.window.stream, exc)
@@ -163,11 +184,16 @@ class Engine:
             self.outputs.summaries_abandoned(summary_tasks)
             log.exception("processing failed for windows %s", [(w.stream, w.seq) for w in windows])
             return None, f"{type(exc).__name__}: {exc}"
+        by_window = {id(r.window): r for r in replies}
         try:
             self.outputs.summaries_done(summary_tasks, [r.text for r in summary_replies])
-            for window_replies in replies:
-                self.outputs.window_done(window_replies)
-                self.runner.remember_latest(window_replies)
+            for window in windows:  # in batch order: a stream's windows publish in sequence
+                if id(window) in unchanged:
+                    self.outputs.window_unchanged(window)
+                    self.runner.skip_window(window)
+                else:
+                    self.outputs.window_done(by_window[id(window)])
+                    self.runner.remember_latest(by_window[id(window)])
         except Exception as exc:
             log.exception("publishing failed for windows %s", [(w.stream, w.seq) for w in windows])
             return None, f"{type(exc).__name__}: {exc}"
@@ -179,6 +205,7 @@ class Engine:
         stream = self.files_ended[0]
         with self._model_lock:
             try:
+                self.outputs.close_open_events(stream)
                 tasks = self.outputs.final_summary_tasks(stream)
                 if tasks:
                     replies = self.runner.run([TextQuery(t.prompt) for t in tasks])
@@ -190,7 +217,7 @@ class Engine:
             with self._lock:
                 if self.files_ended and self.files_ended[0] == stream:
                     self.files_ended.popleft()
-        return StepResult([])
+        return StepResult([], summarised=(stream,))
 
     def _picture(self, window: Window):
         """The window's last frame, or None if it is gone (its ingest actor died after the
@@ -231,12 +258,19 @@ class Engine:
             if counts is None or ring is None or outputs is None:
                 return None
             summaries = outputs.summaries
+            deliveries = self._deliveries(stream)
             return StreamStats(
                 frames_encoded=ring.frames_encoded, ring_size=len(ring.features), frames_dropped=ring.frames_dropped,
                 windows_done=counts.done, windows_skipped=counts.skipped, windows_failed=counts.failed,
+                windows_gated=outputs.windows_gated, events_opened=outputs.events_opened,
+                events_open=len(outputs.open_events), deliveries_pending=deliveries.pending,
+                deliveries_failed=deliveries.failed,
                 queued=self.scheduler.waiting(stream), summaries=len(summaries.done) if summaries else 0,
                 summaries_skipped=summaries.skipped if summaries else 0,
             )
+
+    def _deliveries(self, stream: str) -> DeliveryStats:
+        return self.notifier.stream_stats(stream) if self.notifier is not None else DeliveryStats()
 
     def all_stats(self) -> dict[str, StreamStats]:
         return {sid: stats for sid in list(self.scheduler.lanes) if (stats := self.stats(sid)) is not None}
@@ -249,6 +283,7 @@ class Engine:
         ring, outputs = self.runner.rings.get(stream), self.outputs.streams.get(stream)
         if stats is None or report is None or counts is None or ring is None or outputs is None:
             return None
+        deliveries = self._deliveries(stream)
         error, error_at = report.last_error, report.last_error_at
         if error is None and counts.last_error is not None:
             error, error_at = counts.last_error, counts.last_error_at
@@ -257,17 +292,22 @@ class Engine:
             stream=stream, state=report.state, frames_in=report.frames_in, fps_in=report.fps_in,
             fps_out=self.fps_out[stream].update(stats.frames_encoded), frames_dropped=stats.frames_dropped,
             frames_corrupt=report.frames_corrupt, windows_emitted=report.windows_emitted,
-            windows_done=stats.windows_done, windows_skipped=stats.windows_skipped,
+            windows_done=stats.windows_done, windows_skipped=stats.windows_skipped, windows_gated=stats.windows_gated,
             windows_failed=stats.windows_failed, reconnects=report.reconnects, latency_s=outputs.latency_s,
             last_error=error, last_error_at=error_at,
             lag_s=max(0.0, time.time() - latest[0].wall_end) if latest and report.live else 0.0,
-            summaries_skipped=stats.summaries_skipped,
+            summaries_skipped=stats.summaries_skipped, events_opened=stats.events_opened,
+            events_open=stats.events_open, deliveries_pending=stats.deliveries_pending,
+            deliveries_failed=stats.deliveries_failed, last_delivery_error=deliveries.last_error,
+            last_delivery_error_at=deliveries.last_error_at,
         )
 
-    def publish_status(self, stream: str) -> None:
+    def publish_status(self, stream: str) -> StreamStatus | None:
+        """Publish the stream's status; returns it (None until the ingest has reported)."""
         status = self.status(stream)
         if status is not None:
             self.publisher.publish_status(status)
+        return status
 
     def flush(self) -> bool:
         """Try to hand the publisher's offline buffer to Redis; True when it is empty."""

@@ -71,7 +71,6 @@ class ModelRunner:
     def window_features(self, window: Window) -> torch.Tensor:
         """[T, tokens, hidden] for the window, encoding only frames not in the ring."""
         ring = self.rings[window.stream]
-        first = window.frames[0].seq
         # A local copy: a restarting ingest actor may clear the ring meanwhile (restart()).
         features = {f.seq: ring.features[f.seq] for f in window.frames if f.seq in ring.features}
         missing = [f for f in window.frames if f.seq not in features]
@@ -84,12 +83,25 @@ class ModelRunner:
             features |= encoded
             ring.features.update(encoded)
             ring.frames_encoded += len(missing)
+        self._advance(ring, window)
+        return torch.stack([features[f.seq] for f in window.frames])
+
+    def skip_window(self, window: Window) -> None:
+        """A window published without the model (unchanged scene): its frames count as covered."""
+        ring = self.rings.get(window.stream)
+        if ring is not None:
+            self._advance(ring, window)
+
+    @staticmethod
+    def _advance(ring: FeatureRing, window: Window) -> None:
+        """The window is processed: frames before it that no window covered are dropped, and
+        features of frames it slid past are released."""
+        first = window.frames[0].seq
         if ring.last_frame_seq is not None and first > ring.last_frame_seq + 1:
             ring.frames_dropped += first - ring.last_frame_seq - 1
         ring.last_frame_seq = max(ring.last_frame_seq or 0, window.frames[-1].seq)
         for seq in [s for s in ring.features if s < first]:
-            del ring.features[seq]  # slid out: released as the window moves
-        return torch.stack([features[f.seq] for f in window.frames])
+            del ring.features[seq]
 
     # ---- model calls ---------------------------------------------------------------
     def queries_due(self, window: Window) -> list[StandingQuestion | None]:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from connectors.publisher import Publisher, PublishResult
-from connectors.redis_schema import Answer, AnswerKind, Caption, Event, Question, Summary
+from connectors.redis_schema import Answer, AnswerKind, Caption, Event, EventPhase, Question, Summary, event_id
 from connectors.sources import redact_uri
 
 from ..config import StandingQuestion, StreamConfig, Trigger
@@ -20,9 +20,14 @@ from ..outputs import CaptionFiles
 from ..pictures import window_picture
 from ..summaries import FinalSummary, RollingSummaries, SummaryTask, summary_markdown
 from ..window import Window
+from .events import EventTracker, OpenEvent
 from .model_runner import Reply, WindowReplies
 
-PictureSource = Callable[[Window], np.ndarray | None]  # the window's last frame, None if it is gone
+PictureSource = Callable[[Window], np.ndarray | bytes | None]  # the window's last frame (or its JPEG), None if gone
+# Takes a segment's window instead of publishing it: (window, replies or None, picture, error).
+Relay = Callable[[Window, WindowReplies | None, np.ndarray | None, str | None], None]
+# Told of each event record that opens or closes an event, after its window is published.
+EventListener = Callable[[StreamConfig, StandingQuestion, Event], None]
 
 
 @dataclass
@@ -34,6 +39,19 @@ class StreamOutputs:
     final: FinalSummary | None = None
     final_published: bool = False
     latency_s: float | None = None  # of the latest published window
+    last_caption: Caption | None = None  # the latest the model wrote: what an unchanged window repeats
+    last_answers: dict[str, Answer] = field(default_factory=dict)  # question id -> latest standing answer
+    trackers: dict[str, EventTracker] = field(default_factory=dict)  # question id -> its event lifecycle
+    open_events: dict[str, Event] = field(default_factory=dict)  # question id -> the open event's latest record
+    windows_gated: int = 0
+    events_opened: int = 0
+    relay: Relay | None = None  # a segment of a split file: its merge publishes its windows, in order
+
+    def tracker(self, question: StandingQuestion) -> EventTracker:
+        if question.id not in self.trackers:
+            trigger = question.trigger
+            self.trackers[question.id] = EventTracker(trigger.open_after, trigger.close_after, trigger.cooldown_windows)
+        return self.trackers[question.id]
 
 
 def error_answer(question: Question, error: str, window: Window | None = None) -> Answer:
@@ -51,13 +69,24 @@ def trigger_fires(trigger: Trigger | None, reply: Reply) -> bool:
 
 
 class OutputProcessor:
-    def __init__(self, publisher: Publisher, model_name: str, picture_of: PictureSource):
+    def __init__(self, publisher: Publisher, model_name: str, picture_of: PictureSource,
+                 on_event: EventListener | None = None):
         self.publisher, self.model_name, self.picture_of = publisher, model_name, picture_of
+        self.on_event = on_event
         self.streams: dict[str, StreamOutputs] = {}
 
     def add_stream(self, config: StreamConfig, run: int, files: CaptionFiles | None,
-                   summaries: RollingSummaries | None) -> None:
-        self.streams[config.id] = StreamOutputs(config, run, files, summaries)
+                   summaries: RollingSummaries | None, open_events: Sequence[Event] = (),
+                   relay: Relay | None = None) -> None:
+        """`open_events`: the run's events still open in Redis (a restarted worker continues them)."""
+        outputs = StreamOutputs(config, run, files, summaries, relay=relay)
+        questions = {q.id: q for q in config.standing_questions if q.trigger is not None}
+        for event in open_events:
+            question = questions.get(event.question_id)
+            if question is not None and event.run == run and event.first_window is not None:
+                outputs.tracker(question).open = OpenEvent(event.first_window, event.opened_at or event.wall_end)
+                outputs.open_events[question.id] = event
+        self.streams[config.id] = outputs
 
     def remove_stream(self, stream: str) -> None:
         outputs = self.streams.pop(stream, None)
@@ -72,18 +101,50 @@ class OutputProcessor:
             text=text, model=self.model_name, prompt=prompt, error=error, latency_s=time.time() - window.closed_at,
         )
 
-    def window_done(self, replies: WindowReplies) -> Caption:
-        """Publish the window (caption, standing answers, events fired, picture) in one
+    def window_done(self, replies: WindowReplies) -> Caption | None:
+        """Publish the window (caption, standing answers, event records, picture) in one
         transaction, then its file line and its place in the rolling summary."""
         window = replies.window
         outputs = self.streams[window.stream]
+        if outputs.relay is not None:
+            outputs.relay(window, replies, self.picture_of(window), None)
+            return None
         captioned = replies.caption is not None
         caption = self._caption(window, replies.caption.text, outputs.config.caption_prompt) if captioned else self._caption(window)
         answers, events = [], []
         for question, reply in replies.standing:
-            answers.append(self._standing_answer(window, question, reply))
-            if trigger_fires(question.trigger, reply):
-                events.append(self._event(window, question, reply))
+            answer = self._standing_answer(window, question, reply)
+            answers.append(answer)
+            outputs.last_answers[question.id] = answer
+            if question.trigger is not None:
+                events += self._lifecycle(outputs, window, question, reply)
+        self._publish(outputs, window, caption, answers, events, captioned)
+        if captioned:
+            outputs.last_caption = caption
+        return caption
+
+    def window_unchanged(self, window: Window) -> Caption:
+        """A window the scene gate found unchanged: published without the model, with the last
+        caption and the window it dates from, and the last standing answers. It does not move
+        any event on (no new evidence)."""
+        outputs = self.streams[window.stream]
+        last = outputs.last_caption
+        caption = self._caption(window, last.text, last.prompt).model_copy(
+            update={"unchanged_since_window": last.unchanged_since_window if last.unchanged_since_window is not None
+                    else last.window, "unchanged_since": last.unchanged_since or last.wall_end})
+        answers = [a.model_copy(update={"window": window.seq, "start": window.start, "end": window.end})
+                   for a in outputs.last_answers.values()]
+        self._publish(outputs, window, caption, answers, [], captioned=True)
+        outputs.windows_gated += 1
+        return caption
+
+    def can_repeat(self, stream: str) -> bool:
+        """An unchanged window can be published: there is a caption to repeat."""
+        outputs = self.streams.get(stream)
+        return outputs is not None and outputs.last_caption is not None
+
+    def _publish(self, outputs: StreamOutputs, window: Window, caption: Caption, answers: list[Answer],
+                 events: list[Event], captioned: bool) -> None:
         picture = self.picture_of(window)
         result = self.publisher.publish_window(
             caption, answers, events, frame=window_picture(picture, caption) if picture is not None else None,
@@ -92,15 +153,57 @@ class OutputProcessor:
         if outputs.files is not None and captioned and result != PublishResult.DUPLICATE:
             outputs.files.write(caption)
         outputs.latency_s = caption.latency_s
-        if outputs.summaries is not None and captioned:
+        if outputs.summaries is not None and captioned and caption.unchanged_since_window is None:
             outputs.summaries.add_caption(caption)
-        return caption
+        if self.on_event is not None and result != PublishResult.DUPLICATE:
+            questions = {q.id: q for q in outputs.config.standing_questions}
+            for event in events:
+                if event.phase != EventPhase.UPDATED:
+                    self.on_event(outputs.config, questions[event.question_id], event)
+
+    def _lifecycle(self, outputs: StreamOutputs, window: Window, question: StandingQuestion, reply: Reply) -> list[Event]:
+        """The event record this answer makes, if any: opened, updated or closed."""
+        tracker = outputs.tracker(question)
+        phase = tracker.observe(window.seq, window.wall_end, trigger_fires(question.trigger, reply))
+        if phase is None:
+            return []
+        if phase == EventPhase.OPENED:
+            first_window, opened_at = window.seq, window.wall_end
+            outputs.events_opened += 1
+        else:
+            opened = outputs.open_events[question.id]
+            first_window, opened_at = opened.first_window, opened.opened_at
+        record = self._event(window, question, reply).model_copy(update={
+            "phase": phase, "first_window": first_window, "opened_at": opened_at,
+            "event_id": event_id(question.id, outputs.run, first_window)})
+        if phase == EventPhase.CLOSED:
+            outputs.open_events.pop(question.id, None)
+        else:
+            outputs.open_events[question.id] = record
+        return [record]
+
+    def close_open_events(self, stream: str) -> None:
+        """The stream is over: its open events close on its last window."""
+        outputs = self.streams.get(stream)
+        if outputs is None or not outputs.open_events:
+            return
+        records = [event.model_copy(update={"phase": EventPhase.CLOSED}) for event in outputs.open_events.values()]
+        self.publisher.close_events(stream, records)
+        questions = {q.id: q for q in outputs.config.standing_questions}
+        for record in records:
+            outputs.trackers.pop(record.question_id, None)
+            if self.on_event is not None:
+                self.on_event(outputs.config, questions[record.question_id], record)
+        outputs.open_events.clear()
 
     def window_failed(self, window: Window, error: str) -> None:
         """A window the model failed on: an entry with `error` and no text in the caption history
         (and the file's JSONL), so a consumer sees the gap and why."""
         outputs = self.streams.get(window.stream)
         if outputs is None:
+            return
+        if outputs.relay is not None:
+            outputs.relay(window, None, None, error)
             return
         caption = self._caption(window, error=error)
         result = self.publisher.publish_window(caption, [], [])
