@@ -246,9 +246,14 @@ class Engine:
         return self.outputs.adhoc_answer(question, window, reply, with_probability=question.kind == QuestionKind.YESNO)
 
     def answer_texts(self, prompts: Sequence[str]) -> list[str]:
-        """Text-only prompts (questions about the past, reports), batched, between steps."""
-        with self._model_lock:
-            return [reply.text for reply in self.runner.run([TextQuery(p) for p in prompts])]
+        """Text-only prompts (questions about the past, reports), a batch at a time between steps:
+        a long report never holds the model away from the windows for more than one batch."""
+        texts: list[str] = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            with self._model_lock:
+                chunk = prompts[start: start + self.config.batch_size]
+                texts += [reply.text for reply in self.runner.run([TextQuery(p) for p in chunk])]
+        return texts
 
     # ---- what it reports -----------------------------------------------------------------------
     def stats(self, stream: str) -> StreamStats | None:
