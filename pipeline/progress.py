@@ -14,15 +14,20 @@ from .resume import ResumeRefused, resume_point
 from .window import expected_windows
 
 
-def estimated_windows(source: str, config: PipelineConfig) -> int | None:
-    """Windows a file will give, from its duration (None if it cannot be read here)."""
+def file_seconds(source: str) -> float | None:
+    """A file's duration as its container says (None if it cannot be read here)."""
     try:
         with av.open(source) as container:
             stream = container.streams.video[0]
-            seconds = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+            return float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
     except Exception:  # the run itself reports unreadable sources
         return None
-    return expected_windows(round(seconds * config.fps), config.window, config.stride)
+
+
+def estimated_windows(source: str, config: PipelineConfig) -> int | None:
+    """Windows a file will give, from its duration (None if it cannot be read here)."""
+    seconds = file_seconds(source)
+    return None if seconds is None else expected_windows(round(seconds * config.fps), config.window, config.stride)
 
 
 def resumed_windows(config: PipelineConfig, streams: list[StreamConfig]) -> dict[str, int]:

@@ -17,16 +17,19 @@ from connectors.publisher import Publisher
 from connectors.redis_schema import IngestState, StreamInfo, StreamStatus
 
 from .actors import IngestActor, ModelWorker, model_worker_actor
-from .config import ConfigError, PipelineConfig, StreamConfig
+from .config import MAX_NOTIFY_TIMEOUT_S, ConfigError, PipelineConfig, StreamConfig
 from .messages import StreamSummary
 from .ray_session import actor_exists, results_within
 from .resume import resume_point, window_settings
+from .segments import describe
+from .split import SplitFile, plan_split
 
 log = logging.getLogger("slowfast.pipeline")
 WORKER_HEALTH_TIMEOUT_S = 5.0
 ACTOR_EXIT_TIMEOUT_S = 10.0
 DRAIN_TIMEOUT_S = 60.0
 DRAIN_FLUSH_S = 10.0  # at a stop, how long workers wait for an unreachable Redis to take their buffer
+DRAIN_NOTIFY_S = 5.0  # at a stop, how long workers keep trying event notifications still due
 PLACEMENT_WARN_S = 15.0
 
 
@@ -43,6 +46,7 @@ class StreamHandle:
     unplaced_reported: bool = False
     moved: bool = False  # now on another worker than its ingest actor was created with
     summary: StreamSummary | None = None  # once its ingest is over
+    split: bool = False  # a file split over the workers: its SplitFile actor minds its workers
 
 
 class Pipeline:
@@ -118,7 +122,7 @@ class Pipeline:
             self.unreachable_since.pop(index, None)
             if self.incarnations.get(index) not in (None, incarnation):
                 for sid, handle in self.streams.items():
-                    if handle.worker_index == index:
+                    if handle.worker_index == index and not handle.split:
                         self.attach(handle, index)
                 log.warning("model worker %d restarted; %d streams re-added", index, stream_count)
             self.incarnations[index] = incarnation
@@ -136,7 +140,7 @@ class Pipeline:
     def move_streams(self, index: int, reason: str) -> list[str]:
         messages = []
         for sid, handle in self.streams.items():
-            if handle.worker_index != index:
+            if handle.worker_index != index or handle.split:
                 continue
             target = self.least_loaded_worker()
             if target is None:
@@ -185,19 +189,31 @@ class Pipeline:
             id=stream.id, source=stream.source, live=live, config=stream.model_dump(mode="json"),
             pipeline=self.started_ms, run=resume.run if resume else 0, window_settings=window_settings(self.config),
         ))
-        index = self.least_loaded_worker()
-        if index is None:
-            raise RuntimeError("no model worker is reachable")
-        ray.get(self.workers[index].add_stream.remote(stream, info.run, live, resume.next_window if resume else 0))
+        next_window = resume.next_window if resume else 0
+        split = plan_split(stream, live, self.config, len(self.workers) - len(self.dead), next_window)
+        if split is not None:  # its actor stands where an ingest actor stands, under the same name
+            plan, segments = split
+            index, lines = 0, [describe(stream.id, segments, len(self.workers) - len(self.dead))]
+            ingest = SplitFile.options(name=f"ingest:{stream.id}").remote(
+                stream, info.run, self.config, self.model_path, len(self.workers), self.frame_size, plan,
+                self.ingest_options())
+        else:
+            index, lines = self.least_loaded_worker(), []
+            if index is None:
+                raise RuntimeError("no model worker is reachable")
+            ray.get(self.workers[index].add_stream.remote(stream, info.run, live, next_window))
+            ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
+                stream.model_copy(update={"live": live}), self.config, f"worker:{index}", self.frame_size
+            )
         stream = stream.model_copy(update={"live": live})
-        ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
-            stream, self.config, f"worker:{index}", self.frame_size
-        )
         self.streams[stream.id] = StreamHandle(
-            stream, info.run, live, index, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote()
+            stream, info.run, live, index, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote(),
+            split=split is not None,
         )
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
-        return f"stream {stream.id} resumes after window {resume.next_window - 1}" if resume else None
+        if resume:
+            lines.insert(0, f"stream {stream.id} resumes after window {resume.next_window - 1}")
+        return "; ".join(lines) or None
 
     def report_failure(self, stream_id: str, exc: Exception) -> None:
         self.failed[stream_id] = StreamSummary(stream=stream_id, state="failed", error=str(exc))
@@ -272,6 +288,14 @@ class Pipeline:
                 if sid in self.streams and self.streams[sid].summary is not None:
                     self.streams[sid].summary = replace(self.streams[sid].summary, stats=counts)
         live_workers = [w for i, w in enumerate(self.workers) if i not in self.dead]
+        # Notifications still due get their last chance, the rest is written down (before the
+        # publisher's flush, which then carries those records to Redis).
+        drains = [w.drain_notifications.remote(DRAIN_NOTIFY_S) for w in live_workers]
+        drain_s = DRAIN_NOTIFY_S + MAX_NOTIFY_TIMEOUT_S + WORKER_HEALTH_TIMEOUT_S
+        written_down = sum(results_within(drains, drain_s).values())
+        if written_down:
+            log.warning("%d event notifications were not delivered before the stop; each is in its stream's "
+                        "undelivered events in Redis", written_down)
         flushes = [w.flush_publisher.remote(DRAIN_FLUSH_S) for w in live_workers]
         undelivered = sum(results_within(flushes, DRAIN_FLUSH_S + WORKER_HEALTH_TIMEOUT_S).values())
         if undelivered:
