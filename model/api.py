@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .config import SlowFastConfig
 from .errors import ModelInputError
 from .modeling import SlowFastForCausalLM
 from .preprocess import preprocess_frames
-from .prompt import END_OF_TURN, PromptIds, build_prompt
+from .prompt import CAPTION_PROMPT, END_OF_TURN, PromptIds, build_prompt
 from .visual_tokens import VisualTokens, image_tokens, video_tokens
 
 logger = logging.getLogger(__name__)
@@ -332,11 +333,14 @@ class SlowFastVLM:
         total = yes + no
         return torch.where(total > 0, yes / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5).tolist()
 
-    def warm_up(self, frames: int, max_new_tokens: int, batch_size: int, decode_cross_attention: bool = False) -> float:
+    def warm_up(self, frames: int, max_new_tokens: int, row_counts: Iterable[int],
+                decode_cross_attention: bool = False) -> float:
         """Compile and capture, before the first real call, what serving `frames`-frame
-        windows in batches of up to `batch_size` will use: the tower at the encode batch size
-        and the decode step at every padded batch size up to `batch_size`. Returns seconds
-        spent; nothing to do (0.0) on the eager path.
+        windows will use: the tower at the encode batch size, and the decode step at the
+        padded size of each of `row_counts` (the rows a generate call may hold), each size
+        once. With a compile cache (`model.compiled.use_compile_cache`) filled by an earlier
+        process, this loads instead of compiling. Returns seconds spent; nothing to do (0.0)
+        on the eager path.
         """
         if not self.decoder.compiled and not isinstance(self.tower, CompiledOrEager):
             return 0.0
@@ -344,15 +348,13 @@ class SlowFastVLM:
         size = self.config.image_size
         features = self.encode_frames(torch.zeros(self.encode_batch_size, 3, size, size))[:1].expand(frames, -1, -1)
         settings = generation.SamplingSettings(max_new_tokens, decode_cross_attention=decode_cross_attention)
-        rows = 1
-        while True:
-            queries = [VideoQuery(question="Describe the video.", features=features)] * rows
+        # The compiled decoder pads a batch's rows to a power of two: one graph per padded size.
+        padded = sorted({generation._next_power_of_two(rows) for rows in row_counts}) if self.decoder.compiled else []
+        for rows in padded:
+            queries = [VideoQuery(question=CAPTION_PROMPT, features=features)] * rows
             self.decoder.generate(self._batch(queries, room_for_answer=max_new_tokens), settings, stop_token_ids=[])
-            if rows >= batch_size:
-                break
-            rows *= 2
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - started
-        logger.info("warm-up (compile + CUDA graph capture) took %.1f s", seconds)
+        logger.info("warm-up (compile + CUDA graph capture) of decode rows %s took %.1f s", padded, seconds)
         return seconds

@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+def use_compile_cache(directory: str | os.PathLike) -> Path:
+    """Keep this process's torch.compile artifacts under `directory` (created if missing):
+    inductor's FX-graph and AOTAutograd caches and autotuning results, and the Triton
+    kernels (in `triton/`). A later process that compiles the same functions at the same
+    shapes with the same torch, compilers and device loads them instead of compiling.
+
+    Call it before the process's first compile: compile workers read the location when they
+    start. Raises OSError if the directory cannot be made or written, ValueError for a path
+    with whitespace (inductor's C++ compile commands split it).
+    """
+    path = Path(directory).expanduser().absolute()
+    if any(character.isspace() for character in str(path)):
+        raise ValueError(f"{path} holds whitespace, which torch's compile commands cannot take")
+    (path / "triton").mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"{path} is not writable")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
+    return path
 
 
 class CompiledOrEager:

@@ -345,7 +345,7 @@ class ModelWorker:
         if config.compile_cache_dir is not None:
             try:
                 use_compile_cache(config.compile_cache_dir)
-            except OSError as exc:  # a slower start, not a worker that cannot start
+            except (OSError, ValueError) as exc:  # a slower start, not a worker that cannot start
                 log.warning("compile cache %s unusable, compiling without it: %s", config.compile_cache_dir, exc)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         vlm = SlowFastVLM.from_pretrained(model_path, device=config.device, dtype=dtype,

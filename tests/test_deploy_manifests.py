@@ -188,3 +188,39 @@ def test_configmap_config_validates_against_the_pipeline_config(monkeypatch):
     (cluster,) = by_kind("RayCluster")
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
     assert config.ingest_node_resource in groups["ingest"]["rayStartParams"]["resources"]
+
+
+def holding_mount(path: str, mount_paths: list[str]) -> str | None:
+    """The mount path under which `path` lies (the deepest one), if any."""
+    holding = [m for m in mount_paths if Path(path) == Path(m) or Path(m) in Path(path).parents]
+    return max(holding, key=len, default=None)
+
+
+def test_compile_cache_is_on_a_volume_in_the_image_compose_and_the_gpu_workers():
+    """A restarted model worker finds its compiled shapes only if compile_cache_dir outlives
+    the container: the image declares the volume, compose mounts a named volume there, the
+    KubeRay GPU group a PersistentVolumeClaim."""
+    from pipeline.config import PipelineConfig
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (declared,) = re.findall(r"^VOLUME (\[.*\])$", dockerfile, re.MULTILINE)
+    assert "/cache" in yaml.safe_load(declared)
+    assert re.search(r"mkdir -p [^&\n]*/cache && chown slowfast [^\n]*/cache", dockerfile)
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    service = compose["services"]["slowfast"]
+    cache_dir = str(PipelineConfig(compile_cache_dir=service["environment"]["SLOWFAST_COMPILE_CACHE_DIR"]).compile_cache_dir)
+    sources = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    mount = holding_mount(cache_dir, list(sources))
+    assert mount is not None and sources[mount] in compose["volumes"]  # a named volume, not the container's disk
+
+    (configmap,) = by_kind("ConfigMap")
+    cache_dir = yaml.safe_load(configmap["data"]["slowfast.yaml"])["compile_cache_dir"]
+    (cluster,) = by_kind("RayCluster")
+    (gpu,) = [g for g in cluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    mounts = {m["mountPath"]: m["name"] for m in pod_containers(gpu["template"])[0]["volumeMounts"]}
+    mount = holding_mount(cache_dir, list(mounts))
+    assert mount is not None
+    volumes = {v["name"]: v for v in gpu["template"]["spec"]["volumes"]}
+    claim = volumes[mounts[mount]]["persistentVolumeClaim"]["claimName"]
+    assert claim in {pvc["metadata"]["name"] for pvc in by_kind("PersistentVolumeClaim")}
