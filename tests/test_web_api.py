@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from connectors.publisher import Publisher
+from connectors.redis_conn import connect
 from connectors.redis_schema import FRAME_MAX_SIDE, IngestState, StreamInfo, StreamStatus
 from pipeline.cli import app as cli_app
 from pipeline.config import load_config
@@ -26,6 +29,7 @@ from pipeline.runner import run_pipeline
 from pipeline.web.server import WebServer, serving
 from tests.support.media import cfr_times, make_clip
 from tests.support.records import make_caption, make_event
+from tests.support.web import STANDING_QUESTION, standing_answer
 
 
 def picture(seed: int, size: int = 576) -> np.ndarray:
@@ -92,22 +96,30 @@ def test_downloads_are_the_pipeline_files_built_from_redis(redis_url, web_server
     assert [json.loads(line)["window"] for line in jsonl.text.splitlines()] == [0, 1, 2, 3]
 
 
-def test_questions_go_through_the_intake(redis_url, web_server, answerer):
-    seed_stream(redis_url, 1)
-    api = httpx.Client(base_url=web_server.url, timeout=30)
-    ok = api.post("/api/streams/cam1/questions", json={"text": "Is the door open?", "kind": "yesno"})
+def test_questions_go_through_the_intake_to_the_pipeline(redis_url, web_server, answering_pipeline):
+    """The running pipeline answers; a stream that is registered but not running gets its
+    error reply."""
+    sid = answering_pipeline
+    seed_stream(redis_url, 1, sid="gone")  # registered by an earlier run, not running now
+    api = httpx.Client(base_url=web_server.url, timeout=120)
+    ok = api.post(f"/api/streams/{sid}/questions",
+                  json={"text": STANDING_QUESTION["prompt"], "kind": "yesno", "timeout_s": 60})
     assert ok.status_code == 200, ok.text
-    assert ok.json()["text"] == "Yes: Is the door open?" and ok.json()["probability"] == 0.75
+    answer = ok.json()
+    standing = standing_answer(redis_url, answer["window"])  # the same question on the same window
+    assert answer["stream"] == sid and answer["kind"] == "adhoc" and answer["question"] == STANDING_QUESTION["prompt"]
+    assert (answer["start"], answer["end"], answer["text"]) == (standing.start, standing.end, standing.text)
+    assert answer["probability"] == pytest.approx(standing.probability, abs=1e-4)
 
-    failed = api.post("/api/streams/cam1/questions", json={"text": "please fail"})
-    assert failed.status_code == 422 and failed.json()["detail"] == "model failure: out of memory"
+    failed = api.post("/api/streams/gone/questions", json={"text": "anyone?", "timeout_s": 60})
+    assert failed.status_code == 422 and failed.json()["detail"] == "stream 'gone' is not running"
 
-    too_long = api.post("/api/streams/cam1/questions", json={"text": "x" * 2001})
+    too_long = api.post(f"/api/streams/{sid}/questions", json={"text": "x" * 2001})
     assert too_long.status_code == 422 and "2000" in too_long.text
-    assert api.post("/api/streams/cam1/questions", json={"text": ""}).status_code == 422
+    assert api.post(f"/api/streams/{sid}/questions", json={"text": ""}).status_code == 422
     assert api.post("/api/streams/nope/questions", json={"text": "hi"}).status_code == 404
     # A form post from another site (no JSON content type) is not a question.
-    assert api.post("/api/streams/cam1/questions", content="text=hi",
+    assert api.post(f"/api/streams/{sid}/questions", content="text=hi",
                     headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 422
 
 
@@ -151,19 +163,27 @@ def test_token_required_off_loopback_and_host_checked_on_it(redis_url, web_serve
 
 def test_events_command_follows_events(redis_url):
     info = seed_stream(redis_url, 2, event_windows=(1,))
+    r = connect(redis_url)
+    subscribed_before = r.pubsub_numpat()  # the server's, whatever other tests left subscribed
     slowfast = str(Path(sys.executable).parent / "slowfast")
     proc = subprocess.Popen([slowfast, "events", "--redis-url", redis_url],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in iter(proc.stdout.readline, "")], daemon=True).start()
     try:
-        assert "cam1 #1" in proc.stdout.readline()  # the past event first
-        time.sleep(1.0)  # let it subscribe (a nudge before that is only pushed, not stored)
+        assert "cam1 #1" in lines.get(timeout=120)  # the past event first
+        # subscribed: a nudge published before that is only pushed, not stored
+        deadline = time.monotonic() + 120
+        while r.pubsub_numpat() <= subscribed_before:
+            assert time.monotonic() < deadline, "slowfast events never subscribed to the nudges"
+            time.sleep(0.05)
         with Publisher(redis_url) as pub:
             caption = make_caption(2, run=info.run)
             pub.publish_window(caption, events=[make_event(2, run=info.run, text="Yes, a <b>van</b>")])
-        line = proc.stdout.readline()
+        line = lines.get(timeout=120)
         assert "cam1 #2" in line and "anyone? -> Yes, a <b>van</b>" in line and "P(yes)=0.90" in line
         seed_stream(redis_url, 1, sid="cam2", event_windows=(0,))  # a stream that appears later
-        assert "cam2 #0" in proc.stdout.readline()
+        assert "cam2 #0" in lines.get(timeout=120)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -226,6 +246,7 @@ def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
             down.append(api.post("/api/streams/cam1/questions", json={"text": "anyone?", "timeout_s": 1}))
             down.append(api.get("/api/search", params={"q": "window"}))
             down.append(api.post("/api/streams/cam1/report", json={"since": "1h", "timeout_s": 1}))
+            down.append(api.post("/api/streams/cam1/events/bay:1:0/ack", json={"by": "Dana"}))
             for response in down:
                 assert response.status_code == 503, (response.request.url, response.text)
                 assert response.json()["detail"].startswith("Redis unreachable"), response.text
@@ -236,7 +257,7 @@ def test_redis_down_is_a_clear_503_and_the_page_recovers(tmp_path):
             named = {"/api/streams/{stream}" + p.removeprefix("/api/streams/cam1") for p in gets[1:] if p != snapshot}
             assert routes == {*gets[:1], *named, "/api/streams/{stream}/snapshots/{snapshot_id}.jpg",
                               "/api/streams/{stream}/questions", "/streams/{stream}", "/api/updates",
-                              "/api/search", "/api/streams/{stream}/report",
+                              "/api/search", "/api/streams/{stream}/report", "/api/streams/{stream}/events/{event_id}/ack",
                               *(p for p in pages if p != "/streams/cam1")}, routes
 
             updates = []

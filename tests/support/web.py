@@ -1,20 +1,24 @@
-"""The web app on a real socket (uvicorn in a thread) against the test's Redis, and headless
-Debian Chromium driven by Playwright (no browser download: the system executable)."""
+"""The web app on a real socket (uvicorn in a thread) against the test's Redis, headless Debian
+Chromium driven by Playwright (no browser download: the system executable), and the real
+pipeline answering the questions asked through them."""
 
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from connectors.intake import QuestionIntake
-from connectors.redis_schema import Answer, Question
+from connectors.client import SlowFastClient
+from connectors.redis_schema import Answer
+from pipeline.config import load_config
 from pipeline.web.server import WebServer
+from tests.support.background_run import BackgroundRun, wait_until
+from tests.support.media import cfr_times, make_clip
 from tests.support.system_parts import missing_part
 
-__all__ = ["web_server", "browser", "answerer", "CHROMIUM"]
+__all__ = ["web_server", "browser", "answering_pipeline", "CHROMIUM"]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -44,39 +48,34 @@ def browser() -> Iterator[object]:
             chromium.close()
 
 
-class IntakeAnswerer:
-    """Answers questions from the real intake as the pipeline does, without a model: the
-    answer repeats the question; a question containing "fail" gets an error reply."""
-
-    def __init__(self, redis_url: str) -> None:
-        self.intake = QuestionIntake(redis_url, consumer_name="test-answerer")
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            for entry_id, question in self.intake.poll(block_ms=200):
-                if not isinstance(question, Question):
-                    continue  # the intake already replied with the error
-                base = dict(question_id=question.id, stream=question.stream, question=question.text)
-                if "fail" in question.text:
-                    answer = Answer(**base, error="model failure: out of memory")
-                else:
-                    answer = Answer(**base, window=3, start=12.0, end=27.75, text=f"Yes: {question.text}",
-                                    probability=0.75 if question.kind == "yesno" else None)
-                self.intake.complete(entry_id, question, answer)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.intake.close()
+ANSWERING_STREAM = "cam"
+# The yes/no question the web tests ask, also standing on the stream: its standing answer for a
+# window is the pipeline's own record that an ad-hoc reply on that window must equal. A P(yes)
+# threshold nothing passes: no events, but the answers carry P(yes).
+STANDING_QUESTION = {"id": "door", "prompt": "Is the door open?", "every_n_windows": 1,
+                     "trigger": {"p_yes_above": 1.0}}
 
 
 @pytest.fixture
-def answerer(redis_url: str) -> Iterator[IntakeAnswerer]:
-    a = IntakeAnswerer(redis_url)
+def answering_pipeline(ray_session, redis_url: str, tiny_model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """The real pipeline (random checkpoint) answering questions about a live looping camera;
+    yields its stream id once it has a window to answer on."""
+    clip = make_clip(tmp_path / "cam.mp4", cfr_times(8, 6.0)).path
+    stream = {"id": ANSWERING_STREAM, "source": f"loop://{clip}", "live": True, "standing_questions": [STANDING_QUESTION]}
+    config = load_config(None, redis_url=redis_url, model=str(tiny_model_dir), out_dir=tmp_path / "out", window=8,
+                         stride=4, fps=4.0, streams=[stream], generation={"max_new_tokens": 6})
+    run = BackgroundRun(config)
+    client = SlowFastClient(redis_url)
     try:
-        yield a
+        wait_until(lambda: client.latest(ANSWERING_STREAM) is not None, timeout=300)
+        yield ANSWERING_STREAM
     finally:
-        a.close()
+        run.finish()
+        client.close()
+
+
+def standing_answer(redis_url: str, window: int) -> Answer:
+    """The pipeline's answer to STANDING_QUESTION on `window` of the answering stream."""
+    with SlowFastClient(redis_url) as client:
+        return next(a for a in client.answers(ANSWERING_STREAM, count=10_000)
+                    if a.window == window and a.question_id == STANDING_QUESTION["id"])
