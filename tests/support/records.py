@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from connectors.redis_schema import Caption, Event
+from connectors.redis_schema import Caption, Event, event_id
 
 RUN = 1_700_000_000_000
 WINDOW_START_S, WINDOW_SPAN_S, WALL_ORIGIN = 4.0, 15.75, 1.7e9
@@ -20,10 +20,15 @@ def make_caption(window: int = 0, *, stream: str = "cam1", run: int = RUN, **fie
 
 
 def make_event(window: int = 0, *, stream: str = "cam1", run: int = RUN, **fields: object) -> Event:
+    """By default the record of an event that opens on `window`."""
     start = WINDOW_START_S * window
+    question_id = str(fields.get("question_id", "bay"))
+    first_window = fields.get("first_window", window)
+    wall_end = fields.get("wall_end", WALL_ORIGIN + start + WINDOW_SPAN_S)
     base = dict(
-        stream=stream, window=window, run=run, question_id="bay", question="anyone?", text="Yes",
-        probability=0.9, trigger="p_yes>0.8", start=start, end=start + WINDOW_SPAN_S,
-        wall_end=WALL_ORIGIN + start + WINDOW_SPAN_S,
+        stream=stream, window=window, run=run, question_id=question_id, question="anyone?", text="Yes",
+        probability=0.9, trigger="p_yes>0.8", start=start, end=start + WINDOW_SPAN_S, wall_end=wall_end,
+        first_window=first_window, event_id=event_id(question_id, run, first_window),
+        opened_at=wall_end - WINDOW_START_S * (window - first_window),
     )
     return Event(**(base | fields))  # type: ignore[arg-type]

@@ -72,11 +72,36 @@ function liveUpdates(query, handlers) {
 }
 
 function eventLine(ev) {
-  const li = el("li");
-  li.append(el("span", "when", clock(ev.created_at)));
+  const li = el("li", `phase-${ev.phase}`);
+  li.dataset.event = ev.event_id || "";
+  li.append(el("span", "when", clock(ev.created_at)), el("span", "phase", eventState(ev)));
   const p = ev.probability !== undefined && ev.probability !== null ? ` (P(yes) ${ev.probability.toFixed(2)})` : "";
   li.append(document.createTextNode(`${ev.question} → ${ev.text}${p}`));
+  if (ev.ack) li.append(el("span", "acked", ackText(ev.ack)));
   return li;
+}
+
+// "open since 12:00:01", "closed (open 12:00:01–12:00:45)": what an event record says happened.
+function eventState(ev) {
+  const since = ev.opened_at ? clock(ev.opened_at) : clock(ev.wall_end);
+  if (ev.phase === "closed") return `closed (open ${since}–${clock(ev.wall_end)})`;
+  return `open since ${since}`;
+}
+
+function ackText(ack) {
+  return `acknowledged by ${ack.by || "someone"} at ${clock(ack.at)}` + (ack.note ? `: ${ack.note}` : "");
+}
+
+// A window the scene gate found unchanged repeats an earlier caption: say since when.
+function unchangedText(c) {
+  if (!c || c.unchanged_since_window === undefined || c.unchanged_since_window === null) return "";
+  return `unchanged since ${clock(c.unchanged_since)} (window ${c.unchanged_since_window})`;
+}
+
+function acknowledge(streamId, eventId, by) {
+  return getJSON(apiUrl(streamId, `/events/${encodeURIComponent(eventId)}/ack`), {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ by: by || "" }),
+  });
 }
 
 // A running stream's status is refreshed every second; a much older one means the pipeline

@@ -25,12 +25,13 @@ function newCard(id) {
   const body = el("div", "card-body");
   const error = el("div", "error");
   const caption = el("div", "caption");
+  const unchanged = el("div", "unchanged");
   const meta = el("div", "meta");
   const alertTitle = el("div", "alert-title");
   const events = el("ul", "events");
-  body.append(error, caption, meta, alertTitle, events);
+  body.append(error, caption, unchanged, meta, alertTitle, events);
   root.append(head, picture, body);
-  return { root, parts: { badgeSlot, img, nopic, stamp, error, caption, meta, alertTitle, events } };
+  return { root, parts: { badgeSlot, img, nopic, stamp, error, caption, unchanged, meta, alertTitle, events } };
 }
 
 function render(summary) {
@@ -53,11 +54,18 @@ function render(summary) {
   p.caption.textContent = captionText(c);
   p.caption.classList.toggle("none", !(c && c.text && !c.error));
   p.caption.dataset.entry = c ? c.entry_id : "";
-  const recent = summary.events || [];
-  card.root.classList.toggle("alert", recent.length > 0);
-  p.alertTitle.textContent = recent.length ? `${recent.length} event${recent.length > 1 ? "s" : ""} in the last hour` : "";
-  p.alertTitle.hidden = !recent.length;
-  p.events.replaceChildren(...recent.slice(0, 3).map(eventLine));
+  p.unchanged.textContent = unchangedText(c);
+  p.unchanged.hidden = !p.unchanged.textContent;
+  // Open events first (an unacknowledged one is an alert), then the last hour's openings and closings.
+  const open = summary.open_events || [];
+  const openIds = new Set(open.map((e) => e.event_id));
+  const recent = (summary.events || []).filter((e) => !(e.phase === "opened" && openIds.has(e.event_id)));
+  card.root.classList.toggle("alert", open.some((e) => !e.ack));
+  card.root.classList.toggle("open", open.length > 0);
+  p.alertTitle.textContent = open.length ? `${open.length} open event${open.length > 1 ? "s" : ""}`
+    : (recent.length ? `${recent.length} event record${recent.length > 1 ? "s" : ""} in the last hour` : "");
+  p.alertTitle.hidden = !p.alertTitle.textContent;
+  p.events.replaceChildren(...[...open, ...recent].slice(0, 4).map(eventLine));
   tick(card);
   empty.hidden = cards.size > 0;
 }

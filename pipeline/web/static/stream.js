@@ -20,6 +20,8 @@ function captionItem(c) {
   li.dataset.entry = c.entry_id;
   li.append(el("span", "range", `#${c.window} · ${c.start.toFixed(1)}–${c.end.toFixed(1)} s · ${clock(c.wall_end)} · latency ${secs(c.latency_s)}`));
   li.append(el("span", c.error ? "error" : (c.text ? "" : "meta"), c.error ? captionText(c) : (c.text || "(no caption)")));
+  const unchanged = unchangedText(c);
+  if (unchanged) { li.classList.add("gated"); li.append(el("span", "unchanged", unchanged)); }
   return li;
 }
 
@@ -32,12 +34,46 @@ function eventItem(ev) {
     row.append(img);
   }
   const txt = el("div", "txt");
+  row.classList.add(`phase-${ev.phase}`);
+  row.dataset.event = ev.event_id || "";
+  txt.append(el("div", "phase", eventState(ev)));
   txt.append(el("div", "meta", `${clock(ev.created_at)} · window ${ev.window} · ${ev.start.toFixed(1)}–${ev.end.toFixed(1)} s · ${ev.trigger}`));
   txt.append(el("div", "", ev.question));
   const p = ev.probability !== undefined && ev.probability !== null ? `  (P(yes) ${ev.probability.toFixed(2)})` : "";
   txt.append(el("b", "", ev.text + p));
+  txt.append(ackPart(ev));
   row.append(txt);
   return row;
+}
+
+// Who acknowledged the event, or a button to do it (an event without an id predates them).
+function ackPart(ev) {
+  if (ev.ack) return el("div", "acked", ackText(ev.ack));
+  if (!ev.event_id) return el("span");
+  const button = el("button", "button ack", "Acknowledge");
+  button.type = "button";
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    const by = $("ack-by").value.trim();
+    localStorage.setItem("sfs-ack-by", by);
+    try {
+      await acknowledge(streamId, ev.event_id, by);
+      await Promise.all([loadDetail(), loadEvents(false)]);
+    } catch (err) {
+      button.disabled = false;
+      button.replaceWith(el("div", "error", err.message));
+    }
+  });
+  return button;
+}
+
+let openKey = null;
+function showOpenEvents(list) {
+  const key = list.map((e) => `${e.event_id}@${e.window}${e.ack ? "+" : ""}`).join(",");
+  if (key === openKey) return; // unchanged: keep the rows (and a button about to be clicked)
+  openKey = key;
+  $("open-empty").hidden = list.length > 0;
+  $("open-events").replaceChildren(...list.map(eventItem));
 }
 
 function showSummary(s) {
@@ -51,12 +87,17 @@ function showSummary(s) {
   }
   const c = s.caption;
   $("latest").textContent = captionText(c);
+  $("latest-unchanged").textContent = unchangedText(c);
+  $("latest-unchanged").hidden = !$("latest-unchanged").textContent;
+  showOpenEvents(s.open_events || []);
   const st = s.status || {};
   const rate = (v) => (v === undefined ? "–" : `${Number(v).toFixed(1)}/s`);
   const stats = [["frames in", st.frames_in], ["fps in", rate(st.fps_in)], ["fps out", rate(st.fps_out)],
                  ["windows done", st.windows_done], ["skipped", st.windows_skipped], ["failed", st.windows_failed],
-                 ["lag", secs(st.lag_s)], ["latency", secs(st.latency_s)], ["reconnects", st.reconnects],
-                 ["dropped offline", st.offline_dropped]];
+                 ["gated (unchanged)", st.windows_gated], ["events open", st.events_open],
+                 ["events opened", st.events_opened], ["lag", secs(st.lag_s)], ["latency", secs(st.latency_s)],
+                 ["reconnects", st.reconnects], ["dropped offline", st.offline_dropped],
+                 ["notifications waiting", st.deliveries_pending], ["notifications failed", st.deliveries_failed]];
   $("stats").replaceChildren(...stats.map(([label, value]) => {
     const d = el("div", "", label); d.prepend(el("b", "", value === undefined ? "–" : value)); return d;
   }));
@@ -65,7 +106,9 @@ function showSummary(s) {
 
 function tick() {
   if (!current) return;
-  const problem = [staleness(current), current.last_error].filter(Boolean).join(" · ");
+  const st = current.status || {};
+  const undelivered = st.deliveries_failed ? `${st.deliveries_failed} event notifications not delivered (last error: ${st.last_delivery_error})` : "";
+  const problem = [staleness(current), current.last_error, undelivered].filter(Boolean).join(" · ");
   $("last-error").textContent = problem;
   $("last-error").hidden = !problem;
   const c = current.caption;
@@ -113,7 +156,8 @@ async function loadEvents(more) {
   const query = more && oldestEvent ? `?before=${oldestEvent}&count=${PAGE}` : `?count=${PAGE}`;
   const page = await getJSON(apiUrl(streamId, "/events" + query));
   if (!more) $("events").replaceChildren();
-  page.forEach((ev) => $("events").append(eventItem(ev)));
+  // Openings and closings; an open event's updates (one per window) are in the open events panel.
+  page.filter((ev) => ev.phase !== "updated").forEach((ev) => $("events").append(eventItem(ev)));
   if (page.length) oldestEvent = page[page.length - 1].entry_id;
   $("events-empty").hidden = $("events").children.length > 0;
   $("events-more").hidden = page.length < PAGE;
@@ -136,7 +180,7 @@ function onUpdate(s) {
       await loadNewerCaptions();
       showStanding((await getJSON(apiUrl(streamId))).standing || []);
     }
-    const key = (s.events || []).map((e) => e.entry_id).join(",");
+    const key = (s.events || []).map((e) => e.entry_id + (e.ack ? "+" : "")).join(",");
     if (key !== eventsKey) { eventsKey = key; await loadEvents(false); }
   }).catch((err) => console.warn(err));
 }
@@ -163,6 +207,7 @@ $("ask").addEventListener("submit", async (e) => {
     button.disabled = false;
   }
 });
+$("ack-by").value = localStorage.getItem("sfs-ack-by") || "";
 setupSearch(streamId);
 setupPast(streamId);
 setupReport(streamId);
