@@ -1,4 +1,5 @@
-"""SlowFastClient against data written by the Publisher, with real answerer threads."""
+"""SlowFastClient against data written by the Publisher, and against a real run for questions
+and control."""
 
 from __future__ import annotations
 
@@ -8,19 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from connectors.client import QuestionError, SlowFastClient
-from connectors.intake import ControlIntake, QuestionIntake
 from connectors.publisher import Publisher
-from connectors.redis_schema import (
-    Answer,
-    Control,
-    IngestState,
-    InvalidMessage,
-    Question,
-    StreamInfo,
-    StreamStatus,
-)
+from connectors.redis_schema import Answer, IngestState, StreamInfo, StreamStatus
 
+from tests.support.background_run import wait_until
+from tests.support.media import free_port
 from tests.support.records import make_caption, make_event
+from tests.support.web import STANDING_QUESTION, standing_answer
 
 
 @pytest.fixture
@@ -32,20 +27,6 @@ def setup(redis_url: str) -> Iterator[tuple[Publisher, SlowFastClient, int]]:
     yield pub, client, info.run
     client.close()
     pub.close()
-
-
-def serve(stop: threading.Event, handle, intake) -> threading.Thread:
-    """Run `handle(intake, entry_id, msg)` for every valid message until `stop`."""
-
-    def loop() -> None:
-        while not stop.is_set():
-            for entry_id, msg in intake.poll(block_ms=100):
-                if not isinstance(msg, InvalidMessage):
-                    handle(intake, entry_id, msg)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_reading_results(setup) -> None:
@@ -119,80 +100,39 @@ def test_notifications_push(setup, redis_url: str) -> None:
     assert got == [("caption", "cam1", 0), ("status", "clip", None), ("removed", "clip", None)]
 
 
-def test_ask_round_trip_with_an_answering_thread(setup, redis_url: str) -> None:
-    pub, client, run = setup
-    seen: list[Question] = []
+def test_ask_and_control_round_trips_with_the_real_driver(setup, redis_url: str, answering_pipeline: str) -> None:
+    """Questions and control messages through a real run (random checkpoint, a live camera):
+    the replies are the driver's and the intake's own."""
+    _, client, _ = setup
+    sid = answering_pipeline
+    reply = client.ask(sid, STANDING_QUESTION["prompt"], timeout=120, kind="yesno")
+    standing = standing_answer(redis_url, reply.window)  # the pipeline's answer, same question and window
+    assert reply.ok and reply.stream == sid and reply.question == STANDING_QUESTION["prompt"]
+    assert (reply.start, reply.end, reply.text) == (standing.start, standing.end, standing.text)
+    assert reply.probability == pytest.approx(standing.probability, abs=1e-4)
 
-    def answer(intake: QuestionIntake, entry_id: str, q: Question) -> None:
-        seen.append(q)
-        if q.stream == "clip":
-            intake.reply_error(q, "no window yet for stream 'clip'")
-            intake.ack(entry_id)
-        else:
-            intake.complete(
-                entry_id,
-                q,
-                Answer(
-                    question_id=q.id,
-                    stream=q.stream,
-                    question=q.text,
-                    window=7,
-                    text="Yes, one person",
-                    probability=0.87,
-                ),
-            )
-
-    stop = threading.Event()
-    with QuestionIntake(redis_url, "answerer") as intake:
-        thread = serve(stop, answer, intake)
-        try:
-            reply = client.ask("cam1", "Is anyone in the loading bay?", timeout=10, kind="yesno")
-            assert reply.text == "Yes, one person" and reply.probability == 0.87 and reply.window == 7
-            assert seen[0].kind == "yesno" and seen[0].text == "Is anyone in the loading bay?"
-
-            with pytest.raises(QuestionError, match="no window yet") as err:
-                client.ask("clip", "what happens?", timeout=10)
-            assert err.value.reply.question_id
-
-            with pytest.raises(QuestionError, match="unknown stream 'ghost'"):
-                client.ask("ghost", "anyone?", timeout=10)  # rejected by the intake itself
-        finally:
-            stop.set()
-            thread.join(5)
+    with pytest.raises(QuestionError, match="^stream 'clip' is not running$") as err:
+        client.ask("clip", "what happens?", timeout=120)  # registered, not part of this run
+    assert err.value.reply.question_id
+    with pytest.raises(QuestionError, match="unknown stream 'ghost'"):
+        client.ask("ghost", "anyone?", timeout=120)  # rejected by the intake itself
     with pytest.raises(ValueError):
-        client.ask("cam1", "", timeout=1)
+        client.ask(sid, "", timeout=1)
+
+    nobody = f"rtsp://u:secret@127.0.0.1:{free_port()}/9"  # a camera that refuses: it keeps connecting
+    assert client.add_stream("cam9", nobody, live=True, config={"caption_every_n_windows": 2}, timeout=120).ok
+    assert client.stream("cam9").source == nobody.replace(":secret@", ":***@")
+    with pytest.raises(QuestionError, match="^stream 'cam9' is already running$"):
+        client.add_stream("cam9", nobody, live=True, timeout=120)
+    assert client.remove_stream("cam9", timeout=120).ok
+    assert client.stream("cam9") is None
+    with pytest.raises(QuestionError, match="^stream 'cam9' is not running$"):
+        client.remove_stream("cam9", timeout=120)
+    assert client.add_stream("cam8", nobody) is None  # fire and forget
+    wait_until(lambda: client.stream("cam8") is not None, timeout=120)
 
 
 def test_ask_times_out_without_answerer(setup) -> None:
     _, client, _ = setup
     with pytest.raises(TimeoutError, match="no reply"):
         client.ask("cam1", "anyone?", timeout=0.3)
-
-
-def test_add_and_remove_stream_via_control(setup, redis_url: str) -> None:
-    pub, client, _ = setup
-
-    def control(intake: ControlIntake, entry_id: str, msg: Control) -> None:
-        if msg.action == "add":
-            pub.register_stream(StreamInfo(id=msg.stream, source=msg.source, live=bool(msg.live), config=msg.config))
-            intake.complete(entry_id, msg)
-        elif msg.stream not in {s.id for s in client.streams()}:
-            intake.complete(entry_id, msg, error=f"no stream {msg.stream!r}")
-        else:
-            pub.unregister_stream(msg.stream)
-            intake.complete(entry_id, msg)
-
-    stop = threading.Event()
-    with ControlIntake(redis_url, "supervisor") as intake:
-        thread = serve(stop, control, intake)
-        try:
-            assert client.add_stream("cam9", "rtsp://u:secret@cam/9", live=True, config={"fps": 2}, timeout=10).ok
-            assert client.stream("cam9").source == "rtsp://u:***@cam/9"
-            assert client.remove_stream("cam9", timeout=10).ok
-            assert client.stream("cam9") is None
-            with pytest.raises(QuestionError, match="no stream 'cam9'"):
-                client.remove_stream("cam9", timeout=10)
-            assert client.add_stream("cam8", "rtsp://cam/8") is None  # fire and forget
-        finally:
-            stop.set()
-            thread.join(5)
