@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import select
-import signal
 import socket
 import subprocess
 import threading
@@ -21,6 +19,8 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
+from bench.rtsp import RtspServer, rtsp_server_available
 
 # Only fixtures: tests/conftest.py star-imports this module; tests import helpers by name.
 __all__ = ["http_media", "media_dir", "rtsp_server_factory"]
@@ -202,54 +202,10 @@ def http_media(media_dir: Path) -> Iterator[str]:
 
 # --- RTSP server -------------------------------------------------------------------
 
-RTSP_SERVER_SCRIPT = Path(__file__).with_name("rtsp_server.py")
-SYSTEM_PYTHON = "/usr/bin/python3"  # GStreamer's Python bindings come from Debian's python3-gi
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def rtsp_server_available() -> bool:
-    probe = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
-    return (
-        Path(SYSTEM_PYTHON).exists()
-        and subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, check=False).returncode == 0
-    )
-
-
-class RtspServer:
-    """gst-rtsp-server in its own process serving one H.264 mp4 at rtsp://127.0.0.1:PORT/cam."""
-
-    def __init__(self, clip: Path, port: int | None = None, credentials: str | None = None) -> None:
-        self.clip, self.port, self.credentials = clip, port or free_port(), credentials
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, userinfo: str | None = None) -> str:
-        auth = f"{userinfo}@" if userinfo else ""
-        return f"rtsp://{auth}127.0.0.1:{self.port}/cam"
-
-    def start(self, timeout: float = 10.0) -> RtspServer:
-        cmd = [SYSTEM_PYTHON, str(RTSP_SERVER_SCRIPT), str(self.port), str(self.clip)]
-        if self.credentials:
-            cmd.append(self.credentials)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline() if ready else b""  # "ready" once it listens
-        if b"ready" not in line:
-            self.stop()
-            raise RuntimeError(f"RTSP server did not start: {line!r}")
-        return self
-
-    def stop(self) -> None:
-        """Kill -9, like a camera losing power: no TEARDOWN, the socket just dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
 
 
 @pytest.fixture
