@@ -18,7 +18,13 @@ prefill + 64 tokens, at batch 32; tower 183 frames/s); a text-only summary costs
 window's step without the tower. Video decoding from this CPU's measured rate per core,
 spread over --gpu-host-cores.
 
-    .venv/bin/python -m bench.long_video_bench [--seconds 90] [--model PATH]
+--workers N: the same run again with N model workers, the file split by time over them
+(pipeline/segments.py): the wall time with 1 and with N workers (each run from its start,
+model loading included), the speed-up against the ideal N, and the packet scan that plans the
+segments, measured; then derived for N GPUs: the one-GPU model time above divided by N, plus
+the pre-roll frames each segment encodes again, plus the scan.
+
+    .venv/bin/python -m bench.long_video_bench [--seconds 90] [--model PATH] [--workers N]
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ import torch
 from bench.common import checkpoint, parse_args, write_test_clip
 from connectors.embedded import EmbeddedRedis
 from connectors.redis_schema import Caption
-from connectors.sources import open_source
+from connectors.sources import open_source, scan_samples
 from model import SlowFastVLM, TextQuery, VideoQuery
 from pipeline.config import DEFAULT_CAPTION_PROMPT, load_config
 from pipeline.messages import StreamStats
 from pipeline.runner import run_pipeline
+from pipeline.segments import plan_segments
 from pipeline.summaries import FinalSummary, RollingSummaries, default_summary_every
 from pipeline.window import expected_windows
 
@@ -99,9 +106,12 @@ def measure_model(vlm: SlowFastVLM, frames: list[np.ndarray], tokens: int, windo
             "final_s": final_s, "every": every}
 
 
-def measure_pipeline(clip: Path, model: str, tokens: int, out: Path, window: int, stride: int) -> dict[str, float]:
+def measure_pipeline(clip: Path, model: str, tokens: int, out: Path, window: int, stride: int,
+                     **settings) -> dict[str, float]:
+    """`settings`: more of the config (workers for a split run)."""
     first = threading.Event()
     marks: dict[str, float] = {}
+    events: list[str] = []
 
     def on_caption(caption) -> None:
         if not first.is_set():
@@ -112,13 +122,15 @@ def measure_pipeline(clip: Path, model: str, tokens: int, out: Path, window: int
     with EmbeddedRedis() as redis:
         config = load_config(None, redis_url=redis.url, model=model, out_dir=out, window=window, stride=stride,
                              fps=FPS, streams=[{"id": "film", "source": str(clip)}],
-                             generation={"max_new_tokens": tokens})
-        summary = run_pipeline(config, on_event=lambda line: None, on_caption=on_caption)["film"]
+                             generation={"max_new_tokens": tokens}, **settings)
+        summary = run_pipeline(config, on_event=events.append, on_caption=on_caption)["film"]
     end = time.perf_counter()
     if not (out / "film" / "summary.md").exists():
         sys.exit("the pipeline wrote no summary.md")
     stats = summary.stats or StreamStats()  # no stats: the worker could not be asked
-    return {"startup_s": marks["first"] - begin, "steady_s": end - marks["first"], "windows": stats.windows_done}
+    split = next((e.split("split into ", 1)[1] for e in events if "split into" in e), None)
+    return {"startup_s": marks["first"] - begin, "steady_s": end - marks["first"], "windows": stats.windows_done,
+            "wall_s": end - begin, "split": split}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -133,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="per-window steps per second on the GPU (H200, batch 32, measured by model_bench)")
     parser.add_argument("--gpu-tower-fps", type=float, default=183.0, help="vision tower frames/s on the GPU (H200)")
     parser.add_argument("--gpu-host-cores", type=int, default=16, help="CPU cores decoding video on the GPU box")
+    parser.add_argument("--workers", type=int, default=1, help="also run with N model workers (the file split)")
+    parser.add_argument("--split-min-s", type=float, default=20.0, help="shortest segment, s of video (split_min_s)")
     args = parse_args(parser, argv, smoke={"seconds": 4.0, "window": 8, "stride": 4, "max_new_tokens": 2})
     window, stride = args.window, args.stride
     if args.seconds * FPS < window + stride:
@@ -153,6 +167,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         ray.init(include_dashboard=False, log_to_driver=False)
         try:
             p = measure_pipeline(clip, model, args.max_new_tokens, tmp / "out", window, stride)
+            if args.workers > 1:  # each worker one core's worth of the CPUs, ingest actors beside them
+                cpus = max(0.25, ((os.cpu_count() or 1) - 0.25 * args.workers) / args.workers)
+                split = measure_pipeline(clip, model, args.max_new_tokens, tmp / "out-split", window, stride,
+                                         workers=args.workers, worker_cpus=cpus, ingest_cpus=0.25,
+                                         split_min_s=args.split_min_s)
+                begin = time.perf_counter()
+                plan = scan_samples(str(clip), FPS)
+                scan_s = time.perf_counter() - begin
         finally:
             ray.shutdown()
 
@@ -193,6 +215,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"  model {gpu_model:.0f} s ({gpu_window * 1000:.0f} ms/window, {gpu_summary * 1000:.0f} ms/summary), "
           f"decode {gpu_decode:.0f} s in parallel")
     print(f"  ONE HOUR: ~{max(gpu_model, gpu_decode):.0f} s (the larger of the two; they overlap)")
+    if args.workers > 1:
+        print_split(args, p, split, scan_s, plan.frames if plan else 0, scale, gpu_model, gpu_decode)
+
+
+def print_split(args: argparse.Namespace, one: dict, split: dict, scan_s: float, frames: int, scale: float,
+                gpu_model: float, gpu_decode: float) -> None:
+    """Measured: 1 against N workers here; derived: N GPUs for one hour."""
+    n = args.workers
+    if split["split"] is None:
+        sys.exit(f"the clip was not split over {n} workers: give more --seconds or a smaller --split-min-s")
+    speedup = one["wall_s"] / split["wall_s"]
+    print(f"SPLIT over {n} model workers: {split['split']} ({frames} sampled frames)")
+    print(f"  MEASURED on this CPU ({os.cpu_count()} cores): 1 worker {one['wall_s']:.1f} s, {n} workers "
+          f"{split['wall_s']:.1f} s wall for the clip (model loading included) -> {speedup:.2f}x (ideal {n}x)")
+    print(f"  packet scan (plans the segments, before they start) {scan_s:.2f} s for the clip -> "
+          f"{scan_s * scale:.0f} s per hour")
+    hour_frames = round(HOUR * FPS)
+    segments = plan_segments(hour_frames, args.window, args.stride, FPS, args.split_min_s, n)
+    preroll = max(0, len(segments) - 1) * (args.window - args.stride) / args.gpu_tower_fps
+    gpu_n = (gpu_model + preroll) / n
+    print(f"  DERIVED for {n} GPUs (the one-GPU figures above): {len(segments)} segments; model "
+          f"{gpu_model:.0f} s / {n} + {preroll:.1f} s of pre-roll frames re-encoded = {gpu_n:.0f} s, decode "
+          f"{gpu_decode:.0f} s on the same host cores in parallel, scan {scan_s * scale:.0f} s first")
+    print(f"  ONE HOUR on {n} GPUs: ~{scan_s * scale + max(gpu_n, gpu_decode):.0f} s "
+          f"(against ~{max(gpu_model, gpu_decode):.0f} s on one)")
 
 
 if __name__ == "__main__":

@@ -526,9 +526,9 @@ def status(
     all_runs: Annotated[bool, typer.Option("--all", help="also streams of earlier pipeline runs")] = False,
 ) -> None:
     """A table of the current pipeline run's streams (--all: earlier runs' too): state, fps in/out,
-    frames in/dropped, windows done/skipped/failed, of them gated (unchanged, no model), events
-    open/opened, lag, latency, seconds since the status was refreshed (every second while
-    running), error (and event notifications failed or waiting)."""
+    frames in/dropped, windows done/skipped/failed (a split file: of its total, and the ETA), of them
+    gated (unchanged, no model), events open/opened, lag, latency, seconds since the status was
+    refreshed (every second while running), error (and event notifications failed or waiting)."""
     client = SlowFastClient(redis_url)
     streams = client.streams()
     current = max((info.pipeline for info in streams), default=0)
@@ -540,8 +540,11 @@ def status(
         if st is None:
             table.add_row(info.id, "registered", *["-"] * 8, "")
             continue
+        windows = f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}"
+        if st.windows_total is not None:  # a file split over the workers: its progress
+            windows += f" of {st.windows_total}" + (f", ETA {st.eta_s:.0f} s" if st.eta_s is not None else "")
         table.add_row(info.id, str(st.state), f"{st.fps_in:.1f}/{st.fps_out:.1f}", f"{st.frames_in}/{st.frames_dropped}",
-                      f"{st.windows_done}/{st.windows_skipped}/{st.windows_failed}", str(st.windows_gated),
+                      windows, str(st.windows_gated),
                       f"{st.events_open}/{st.events_opened}", f"{st.lag_s:.1f}",
                       f"{st.latency_s:.2f}" if st.latency_s is not None else "-", f"{time.time() - st.updated_at:.0f}",
                       "; ".join(filter(None, [st.last_error, delivery_problem(st)])))

@@ -182,6 +182,11 @@ class PipelineConfig(BaseSettings):
     worker_cpus: float = Field(
         default=1.0, gt=0.0, description="Ray CPUs a model worker reserves when the cluster has no GPU",
     )
+    split_min_s: float = Field(
+        default=20.0, gt=0.0, description="with more than one model worker, a file is split by time over them in "
+        "segments of at least this many seconds of video (and at least 8 pre-rolls of window - stride frames); "
+        "a file too short for two stays whole",
+    )
     worker_failover_s: float = Field(
         default=30.0, gt=0.0, description="a model worker unreachable this long (e.g. its node died and no GPU is "
         "free for its restart) hands its streams to the other workers; one that died for good does at once",

@@ -74,8 +74,10 @@ class Router:
                 self.past[self.past_executor.submit(self._answer_past, question)] = (entry_id, question)
                 continue
             handle = self.pipeline.streams.get(question.stream)
-            if handle is None:
-                error = error_answer(question, f"stream {question.stream!r} is not running")
+            if handle is None or handle.split:
+                error = error_answer(question, f"stream {question.stream!r} is not running" if handle is None else
+                                     f"stream {question.stream!r} is a file split over the model workers: it has "
+                                     "no latest window; ask about its history")
                 self.replies.append(lambda e=entry_id, q=question, a=error: intake.complete(e, q, a))
                 continue
             self.pending[self.pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)

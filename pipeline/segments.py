@@ -40,7 +40,6 @@ from .messages import IngestReport, StreamStats
 from .pictures import jpeg
 from .window import FrameRef, Window, expected_windows
 
-MIN_SEGMENT_S = 20.0  # of video: shorter segments spend too much on starting up
 PREROLL_SHARE = 8  # a segment's frames are at least this many times its pre-roll (re-encoded frames)
 SEGMENTS_PER_WORKER = 4  # more segments than workers, so none waits at the end for a long one
 
@@ -78,23 +77,21 @@ class Segment:
         """Its lane at a model worker: never a stream id ('~' is not allowed in one)."""
         return f"{stream}~{run_tag}.{self.index}"
 
-    def windows(self, total: int) -> int:
-        return (self.end_window if self.end_window is not None else total) - self.first_window
 
-
-def min_segment_windows(window: int, stride: int, fps: float) -> int:
-    frames = max(MIN_SEGMENT_S * fps, PREROLL_SHARE * (window - stride))
+def min_segment_windows(window: int, stride: int, fps: float, min_s: float) -> int:
+    """The fewest windows a segment has: `min_s` seconds of video, and PREROLL_SHARE pre-rolls."""
+    frames = max(min_s * fps, PREROLL_SHARE * (window - stride))
     return max(2, math.ceil(frames / stride))
 
 
-def plan_segments(frames: int, window: int, stride: int, fps: float, workers: int,
+def plan_segments(frames: int, window: int, stride: int, fps: float, min_s: float, workers: int,
                   next_window: int = 0) -> list[Segment]:
     """Segments for the windows of a file of `frames` sampled frames from `next_window` on:
     SEGMENTS_PER_WORKER per worker, each at least `min_segment_windows`. Empty when the file
     is not worth splitting (one worker, or too short): it runs as one stream, as ever."""
     total = expected_windows(frames, window, stride)
     todo = total - next_window
-    count = min(workers * SEGMENTS_PER_WORKER, todo // min_segment_windows(window, stride, fps))
+    count = min(workers * SEGMENTS_PER_WORKER, todo // min_segment_windows(window, stride, fps, min_s))
     if workers < 2 or count < 2:
         return []
     bounds = [next_window + round(i * todo / count) for i in range(count)] + [None]

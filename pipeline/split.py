@@ -46,7 +46,6 @@ TICK_S = 0.2
 WORKER_CHECK_S = 2.0
 CALL_TIMEOUT_S = 5.0
 DELIVERY_RETRY_S = 0.5
-DRAIN_TIMEOUT_S = 60.0
 GONE = (ray.exceptions.ActorDiedError, ValueError)  # an actor killed for good, or a name no longer there
 NOT_NOW = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, asyncio.TimeoutError)
 
@@ -59,7 +58,7 @@ def plan_split(stream: StreamConfig, live: bool, config: PipelineConfig, workers
     if live or workers < 2 or stream.gate.enabled:
         return None
     seconds = file_seconds(stream.source)
-    args = (config.window, config.stride, config.fps, workers, next_window)
+    args = (config.window, config.stride, config.fps, config.split_min_s, workers, next_window)
     if seconds is None or not plan_segments(round(seconds * config.fps), *args):
         return None  # too short: not worth reading every packet to find out exactly
     plan = scan_samples(stream.source, config.fps)
@@ -153,7 +152,8 @@ class SplitFile:
             latest = client.latest(stream.id)
         next_window = latest.window + 1 if latest is not None and latest.run == run else 0
         total = expected_windows(plan.frames, config.window, config.stride)
-        segments = plan_segments(plan.frames, config.window, config.stride, config.fps, workers, next_window)
+        segments = plan_segments(plan.frames, config.window, config.stride, config.fps, config.split_min_s, workers,
+                                 next_window)
         if not segments and next_window < total:  # restarted near the end: the rest in one pass
             segments = [Segment(0, next_window, None, seek=False)]
         self.split = SplitRun(stream.id, segments, next_window, total, workers, run_tag=uuid.uuid4().hex[:8],
@@ -169,7 +169,6 @@ class SplitFile:
         self.to_publish: deque[SegmentResult] = deque()
         self.output_lock: asyncio.Lock | None = None
         self.ingests: dict[str, tuple[Any, asyncio.Future]] = {}  # lane -> (actor, its run())
-        self.lanes_left: dict[str, int | None] = {}  # a stop: lanes removed once their windows are done
         self.incarnations: dict[int, str] = {}
         self.unreachable_since: dict[int, float] = {}
         self.state = IngestState.STARTING
@@ -234,6 +233,8 @@ class SplitFile:
         actor = IngestActor.options(name=f"ingest:{lane}", **self.ingest_options).remote(
             config, self.config, self.worker_names[assignment.worker], self.frame_size, assignment.segment, self.plan)
         self.ingests[lane] = (actor, asyncio.ensure_future(actor.run.remote()))
+        if self.stopping:  # stopped while it started
+            actor.stop.remote()
         self.state = IngestState.LIVE
         log.info("%s: segment %d (windows %d-%s) on model worker %d", self.stream.id, assignment.segment.index,
                  assignment.segment.first_window, assignment.segment.end_window or "end", assignment.worker)
@@ -269,11 +270,7 @@ class SplitFile:
                     await self._end_segment(cancelled, workers.get(cancelled), stop=True)
             else:
                 self.split.ended(lane)
-            if self.stopping:  # its windows still at the worker finish first (see _finish)
-                ray.kill(self.ingests.pop(lane)[0], no_restart=True)
-                self.lanes_left[lane] = workers.get(lane)
-            else:
-                await self._end_segment(lane, workers.get(lane))
+            await self._end_segment(lane, workers.get(lane))
 
     async def _end_segment(self, lane: str, worker: int | None, stop: bool = False) -> None:
         """Its ingest actor goes (stopped first if it still runs), and its lane at the worker."""
@@ -383,13 +380,7 @@ class SplitFile:
         await asyncio.to_thread(self.publisher.publish_status, status)
 
     async def _finish(self) -> None:
-        if self.stopping:  # the windows still at the workers come, then the stream stops
-            workers = [ray.get_actor(n) for i, n in enumerate(self.worker_names) if i not in self.split.dead]
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.gather(*(w.stats.remote(drain=True) for w in workers)),
-                                       DRAIN_TIMEOUT_S)
-            for lane, worker in self.lanes_left.items():
-                await self._end_segment(lane, worker)
+        self.split.valid.clear()  # a stop: windows still at the workers are not waited for (a resume makes them)
         await self._publish()
         if self.split.complete and not self.stopping:
             await self._final_summary()

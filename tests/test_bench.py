@@ -134,6 +134,23 @@ def test_long_video_bench_prints_one_hour_measured_and_derived(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_long_video_bench_with_two_workers_prints_the_measured_speed_up_and_the_derived_gpu_hour(tmp_path):
+    out = run_bench("long_video_bench", tmp_path, "--workers", "2", "--seconds", "24", "--split-min-s", "2",
+                    timeout=840)
+    size, frames = figure(r"^SPLIT over 2 model workers: 2 segments of about {N} windows over 2 model workers "
+                          r"\({N} sampled frames\)$", out)
+    assert (size, frames) == (12, 96)  # 24 s at 4 fps: 23 windows of 8 at stride 4
+    one, two, speedup = figure(r"^  MEASURED on this CPU \(\d+ cores\): 1 worker {N} s, 2 workers {N} s wall for the "
+                               r"clip \(model loading included\) -> {N}x \(ideal 2x\)$", out)
+    assert speedup == pytest.approx(one / two, abs=0.01)
+    scan, scan_hour = figure(r"^  packet scan \(plans the segments, before they start\) {N} s for the clip -> {N} s per hour$", out)
+    assert scan > 0
+    gpu_two, gpu_one = figure(r"^  ONE HOUR on 2 GPUs: ~{N} s \(against ~{N} s on one\)$", out)
+    assert 0 < gpu_two < gpu_one
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_search_bench_prints_upkeep_memory_latency_and_the_options_it_beat(tmp_path):
     out = run_bench("search_bench", tmp_path)

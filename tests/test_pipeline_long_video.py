@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from connectors.redis_schema import SummaryKind
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
+from tests.support.background_run import killed_mid_file
 from tests.support.media import cfr_times, make_clip, read_vtt_cues
 
 WINDOW, STRIDE, FPS = 8, 4, 4.0
@@ -119,16 +117,7 @@ def test_a_run_killed_mid_file_resumes_after_the_last_captioned_window(redis_url
     out = tmp_path / "out"
     command = cli_run(clip, redis_url, out, "--model", str(tiny_model_dir))
     client = SlowFastClient(redis_url)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and client.redis.xlen("sfs:{film}:captions") < 4:
-            assert first.poll() is None
-            time.sleep(0.1)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the CLI and the Ray processes it started
-        first.wait()
-    done_before = client.redis.xlen("sfs:{film}:captions")
+    done_before = killed_mid_file(command, client, "film", captions=4, timeout=180)
     assert 4 <= done_before < total
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -1,8 +1,11 @@
-"""`run_pipeline` in a background thread, as `slowfast run` runs it in its main thread, and a
-wait for a condition with a generous bound."""
+"""`run_pipeline` in a background thread, as `slowfast run` runs it in its main thread, a
+`slowfast run` killed outright mid-file, and a wait for a condition with a generous bound."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -34,3 +37,20 @@ def wait_until(predicate, timeout: float = 60) -> None:
     while time.time() < deadline and not predicate():
         time.sleep(0.3)
     assert predicate()
+
+
+def killed_mid_file(command: list[str], client, stream: str, captions: int, timeout: float) -> int:
+    """Start `command` (a `slowfast run`) in a session of its own, SIGKILL it and the Ray
+    processes it started once `stream` has `captions` captions in Redis (`client`); returns
+    how many it had then."""
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    key = f"sfs:{{{stream}}}:captions"
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and client.redis.xlen(key) < captions:
+            assert run.poll() is None
+            time.sleep(0.1)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    return client.redis.xlen(key)
