@@ -13,39 +13,54 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from connectors.client import SlowFastClient
-from pipeline.cli import app
+from connectors.publisher import Publisher
+from connectors.redis_schema import EventPhase
+from pipeline.cli import app, format_event
 from tests.support.events import QUESTION, seed_events
 from tests.support.media import free_port
+from tests.support.records import make_caption, make_event
 
 runner = CliRunner()
 
 
-def lines_of(*args: str, count: int, timeout: float = 60.0) -> list[str]:
-    """The first `count` lines `slowfast ARGS` prints (it follows forever: stopped after)."""
+def test_events_shows_openings_and_closings_with_their_ids(redis_url):
+    """A real `slowfast events`: the past records, then a closing published while it follows;
+    the open event's update on window 4 is left out (made to watch openings and closings)."""
+    seeded = seed_events(redis_url)
+    wall = seeded["wall"]
     slowfast = str(Path(sys.executable).parent / "slowfast")
-    proc = subprocess.Popen([slowfast, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([slowfast, "events", "gate", "--redis-url", redis_url, "--count", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in iter(proc.stdout.readline, "")], daemon=True).start()
+    threading.Thread(target=lambda: [lines.put(line.rstrip("\n")) for line in iter(proc.stdout.readline, "")],
+                     daemon=True).start()
     try:
-        return [lines.get(timeout=timeout).rstrip("\n") for _ in range(count)]
+        opened, closed, reopened = (lines.get(timeout=120) for _ in range(3))
+        with Publisher(redis_url) as pub:  # the open event closes on window 6
+            pub.publish_window(make_caption(6, stream="gate", run=seeded["run"]), events=[make_event(
+                6, stream="gate", run=seeded["run"], question_id="vehicle", question=QUESTION, text="No.",
+                phase=EventPhase.CLOSED, first_window=3, opened_at=wall[3], wall_end=wall[3] + 12)])
+        closing = lines.get(timeout=120)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-
-
-def test_events_shows_openings_and_closings_with_their_ids(redis_url):
-    seeded = seed_events(redis_url)
-    wall = seeded["wall"]
-    hms = lambda t: time.strftime("%H:%M:%S", time.localtime(t))  # noqa: E731
-    opened, closed, reopened = lines_of("events", "gate", "--redis-url", redis_url, "--count", "10", count=3)
     assert " opened gate #1 [" in opened and f"{QUESTION} -> Yes, a white van." in opened
     assert opened.endswith(f"event {seeded['closed']}")
     assert " closed gate #2 [" in closed and closed.endswith(
         f"event {seeded['closed']}, open {hms(wall[1])}-{hms(wall[2])} (windows 1-2)")
     assert " opened gate #3 [" in reopened and reopened.endswith(f"event {seeded['open']}")
-    # the open event's update on window 4 only with --updates
-    *_, update = lines_of("events", "gate", "--redis-url", redis_url, "--count", "10", "--updates", count=4)
-    assert " updated gate #4 [" in update and update.endswith(f"event {seeded['open']}")
+    assert " closed gate #6 [" in closing and closing.endswith(
+        f"event {seeded['open']}, open {hms(wall[3])}-{hms(wall[3] + 12)} (windows 3-6)")
+
+
+def test_an_update_record_reads_as_one(redis_url):
+    update = make_event(4, stream="gate", question_id="vehicle", phase=EventPhase.UPDATED, first_window=3)
+    line = format_event(update)
+    assert " updated gate #4 [" in line and line.endswith("event vehicle:1700000000000:3")
+
+
+def hms(unix_s: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(unix_s))
 
 
 def test_open_events_and_acknowledging_one(redis_url):

@@ -116,7 +116,7 @@ streams:
             return [a.event["phase"] for a in receiver.accepted() if a.path == path]
 
         wait_until(lambda: all(arrived(f"/q{i}") == ["opened", "closed"] for i in range(QUESTIONS))
-                   and arrived("/cam") == ["opened"])
+                   and arrived("/cam") == ["opened"], timeout=300)  # Ray's start-up on a loaded machine
         wait_until(lambda: (st := client.status("cam")) is not None and st.windows_gated >= 3
                    and st.deliveries_failed == 1)
         wait_until(lambda: (st := client.status("down")) is not None and st.reconnects >= 1)
