@@ -399,6 +399,17 @@ class _Segment:
     atoms: dict[str, np.ndarray] = field(default_factory=dict)  # term or prefix -> postings
 
 
+@dataclass(frozen=True)
+class _Ranked:
+    """Every candidate (columns) and the order to read them in."""
+
+    docs: np.ndarray  # entry id as ms * 65536 + seq
+    score: np.ndarray
+    wall: np.ndarray
+    segment: np.ndarray  # index into the search's segments
+    order: np.ndarray
+
+
 def _key(records: np.ndarray) -> np.ndarray:
     return records["ms"].astype(np.int64) * 65536 + records["seq"].astype(np.int64)
 
@@ -451,8 +462,8 @@ class Searcher:
         expansions = self._expand(segments, parsed.prefixes)
         self._load(segments, parsed, expansions)
         ranked = self._rank(segments, parsed, request)
-        hits = self._page(ranked, parsed, request.limit)
-        return SearchResult(hits, len(ranked), (time.perf_counter() - started) * 1000)
+        hits = self._page(segments, ranked, parsed, request.limit)
+        return SearchResult(hits, len(ranked.order), (time.perf_counter() - started) * 1000)
 
     # ---- reading the postings
     def _expand(self, segments: list[_Segment], prefixes: Sequence[str]) -> dict[tuple[str, str, str], list[str]]:
@@ -498,15 +509,15 @@ class Searcher:
                 seg.atoms[atom] = _merge(parts.get(atom, []))
 
     # ---- ranking
-    def _rank(self, segments: list[_Segment], parsed: ParsedQuery, request: SearchRequest) -> list[tuple]:
+    def _rank(self, segments: list[_Segment], parsed: ParsedQuery, request: SearchRequest) -> _Ranked:
         atoms = list(parsed.terms) + list(parsed.prefixes)
         docs_total = sum(s.docs for s in segments) or 1
         df = {a: sum(len(s.atoms[a]) for s in segments) for a in atoms}
         idf = {a: math.log(1 + (docs_total - df[a] + 0.5) / (df[a] + 0.5)) for a in atoms}
         lengths = [s.atoms[a]["dl"] for s in segments for a in atoms if len(s.atoms[a])]
         avgdl = float(np.concatenate(lengths).mean()) if lengths else 1.0
-        ranked: list[tuple] = []
-        for seg in segments:
+        parts: list[tuple[np.ndarray, ...]] = []
+        for number, seg in enumerate(segments):
             keys = [_key(seg.atoms[a]) for a in atoms]
             present = [k for k in keys if len(k)]
             if request.match_all:
@@ -541,30 +552,34 @@ class Searcher:
                 keep &= _phrase_at(masks, phrase)
             if parsed.bonus is not None:
                 score = np.where(_phrase_at(masks, parsed.bonus), score * PHRASE_BONUS, score)
-            for doc, s, w in zip(docs[keep], score[keep], wall[keep]):
-                ranked.append((-float(s), -float(w), seg.stream, seg.kind, int(doc)))
-        ranked.sort()
-        return ranked
+            parts.append((docs[keep], score[keep], wall[keep], np.full(int(keep.sum()), number)))
+        if not parts:
+            return _Ranked(*(np.empty(0, t) for t in (np.int64, float, float, np.int64)), np.empty(0, np.int64))
+        docs, score, wall, segment = (np.concatenate(column) for column in zip(*parts))
+        return _Ranked(docs, score, wall, segment, np.lexsort((-wall, -score)))  # best first, then newest
 
     # ---- the page
-    def _page(self, ranked: list[tuple], parsed: ParsedQuery, limit: int) -> list[Hit]:
+    def _page(self, segments: list[_Segment], ranked: _Ranked, parsed: ParsedQuery, limit: int) -> list[Hit]:
         hits: list[Hit] = []
         position = 0
-        while len(hits) < limit and position < min(len(ranked), MAX_CHECKED):
-            batch = ranked[position: position + max(limit - len(hits), 16)]
+        while len(hits) < limit and position < min(len(ranked.order), MAX_CHECKED):
+            batch = ranked.order[position: position + max(limit - len(hits), 16)]
             position += len(batch)
             pipe = self.redis.pipeline(transaction=False)
-            for _, _, stream, kind, doc in batch:
+            for row in batch:
+                seg, doc = segments[ranked.segment[row]], int(ranked.docs[row])
                 entry_id = f"{doc >> 16}-{doc & 0xFFFF}"
-                pipe.xrange(self.keys.entries(stream, kind), entry_id, entry_id, count=1)
-            for (neg_score, neg_wall, stream, kind, doc), found in zip(batch, pipe.execute()):
+                pipe.xrange(self.keys.entries(seg.stream, seg.kind), entry_id, entry_id, count=1)
+            for row, found in zip(batch, pipe.execute()):
                 if not found:
                     continue  # trimmed between the two reads
-                entry = decode_entry(KIND_MODELS[kind], found[0][1])
-                text = entry_text(kind, entry)
+                seg = segments[ranked.segment[row]]
+                entry = decode_entry(KIND_MODELS[seg.kind], found[0][1])
+                text = entry_text(seg.kind, entry)
                 if not all(phrase_in_text(text, p) for p in parsed.phrases):
                     continue  # positions are kept mod 64: a long text may only seem to hold it
-                hits.append(make_hit(stream, kind, found[0][0], entry, -neg_wall, -neg_score))
+                hits.append(make_hit(seg.stream, seg.kind, found[0][0], entry, float(ranked.wall[row]),
+                                     float(ranked.score[row])))
                 if len(hits) == limit:
                     break
         return self.with_pictures(hits)
