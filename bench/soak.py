@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import http.client
+import http.server
 import itertools
 import json
 import os
@@ -49,12 +50,12 @@ from bench.soak_plot import plot
 from connectors.client import QuestionError, SlowFastClient
 from connectors.embedded import EmbeddedRedis, free_port
 from connectors.redis_conn import UNREACHABLE
-from connectors.redis_schema import IngestState
+from connectors.redis_schema import EventPhase, IngestState
 from pipeline.config import load_config
 from pipeline.demo_clip import demo_scenes, write_clip
 from pipeline.progress import estimated_windows
 
-FAULTS = ("ingest", "worker", "redis", "rtsp")
+FAULTS = ("ingest", "worker", "redis", "rtsp", "webhook")
 QUESTIONS = [
     {"id": "red-circle", "prompt": "Is there a red circle?", "trigger": {"p_yes_above": 0.5}, "answer": "probability"},
     {"id": "blue-square", "prompt": "Is there a blue square?", "answer": "text"},
@@ -82,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"rotation, a comma list of {', '.join(FAULTS)}")
     parser.add_argument("--fault-every", type=float, default=300.0, help="seconds between faults")
     parser.add_argument("--down", type=float, default=5.0, help="seconds Redis and an RTSP server stay down")
+    parser.add_argument("--stall", type=float, default=60.0,
+                        help="seconds the webhook receiver holds every delivery unanswered")
     parser.add_argument("--sample-every", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=600.0, help="seconds not judged for growth")
     parser.add_argument("--live-within", type=float, default=10.0,
@@ -239,6 +242,43 @@ class Seen(NamedTuple):
     arrived: float  # when this follower read it
 
 
+class WebhookReceiver:
+    """The receiver of every stream's event webhooks: answers each delivery at once, or while
+    stalled holds it unanswered until the stall ends and then drops the connection (the sender
+    has timed out by then, and tries again or writes the delivery down)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stalled = threading.Event()
+        self.delivered: Counter[str] = Counter()  # idempotency key -> deliveries answered
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if receiver.stalled.is_set():
+                    while receiver.stalled.is_set() and not stop.is_set():
+                        time.sleep(0.2)
+                    self.close_connection = True
+                    return
+                receiver.delivered[self.headers.get("Idempotency-Key", "")] += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/events"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stalled.clear()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class CaptionLog:
     """Every caption as it is published, read by the client's follower."""
 
@@ -295,6 +335,7 @@ class Soak:
         self.removed: list[str] = []
         self.run_exit: tuple[int | None, float, bool] | None = None
         self.retention: tuple[int, int, int] | None = None
+        self.notifications: tuple[int, int, int, int] | None = None
         self.verdict_ok = False
         self._stack = contextlib.ExitStack()
 
@@ -321,13 +362,16 @@ class Soak:
                 self.live.append(Live(f"cam{i + 1}", server.url(), server))
         self.live += [Live(f"loop{i + 1}", f"loop://{clip}") for i in range(a.loops)]
         self.questions = QUESTIONS[:a.questions]
+        self.webhook = WebhookReceiver(self.stop)
+        self._stack.callback(self.webhook.close)
+        self.notify = [{"webhook": self.webhook.url}]
         self.window_config = load_config(None, window=a.window, stride=a.stride, fps=a.fps)
         self.long_n = itertools.count(1)
         long_id = f"long{next(self.long_n)}"
-        streams = [{"id": s.id, "source": s.source, "live": True, "standing_questions": self.questions}
-                   for s in self.live]
+        streams = [{"id": s.id, "source": s.source, "live": True, "standing_questions": self.questions,
+                    "notify": self.notify} for s in self.live]
         streams.append({"id": long_id, "source": str(self.long_clip), "live": False,
-                        "standing_questions": self.questions})
+                        "standing_questions": self.questions, "notify": self.notify})
         config = {"window": a.window, "stride": a.stride, "fps": a.fps, "history_len": a.history_len,
                   "generation": {"max_new_tokens": a.max_new_tokens}, "streams": streams,
                   "out_dir": str(out / "run")}
@@ -434,6 +478,7 @@ class Soak:
         self.captions.thread.join(timeout=10)
         self.file_windows()  # the long file of the moment too, as far as it got
         self.retention = self.redis_retention()  # while Redis is still up
+        self.notifications = self.webhook_deliveries()
 
     # ---------------------------------------------------------------- watching
 
@@ -483,7 +528,7 @@ class Soak:
                 self.removed.append(current.sid)
             sid = f"long{next(self.long_n)}"
             self.client.add_stream(sid, str(self.long_clip), live=False,
-                                   config={"standing_questions": self.questions}, timeout=30)
+                                   config={"standing_questions": self.questions, "notify": self.notify}, timeout=30)
         except (*UNREACHABLE, TimeoutError, QuestionError) as exc:
             print(f"long file: not restarted yet ({exc}); trying again", flush=True)
             return
@@ -517,9 +562,13 @@ class Soak:
             fault.ended = fault.started
             self.faults.append(fault)
         else:
+            seconds = self.args.down
             if kind == "redis":
                 target, up = f"redis-server :{self.redis.port}", self.redis.start
                 down = [self.redis.kill, self.redis.stop]  # SIGKILL, then reap it
+            elif kind == "webhook":
+                target, down, up = "webhook receiver", [self.webhook.stalled.set], self.webhook.stalled.clear
+                seconds = self.args.stall
             else:
                 cameras = [s for s in self.live if s.server is not None]
                 camera = cameras[len(self.faults) % len(cameras)]
@@ -528,7 +577,7 @@ class Soak:
             self.faults.append(fault)
             for step in down:
                 step()
-            self.stop.wait(self.args.down)
+            self.stop.wait(seconds)
             up()
             fault.ended = time.time()
         print(f"fault: {kind} ({fault.target}), down {fault.ended - fault.started:.1f} s", flush=True)
@@ -632,22 +681,25 @@ class Soak:
         for t, pid, role, rss, fds, threads in self.process_rows:
             if t >= a.warmup:
                 per_pid[(pid, role)].append((t, rss, fds, threads))
-        growth = []
+        growth = []  # (RSS %/h, role, pid, first MB, last MB, fds drift, threads drift, minutes, judged)
         for (pid, role), series in per_pid.items():
-            if len(series) < 3 or series[-1][0] - series[0][0] < 0.8 * span or span <= 0:
+            lived = series[-1][0] - series[0][0] if series else 0.0
+            if len(series) < 3 or lived < min(300.0, 0.8 * span):
                 continue
             pct = slope_per_hour([s[0] for s in series], [s[1] for s in series]) / statistics.mean(
                 s[1] for s in series) * 100
             growth.append((pct, role, pid, series[0][1], series[-1][1], drift([s[2] for s in series]),
-                           drift([s[3] for s in series])))
+                           drift([s[3] for s in series]), lived / 60, lived >= 0.8 * span))
         growth.sort(reverse=True)
         judge = span >= 300
-        lines.append(f"growth after the first {a.warmup / 60:g} min ({span / 60:.1f} min judged"
-                     f"{'' if judge else '; under 5 min: not judged'}), per process, RSS %/h (first -> last MB), "
-                     "descriptors and threads (last quarter - first quarter):")
-        for pct, role, pid, first, last, fds, threads in growth:
+        lines.append(f"growth after the first {a.warmup / 60:.1f} min ({span / 60:.1f} min judged"
+                     f"{'' if judge else '; under 5 min: not judged'}), per process that lived 5 min of it, RSS %/h "
+                     "(first -> last MB), descriptors and threads (last quarter - first quarter):")
+        for pct, role, pid, first, last, fds, threads, minutes, whole in growth:
             lines.append(f"  {role:<24} pid {pid:<8} {pct:+7.2f} %/h ({first:.0f} -> {last:.0f} MB)  "
-                         f"fds {fds:+d}  threads {threads:+d}")
+                         f"fds {fds:+d}  threads {threads:+d}" + ("" if whole else
+                                                                  f"  (restarted: {minutes:.1f} min, not judged)"))
+        growth = [g for g in growth if g[-1]]  # the verdict: processes that lived through it
         worst = max((g[0] for g in growth), default=0.0)
         fd_drift = max((g[5] for g in growth), default=0)
         thread_drift = max((g[6] for g in growth), default=0)
@@ -670,9 +722,10 @@ class Soak:
                          f"{max(u[1] for u in used):.2f} MB")
         if self.retention is not None:
             untimed, removed, longest = self.retention
+            # MAXLEN ~ trims whole nodes of a Redis stream (stream-node-max-entries: 100)
             checks.append((f"redis retention: longest live caption history {longest} (history_len "
-                           f"{a.history_len}); {removed} keys of {len(self.removed)} removed streams, "
-                           f"{untimed} without a TTL", untimed == 0 and longest <= a.history_len))
+                           f"{a.history_len}, ~ trimming: +100); {removed} keys of {len(self.removed)} removed "
+                           f"streams, {untimed} without a TTL", untimed == 0 and longest <= a.history_len + 100))
 
         # Faults: each live stream live again, and captioned again.
         lines.append(f"faults (live again: s from the fault's end to a fresh `live` heartbeat with frames; "
@@ -697,6 +750,11 @@ class Soak:
         stuck = [s.id for s in self.live if not any(r.stream == s.id and r.arrived > self.end - 30
                                                     for r in self.captions.rows)]
         checks.append((f"streams stuck at the end (no caption in 30 s): {len(stuck)} {stuck or ''}".rstrip(), not stuck))
+
+        if self.notifications is not None:
+            due, delivered, written, lost = self.notifications
+            checks.append((f"event notifications: {due} openings and closings, {delivered} delivered, {written} "
+                           f"written down as undelivered, {lost} neither", lost == 0))
 
         # Files: every window once.
         lost = sum(r.missing for r in self.file_runs)
@@ -727,7 +785,7 @@ class Soak:
         follow_gap["sse"] = self.follower_back(self.sse.times)
         lines.append(f"followers: tail {len(self.tail.times)} lines, events {len(self.events.times)} lines, "
                      f"SSE {sum(self.sse.events.values())} events ({self.sse.connects} connections); "
-                     "output again after every fault within: " +
+                     "first output after each fault's end (whenever there is something new) within: " +
                      ", ".join(f"{k} {v:.1f} s" if v is not None else f"{k} NOT" for k, v in follow_gap.items()))
         checks.append(("followers alive after every fault", all(v is not None for k, v in follow_gap.items()
                                                                  if k != "events")))
@@ -759,6 +817,19 @@ class Soak:
                 return None
             worst = max(worst, after[0] - fault.ended)
         return worst
+
+    def webhook_deliveries(self) -> tuple[int, int, int, int] | None:
+        """(event openings and closings in Redis, delivered, written down, neither), None if
+        Redis is unreachable. Read after the run stopped: what was still due is written down."""
+        sids = [s.id for s in self.live] + [r.sid for r in self.file_runs]
+        try:
+            due = {f"{e.stream}:{e.event_id}:{e.phase}" for sid in sids for e in self.client.events(sid, count=100_000)
+                   if e.phase != EventPhase.UPDATED}
+            written = {u.idempotency_key for sid in sids for u in self.client.undelivered(sid, count=100_000)}
+        except UNREACHABLE:
+            return None
+        delivered = due & set(self.webhook.delivered)
+        return len(due), len(delivered), len(due & written), len(due - delivered - written)
 
     def redis_retention(self) -> tuple[int, int, int] | None:
         """(keys of removed streams without a TTL: they would stay for good, keys of removed

@@ -19,7 +19,10 @@ log = logging.getLogger("slowfast.pipeline")
 # Ray starts its worker processes at nice 15, below everything else on the host. Here the
 # actors are the real-time work (camera ingest, the model), so any busy process beside the
 # run would starve them: frames dropped, windows skipped. They run at the driver's priority.
-LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+# The GCS keeps the events of the last `task_events_max_num_task_in_gcs` tasks (100,000 by
+# default, some 3 KB each) for Ray's dashboard and state API, which a run does not serve: with
+# a few actor calls per stream and second it grew about 1 MB a minute, towards some 300 MB.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_max_num_task_in_gcs": 1000}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,53 @@
+"""The local Ray a run starts (pipeline.ray_session.start_ray), for real: its GCS keeps
+bounded state however many actor calls the run makes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CALLS = 20_000
+# In a process of its own: a fresh local Ray, whatever this test session started.
+SCRIPT = f"""
+import os, time
+from pathlib import Path
+import ray
+from pipeline.config import load_config
+from pipeline.ray_session import start_ray
+
+start_ray(load_config(None, metrics_port=0))
+gcs = next(int(p) for p in os.listdir("/proc") if p.isdigit()
+           and Path(f"/proc/{{p}}/comm").read_text().strip() == "gcs_server"
+           and Path(f"/proc/{{p}}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()))
+
+def rss_mb():
+    status = Path(f"/proc/{{gcs}}/status").read_text()
+    return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
+
+@ray.remote
+class Echo:
+    def call(self, x):
+        return x
+
+echo = Echo.remote()
+ray.get(echo.call.remote(0))
+time.sleep(3)  # the GCS settles after start-up
+before = rss_mb()
+for _ in range({CALLS} // 1000):
+    ray.get([echo.call.remote(i) for i in range(1000)])
+time.sleep(5)  # task events reach the GCS every second
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_gcs_of_a_runs_local_ray_does_not_keep_every_calls_events():
+    """Ray's default keeps the events of the last 100,000 tasks in the GCS (for the dashboard and
+    the state API): 20,000 calls grew it by about 66 MB, and a run makes several a second."""
+    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stderr[-3000:]
+    growth = float(done.stdout.strip().splitlines()[-1])
+    assert growth < 30, f"the GCS grew {growth:.0f} MB over {CALLS} actor calls"
