@@ -1,9 +1,10 @@
-"""Test-only model wrappers that make a worker's model slow or failing on purpose.
+"""Test-only model wrappers that hold a worker's model calls on purpose.
 
 `run_pipeline(config, worker_class=worker_with(HoldEachBatch(1.0)))`: each model worker wraps
-the model it loads, so tests control timing and faults instead of hoping the machine is fast
-or slow. The wrappers live here, in the tests; the pipeline only lets a worker subclass load
-its model its own way.
+the model it loads, so tests control timing instead of hoping the machine is fast or slow. The
+wrappers live here, in the tests; the pipeline only lets a worker subclass load its model its
+own way. They only wait: a model that fails is caused for real (a question longer than the
+model's context, tests/test_pipeline_faults.py).
 """
 
 from __future__ import annotations
@@ -41,23 +42,6 @@ class HoldEachBatch:
     def __call__(self, model: Any) -> _Wrapped:
         def generate(inner, queries, **kwargs):
             time.sleep(self.seconds)
-            return inner.generate(queries, **kwargs)
-
-        return _Wrapped(model, generate)
-
-
-@dataclass(frozen=True)
-class FailOnPrompt:
-    """Raises from generate whenever a batch holds a query with this prompt, every time, like a
-    model that cannot handle one input. A standing question with this prompt and
-    `every_n_windows=N` chooses which windows fail: those with seq % N == 0."""
-
-    prompt: str
-
-    def __call__(self, model: Any) -> _Wrapped:
-        def generate(inner, queries, **kwargs):
-            if any(q.question == self.prompt for q in queries):
-                raise RuntimeError(f"injected model failure on prompt {self.prompt!r}")
             return inner.generate(queries, **kwargs)
 
         return _Wrapped(model, generate)
