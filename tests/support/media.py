@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from bench.rtsp import RtspServer, rtsp_server_available
+from tests.support.system_parts import missing_part
 
 # Only fixtures: tests/conftest.py star-imports this module; tests import helpers by name.
 __all__ = ["http_media", "media_dir", "rtsp_server_factory"]
@@ -211,7 +212,7 @@ def free_port() -> int:
 @pytest.fixture
 def rtsp_server_factory() -> Iterator[type[RtspServer]]:
     if not rtsp_server_available():
-        pytest.skip("gst-rtsp-server not installed (make system-deps)")
+        missing_part("gst-rtsp-server", "make system-deps")
     started: list[RtspServer] = []
 
     class Tracked(RtspServer):
