@@ -18,6 +18,7 @@ from connectors.client import SlowFastClient
 from connectors.redis_schema import SummaryKind
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
+from pipeline.segments import plan_segments
 from pipeline.window import expected_windows
 from tests.support.background_run import BackgroundRun, killed_mid_file
 from tests.support.media import cfr_times, make_clip, read_vtt_cues
@@ -75,10 +76,12 @@ def single_worker(ray_session, redis_server, tiny_model_dir, film, tmp_path_fact
 
 
 class LanesSeen:
-    """Which model workers hold segment lanes of the file while it runs (and how far each got)."""
+    """Which model workers hold segment lanes of the file while it runs (and how far each got;
+    `readded`: lanes whose count started over at a worker, which lost them in a restart)."""
 
     def __init__(self):
         self.done: dict[int, dict[str, int]] = {0: {}, 1: {}}
+        self.readded: set[tuple[int, str]] = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
@@ -92,7 +95,11 @@ class LanesSeen:
                     stats = ray.get(ray.get_actor(f"worker:{index}").stats.remote(), timeout=5)
                 except Exception:  # not started yet, restarting, or gone
                     continue
-                lanes.update({lane: s.windows_done for lane, s in stats.items() if lane.startswith("film~")})
+                for lane, counts in stats.items():
+                    if lane.startswith("film~"):
+                        if counts.windows_done < lanes.get(lane, 0):
+                            self.readded.add((index, lane))
+                        lanes[lane] = max(lanes.get(lane, 0), counts.windows_done)
             time.sleep(0.2)
 
     def wait_for(self, worker: int, windows: int, timeout: float = 600) -> None:
@@ -154,6 +161,7 @@ def test_a_worker_or_ingest_killed_mid_segment_loses_no_window(
         run = BackgroundRun(config_for(redis_url, tiny_model_dir, tmp_path, film, **TWO_WORKERS,
                                        worker_failover_s=5.0))
         lanes.wait_for(worker=1, windows=2)
+        running = set(lanes.done[1])
         if fault == "worker restarted":
             ray.kill(ray.get_actor("worker:1"), no_restart=False)  # Ray restarts it, without its lanes
         else:
@@ -164,6 +172,10 @@ def test_a_worker_or_ingest_killed_mid_segment_loses_no_window(
     finally:
         lanes.finish()
     assert result["film"].state == "ended"
+    if fault == "worker restarted":  # the restarted worker got its lane back, from where the merge was
+        assert any((1, lane) in lanes.readded for lane in running), (lanes.done, lanes.readded)
+    else:  # the dead worker's segment moved to the other
+        assert running & set(lanes.done[0]), lanes.done
     assert outputs(redis_url, tmp_path) == single_worker  # every window exactly once, as one worker gives it
     check_rolling_and_final_summaries(redis_url)
 
@@ -189,6 +201,9 @@ def test_a_split_run_killed_outright_resumes_with_only_the_missing_windows_and_r
     second = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"stream film resumes after window {done_before - 1}" in second.stdout, second.stdout
+    # the windows left are split again when there are enough of them for two segments
+    left_split = bool(plan_segments(round(SECONDS * FPS), WINDOW, STRIDE, FPS, 20.0, 2, next_window=done_before))
+    assert ("stream film split into" in second.stdout) == left_split, second.stdout
     assert outputs(redis_url, out) == single_worker  # the missing windows only, each once, in order
     (run,) = {c.run for c in client.history("film", count=1000)}
     check_rolling_and_final_summaries(redis_url)
