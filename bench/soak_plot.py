@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 WIDTH, PANEL, MARGIN = 1400, 300, 70
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-STATE_COLOURS = {"live": (44, 160, 44), "connecting": (255, 187, 120), "reconnecting": (255, 127, 14),
+STATE_COLOURS = {"live": (44, 160, 44), "starting": (199, 199, 199), "connecting": (255, 187, 120), "reconnecting": (255, 127, 14),
                  "stale": (214, 39, 40), "none": (90, 90, 90), "ended": (31, 119, 180), "stopped": (127, 127, 127),
                  "failed": (0, 0, 0)}
 MEMORY = ("driver", "ModelWorker", "IngestActor", "raylet", "gcs_server", "ray_other", "web", "redis")

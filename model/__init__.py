@@ -8,7 +8,7 @@ import transformers
 from packaging.version import Version
 
 # The oldest versions the test suite passed with (pyproject.toml states the same bounds).
-MIN_VERSIONS = {"torch": "2.13", "transformers": "5.0"}
+MIN_VERSIONS = {"torch": "2.8", "transformers": "5.0"}
 
 
 

@@ -65,26 +65,24 @@ def test_model_bench_prints_ratios_against_baselines(tmp_path):
     out = run_bench("model_bench", tmp_path, timeout=1440)
     results = json.loads(out.strip().splitlines()[-1])
     assert results["compiled"] is True
-    rows = results["decode_ms_per_step"]
-    assert [r["batch"] for r in rows] == [1, 2]
-    for row in rows:
-        assert row["ours_eager"] > 0 and row["ours_compiled"] > 0
-        assert row["transformers_dynamic"] > 0 and row["transformers_static"] > 0
+    (row,) = results["decode_ms_per_step"]
+    assert row["batch"] == 1 and row["ours_eager"] > 0 and row["ours_compiled"] > 0
+    assert row["transformers_dynamic"] > 0 and row["transformers_static"] > 0
     assert results["tower_fps_compiled"] > 0
-    # A second start loads what the first compiled (about a tenth of its warm-up on this VM).
+    # A second start loads what the first compiled (0.13x of its warm-up, measured on this VM).
     first, second, ratio = figure(r"^start-up: warm-up {N} s first, {N} s second with the compile cache \({N}x\)", out)
     assert first > 0 and second > 0 and ratio == pytest.approx(second / first, abs=0.01) and ratio < 0.5
     for label in ("tiny", "mid_size"):
-        line = rf"^standing yes/no questions per window, {label}, 2 windows per call: none {{N}} ms, " \
-               r"1: {N} ms \({N}x\), 2: {N} ms \({N}x\), 4: {N} ms \({N}x\)$"
-        none, one, one_ratio, _, _, four, four_ratio = figure(line, out)
-        assert none > 0 and one_ratio == pytest.approx(one / none, abs=0.01)
+        line = rf"^standing yes/no questions per window, {label}, windows per call 1: none {{N}} ms " \
+               r"\({N}% before decoding\), 1: {N} ms \({N}x\), 2: {N} ms \({N}x\), 4: {N} ms \({N}x\)$"
+        none, share, one, one_ratio, _, _, four, four_ratio = figure(line, out)
+        assert none > 0 and 0 < share and one_ratio == pytest.approx(one / none, abs=0.01)
         assert four_ratio == pytest.approx(four / none, abs=0.01)
     assert results["window"] == 4 and results["new_tokens"] == 3  # the smoke sizes
     assert results["tower_fps_eager"] > 0 and results["preprocess_vs_clip_processor"] > 0
-    assert results["windows_per_s_B2"] > 0 and results["authors_way_windows_per_s"] > 0
-    assert results["live_streams_per_device"] == max(results["windows_per_s_B1"], results["windows_per_s_B2"]) * 2 / 4.0
-    assert len(re.findall(r"ours/transformers_(dynamic|static): [\d.]+x the time", out)) == 4
+    assert results["windows_per_s_B1"] > 0 and results["authors_way_windows_per_s"] > 0
+    assert results["live_streams_per_device"] == results["windows_per_s_B1"] * 2 / 4.0
+    assert len(re.findall(r"ours/transformers_(dynamic|static): [\d.]+x the time", out)) == 2
 
 
 @pytest.mark.slow
