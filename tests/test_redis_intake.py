@@ -161,3 +161,28 @@ def test_control_intake(redis_url: str, r) -> None:
     assert controller.complete(entry_id, msg)
     assert ControlReply.model_validate_json(r.lpop(K.reply(add))).ok
     assert "source" in ControlReply.model_validate_json(r.lpop(K.reply(no_source))).error
+
+
+def test_control_messages_given_up_on_go_to_the_control_dead_letter_stream(redis_url: str, r) -> None:
+    """A malformed control message, one that cannot work (add without a source) and one whose
+    handler never acknowledges it (a driver that crashes on it) end in `sfs:control:dead`, each
+    with an error reply; the intake goes on."""
+    assert K.dead(K.control) == "sfs:control:dead"
+    worker = ControlIntake(redis_url, "supervisor", max_deliveries=2)
+    malformed = r.xadd(K.control, {"data": '{"action": "add", "stream": '})
+    no_source = r.xadd(K.control, encode_entry(Control(action="add", stream="cam3")))
+    poison = r.xadd(K.control, encode_entry(Control(action="remove", stream="cam1")))
+    got = worker.poll(block_ms=200)  # delivery 1 of the poison message, never acknowledged
+    assert [e for e, m in got if isinstance(m, Control)] == [poison]
+    time.sleep(0.02)
+    assert [e for e, _ in worker.reclaim(min_idle_ms=10)] == [poison]  # delivery 2
+    time.sleep(0.02)
+    assert worker.reclaim(min_idle_ms=10) == []  # would be delivery 3: given up on
+    assert worker.stats.dead_lettered == 1 and worker.pending() == 0
+    dead = {fields["entry_id"]: fields for _, fields in r.xrange(K.dead(K.control))}
+    assert set(dead) == {malformed, no_source, poison} and dead[poison]["deliveries"] == "3"
+    assert "2 deliveries" in ControlReply.model_validate_json(r.lpop(K.reply(poison))).error
+    assert "source" in ControlReply.model_validate_json(r.lpop(K.reply(no_source))).error
+    assert ControlReply.model_validate_json(r.lpop(K.reply(malformed))).error
+    later = r.xadd(K.control, encode_entry(Control(action="remove", stream="cam1")))
+    assert [e for e, _ in worker.poll(block_ms=200)] == [later]
