@@ -45,11 +45,12 @@ def protected_redis():
         yield server
 
 
-def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir, monkeypatch):
+def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir, monkeypatch, redis_url):
+    """A wrong --model stops the run before Ray starts and before anything reaches Redis."""
     import huggingface_hub.constants
 
     ray_was_up = ray.is_initialized()
-    source = ["--source", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "out")]
+    source = ["--source", str(tmp_path / "clip.mp4"), "--out", str(tmp_path / "out"), "--redis-url", redis_url]
     result = runner.invoke(app, ["run", *source, "--model", str(tmp_path / "no-such-model")])
     one_error_line(result, 2, "model:", "no-such-model", "does not exist")
     # The hub offline and an empty cache, whatever this machine's network (read at call time)
@@ -63,6 +64,7 @@ def test_run_checks_the_model_before_starting_ray(tmp_path, tiny_model_dir, monk
     (broken / "config.json").write_text((tiny_model_dir / "config.json").read_text())  # no weight files
     one_error_line(runner.invoke(app, ["run", *source, "--model", str(broken)]), 2, "model:", "broken-model")
     assert ray.is_initialized() == ray_was_up
+    assert connect(redis_url).keys("*") == []  # nothing registered, no status, no intake streams
 
 
 def test_run_checks_redis_and_the_output_folder(tmp_path, tiny_model_dir, dead_redis_url, protected_redis):
