@@ -7,10 +7,12 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from typer.testing import CliRunner
 
 from connectors.client import QuestionError, SlowFastClient
 from connectors.publisher import Publisher
 from connectors.redis_schema import Answer, IngestState, StreamInfo, StreamStatus
+from pipeline.cli import app as cli_app
 
 from tests.support.background_run import wait_until
 from tests.support.media import free_port
@@ -102,7 +104,7 @@ def test_notifications_push(setup, redis_url: str) -> None:
 
 def test_ask_and_control_round_trips_with_the_real_driver(setup, redis_url: str, answering_pipeline: str) -> None:
     """Questions and control messages through a real run (random checkpoint, a live camera):
-    the replies are the driver's and the intake's own."""
+    the replies are the driver's and the intake's own; then the CLI's lines for them."""
     _, client, _ = setup
     sid = answering_pipeline
     reply = client.ask(sid, STANDING_QUESTION["prompt"], timeout=120, kind="yesno")
@@ -130,6 +132,19 @@ def test_ask_and_control_round_trips_with_the_real_driver(setup, redis_url: str,
         client.remove_stream("cam9", timeout=120)
     assert client.add_stream("cam8", nobody) is None  # fire and forget
     wait_until(lambda: client.stream("cam8") is not None, timeout=120)
+
+    # The CLI's lines for the same round trips
+    cli = ["--redis-url", redis_url]
+    added = CliRunner().invoke(cli_app, ["streams", "add", f"cam7={nobody}", "--live", "--timeout", "120", *cli])
+    assert (added.exit_code, added.output) == (0, "added cam7\n"), added.output
+    removed = CliRunner().invoke(cli_app, ["streams", "remove", "cam7", "--timeout", "120", *cli])
+    assert (removed.exit_code, removed.output) == (0, "removed cam7\n"), removed.output
+    asked = CliRunner().invoke(cli_app, ["ask", sid, STANDING_QUESTION["prompt"], "--yes-no", "--timeout", "120", *cli])
+    assert asked.exit_code == 0, asked.output
+    window = {f"[{a.start:.1f}s-{a.end:.1f}s]": a for a in client.answers(sid, count=10_000)
+              if a.question_id == STANDING_QUESTION["id"]}
+    shown = window[asked.output.split()[0]]  # the standing answer on the window it names
+    assert asked.output == f"[{shown.start:.1f}s-{shown.end:.1f}s] {shown.text}  (P(yes)={shown.probability:.2f})\n"
 
 
 def test_ask_times_out_without_answerer(setup) -> None:
