@@ -60,8 +60,9 @@ def windows(hits) -> list[int]:
 
 
 def test_words_phrases_prefixes_rank_and_filter(redis_url):
-    publish(redis_url, "cam1")
-    publish(redis_url, "cam2", ["a red circle moves left."], wall0=NOW - 60)
+    now = time.time()  # `since` counts back from the clock, not from when this module was imported
+    publish(redis_url, "cam1", wall0=now - 3600)
+    publish(redis_url, "cam2", ["a red circle moves left."], wall0=now - 60)
     sfs = SlowFastClient(redis_url)
 
     # Both words: every caption holding them; the phrase as written first (the shortest text
@@ -89,7 +90,7 @@ def test_words_phrases_prefixes_rank_and_filter(redis_url):
     assert {h.stream for h in sfs.search("red circle", streams=["cam2"]).hits} == {"cam2"}
     recent = sfs.search("red circle", kinds=["caption"], since="10m").hits
     assert [(h.stream, h.window) for h in recent] == [("cam2", 0)]
-    ranged = sfs.search("circle", kinds=["caption"], streams=["cam1"], start=NOW - 3600 + 150, end=NOW - 3600 + 330)
+    ranged = sfs.search("circle", kinds=["caption"], streams=["cam1"], start=now - 3600 + 150, end=now - 3600 + 330)
     assert sorted(windows(ranged.hits)) == [3, 5]
     answers = sfs.search("yes", kinds=["answer"], streams=["cam1"]).hits  # answers match their text, not question
     assert {h.kind for h in answers} == {EntryKind.ANSWER} and sorted(windows(answers)) == [0, 3, 5, 6]
