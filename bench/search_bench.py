@@ -189,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             hits = client.search(limit=20, **query)
             times = timed(lambda q=query: client.search(limit=20, **q), args.repeat)
             latencies += times
-            print(f"  {name:<20} {statistics.median(times):7.1f} ms median  {len(hits.hits):3d} of {hits.total} hits")
+            total = f"{hits.total}" if hits.complete else f"{hits.total}+ (stopped early)"
+            print(f"  {name:<20} {statistics.median(times):7.1f} ms median  {len(hits.hits):3d} of {total} hits")
         p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
         print(f"search: p50 {p50:.1f} ms, p99 {p99:.1f} ms over {len(latencies)} queries")
         streams = [f"cam{s:03d}" for s in range(min(args.scan_streams, args.streams))]

@@ -475,8 +475,8 @@ class Publisher:
         index_commands(self._index_entry, p, self.keys, sid, indexed, self.key_ttl_s)
 
     def _index_keys(self, p: Pipeline, sid: str, action: str, seconds: int = 0) -> None:
-        """Expire or delete every postings key of the stream's search index with its other keys."""
-        self._index_lifetime(keys=[self.keys.index_terms(sid, kind) for kind in EntryKind],
+        """Expire or delete every hour key of the stream's search index with its other keys."""
+        self._index_lifetime(keys=[self.keys.index_hours(sid, kind) for kind in EntryKind],
                              args=[action, seconds], client=p)
 
     def _refresh_ttl(self, p: Pipeline, sid: str) -> None:

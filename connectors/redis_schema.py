@@ -146,20 +146,24 @@ class Keys:
                    EntryKind.SUMMARY: self.summaries}
         return by_kind[EntryKind(kind)](sid)
 
-    def index_terms(self, sid: str, kind: EntryKind | str) -> str:
-        """Sorted set: the search index's terms of one kind, scored by when each was last written."""
+    def index_hours(self, sid: str, kind: EntryKind | str) -> str:
+        """Sorted set: the hours the search index of one kind holds, scored by when each hour's TTL was set."""
         return f"{self.prefix}:{{{sid}}}:ix:{EntryKind(kind).value}"
 
-    def index_postings(self, sid: str, kind: EntryKind | str, term: str) -> str:
-        """String: a term's postings (connectors.search.POSTING records), in entry-id order."""
-        return f"{self.index_terms(sid, kind)}:{term}"
+    def index_hour(self, sid: str, kind: EntryKind | str, hour: int | str) -> str:
+        """Hash: one hour's postings of one kind, term -> connectors.search postings (hour: unix s // 3600)."""
+        return f"{self.index_hours(sid, kind)}:{hour}"
+
+    def index_last(self, sid: str, kind: EntryKind | str) -> str:
+        """String: the id of the last entry of one kind the search index holds (8 bytes, big-endian)."""
+        return f"{self.index_hours(sid, kind)}:last"
 
     def per_stream(self, sid: str) -> tuple[str, ...]:
-        """The stream's fixed keys (postings keys are named by the index_terms sets)."""
+        """The stream's fixed keys (the search index's hour keys are named by the index_hours sets)."""
         return (self.captions(sid), self.answers(sid), self.events(sid), self.open_events(sid), self.acks(sid),
                 self.undelivered(sid),
                 self.summaries(sid), self.state(sid), self.status(sid), self.frame(sid), self.snapshots(sid),
-                *(self.index_terms(sid, kind) for kind in EntryKind))
+                *(self.index_hours(sid, kind) for kind in EntryKind))
 
     @property
     def registry(self) -> str:

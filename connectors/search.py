@@ -2,17 +2,22 @@
 Redis itself, written in the same MULTI/EXEC as the entries it indexes (plain Redis 7 / Valkey,
 no modules).
 
-Layout, per stream and entry kind (`caption`, `answer`, `event`, `summary`):
-- `sfs:{sid}:ix:<kind>:<term>` (string): the term's postings, appended in entry-id order, one
-  fixed 30-byte record each (`POSTING`): the entry id, the term's count in the entry, the
-  entry's length in words, its wall-clock time and the positions (mod 64) the term stands at;
-- `sfs:{sid}:ix:<kind>` (sorted set): the kind's terms, scored by when each key's TTL was set.
+Layout, per stream and entry kind (`caption`, `answer`, `event`, `summary`), split by the hour of
+each entry's time (unix s // 3600), so a time range reads only its hours:
+- `sfs:{sid}:ix:<kind>:<hour>` (hash): term -> its postings in that hour: a 12-byte head (the
+  best (count, length) pairs, for the bound on the score any of them can reach) then one 23-byte
+  record per entry (`POSTING`) in entry-id order: the entry id, the term's count in the entry,
+  the entry's length in words, its time in the hour and the positions (mod 64) the term stands
+  at; field `#`: the hour's first and last entry ids, its entries and their words;
+- `sfs:{sid}:ix:<kind>` (sorted set): the kind's hours, scored by when each hour key's TTL was set;
+- `sfs:{sid}:ix:<kind>:last` (string): the id of the last entry indexed (a retry adds nothing).
 
-Retention follows the entries: writes drop the postings of entries the stream's `MAXLEN ~`
-trimmed (a prefix, since ids only grow), postings keys outlive the stream's TTL a little, and a
-query keeps only postings at or above the oldest entry still held, so a trimmed or expired entry
-is never a hit. Ranking is BM25 with a phrase bonus, newest first among equals; phrases and prefixes are
-answered from the postings and phrases are checked again on the text of the page returned.
+Retention follows the entries: hours whose entries the stream's `MAXLEN ~` trimmed are dropped
+(checked as an hour starts and every 16th entry of it), hour keys outlive the stream's TTL a
+little, and a query keeps only postings at or above the oldest entry still held, so a trimmed or
+expired entry is never a hit. Ranking is BM25 with a phrase bonus, newest first among equals;
+hours are read newest first and reading stops once no hour left can reach the page. Phrases and
+prefixes are answered from the postings and phrases are checked again on the text of the page.
 """
 
 from __future__ import annotations
@@ -53,11 +58,20 @@ STOPWORDS = frozenset(
     "a an and are as at be by for from in into is it its of on or that the their then there these this "
     "to was were with".split()
 )
-# One record per (entry, term): id ms and seq first (the index script reads them), then what
-# ranking needs. float64 holds an id's milliseconds exactly (< 2**53).
-POSTING = np.dtype([("ms", "<f8"), ("seq", "<u2"), ("tf", "<u2"), ("dl", "<u2"), ("wall", "<f8"), ("mask", "<u8")])
-_RECORD = struct.Struct("<dHHHdQ")
-assert _RECORD.size == POSTING.itemsize == 30
+# One record per (entry, term). The id (ms << 16 | seq) is big-endian so the index scripts compare
+# it as two 32-bit halves (Lua numbers are doubles); the time is µs into the entry's hour.
+POSTING = np.dtype([("id", ">u8"), ("tf", "u1"), ("dl", "<u2"), ("us", "<u4"), ("mask", "<u8")])
+_ID = struct.Struct(">Q")
+_REST = struct.Struct("<BHIQ")
+assert _ID.size + _REST.size == POSTING.itemsize == 23
+# Head of each term's postings in an hour: up to 4 (count, length) pairs, none beaten on both by
+# another of its postings (more than 4: the highest counts are merged into one that beats both),
+# so the best BM25 score of any posting of the hour is known without reading them.
+HEAD_PAIRS = 4
+HEAD = struct.Struct(">" + "BH" * HEAD_PAIRS)
+HOUR_S = 3600
+# An hour's `#` field: first and last entry ids (big-endian, as in POSTING), entries, their words.
+HOUR_STATS = struct.Struct(">QQII")
 
 KIND_MODELS: dict[EntryKind, type] = {
     EntryKind.CAPTION: Caption, EntryKind.ANSWER: Answer, EntryKind.EVENT: Event, EntryKind.SUMMARY: Summary,
@@ -87,9 +101,16 @@ def entry_time(kind: EntryKind, entry: Any) -> float:
     return entry.answered_at if kind is EntryKind.ANSWER else entry.created_at
 
 
-def postings_of(text: str, entry_id: str, wall: float) -> dict[str, bytes]:
-    """term -> its 30-byte posting for one entry."""
-    ms, seq = (int(x) for x in entry_id.split("-"))
+def entry_key(entry_id: str) -> int:
+    """An entry id as one integer (ms << 16 | seq), the order of ids."""
+    ms, seq = entry_id.split("-")
+    return int(ms) << 16 | int(seq)
+
+
+def postings_of(text: str, entry_id: str, wall: float) -> tuple[int, dict[str, bytes]]:
+    """(the entry's length in words, term -> its 23-byte posting) for one entry."""
+    key = _ID.pack(entry_key(entry_id))
+    us = min(int(round((wall - wall // HOUR_S * HOUR_S) * 1e6)), HOUR_S * 10 ** 6 - 1)
     tokens = words(text)
     stats: dict[str, list[int]] = {}
     for position, token in enumerate(tokens):
@@ -102,84 +123,138 @@ def postings_of(text: str, entry_id: str, wall: float) -> dict[str, bytes]:
         stats[token][0] += 1
         stats[token][1] |= 1 << (position % MASK_BITS)
     length = min(len(tokens), 0xFFFF)
-    return {t: _RECORD.pack(ms, seq, min(tf, 0xFFFF), length, wall, mask) for t, (tf, mask) in stats.items()}
+    return length, {t: key + _REST.pack(min(tf, 0xFF), length, us, mask) for t, (tf, mask) in stats.items()}
 
 
 # ---------------------------------------------------------------------------- upkeep (publisher side)
 
-# KEYS: entries stream, vocabulary, postings keys. ARGV: postings TTL (0: none), now, entry id, its
-# ms and seq, stale terms to refresh, then one record per postings key, then the terms in the same
-# order. Nothing is appended unless the entry is in the stream (an XADD of the same MULTI may have
-# been refused) and not indexed yet (a retried window: every key of its terms already ends at or
-# past it, so the first tells). One APPEND per term; a new key gets its TTL and its place in the
-# vocabulary (scored by when its TTL was set), every 16th posting of a key drops the postings of
-# entries the stream trimmed (a prefix: ids only grow), and each call renews the TTL of a few keys
-# set longest ago, so every key is renewed before it could expire under a stream still written.
-INDEX_ENTRY = """
-local ttl, now, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local ms, seq, refresh = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local n = #KEYS - 2
-local R = 30
-if #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 0 then return 0 end
-local function older(a_ms, a_seq, b_ms, b_seq) return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq) end
-local last = redis.call('GETRANGE', KEYS[3], -R, -R + 9)
-if #last == 10 then
-  local l_ms, l_seq = struct.unpack('<dH', last)
-  if not older(l_ms, l_seq, ms, seq) then return 0 end
+# Lua helpers of both scripts: ids are 8-byte big-endian strings compared as two 32-bit halves.
+_LUA_IDS = """
+local R, H = 23, 12
+local function older(a, b)
+  local ah, al = struct.unpack('>I4I4', a)
+  local bh, bl = struct.unpack('>I4I4', b)
+  return ah < bh or (ah == bh and al < bl)
 end
-local f_ms, f_seq
-local function trim(key, length)
-  if not f_ms then
-    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]
-    f_ms, f_seq = string.match(first, '^(%d+)-(%d+)$')
-    f_ms, f_seq = tonumber(f_ms), tonumber(f_seq)
-  end
-  local lo, hi = 0, length / R
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    local p_ms, p_seq = struct.unpack('<dH', redis.call('GETRANGE', key, mid * R, mid * R + 9))
-    if older(p_ms, p_seq, f_ms, f_seq) then lo = mid + 1 else hi = mid end
-  end
-  if lo > 0 then redis.call('SET', key, redis.call('GETRANGE', key, lo * R, -1), 'KEEPTTL') end
+local function oldest_held(stream)
+  local first = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  if not first then return nil end
+  local ms, seq = string.match(first[1], '^(%d+)-(%d+)$')
+  ms, seq = tonumber(ms), tonumber(seq)
+  return struct.pack('>I4I4', math.floor(ms / 65536), (ms % 65536) * 65536 + seq)
 end
+"""
+
+# KEYS: entries stream, hours set, the entry's hour key, the last indexed id's key. ARGV: postings TTL
+# (0: none), now, entry id, the id as 8 bytes, the hour, hours to renew, the entry's length in words,
+# one record per term, then the terms in the same order. Nothing is written unless the entry is in
+# the stream (an XADD of the same MULTI may have been refused) and not indexed yet (ids only grow, so
+# the last indexed id tells, whatever time a retried entry carries). Each term's postings get the record and an updated head; a new hour key
+# gets its TTL and its place in the hours set (scored by when its TTL was set). As an hour starts and
+# every 16th entry of it, hours whose last entry the stream trimmed are dropped; each call renews
+# the TTL of a few hour keys set longest ago, so none expires under a stream still written.
+INDEX_ENTRY = _LUA_IDS + """
+local ttl, now, id, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4], ARGV[5]
+local refresh, dl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local n = (#ARGV - 7) / 2
+if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3], 'COUNT', 1) == 0 then return 0 end
+local last = redis.call('GET', KEYS[4])
+if last and not older(last, id) then return 0 end
+if ttl > 0 then redis.call('SET', KEYS[4], id, 'EX', ttl) else redis.call('SET', KEYS[4], id) end
+local stats = redis.call('HGET', KEYS[3], '#')
+local first, count, words = id, 0, 0
+if stats then
+  first = string.sub(stats, 1, 8)
+  count, words = struct.unpack('>I4I4', stats, 17)
+end
+local function with_pair(head, tf, len)
+  local pairs_ = {}
+  if head then
+    for j = 0, 3 do
+      local t, d = struct.unpack('>BH', head, 1 + 3 * j)
+      if t > 0 then
+        if t >= tf and d <= len then return head end
+        if not (t <= tf and d >= len) then pairs_[#pairs_ + 1] = {t, d} end
+      end
+    end
+  end
+  pairs_[#pairs_ + 1] = {tf, len}
+  table.sort(pairs_, function(a, b) return a[1] < b[1] end)
+  while #pairs_ > 4 do
+    local last, before = table.remove(pairs_), pairs_[#pairs_]
+    pairs_[#pairs_] = {last[1], math.min(last[2], before[2])}
+  end
+  local out = {}
+  for j = 1, 4 do
+    local p = pairs_[j] or {0, 0}
+    out[j] = struct.pack('>BH', p[1], p[2])
+  end
+  return table.concat(out)
+end
+local terms = {}
+for i = 1, n do terms[i] = ARGV[7 + n + i] end
+local old = redis.call('HMGET', KEYS[3], unpack(terms))
+local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl)}
 for i = 1, n do
-  local key = KEYS[i + 2]
-  local length = redis.call('APPEND', key, ARGV[6 + i])
-  if length == R then
-    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
-    redis.call('ZADD', KEYS[2], now, ARGV[6 + n + i])
-  elseif length % (16 * R) == 0 then
-    trim(key, length)
+  local record, postings = ARGV[7 + i], old[i]
+  local head = with_pair(postings and string.sub(postings, 1, H), string.byte(record, 9), dl)
+  set[#set + 1] = terms[i]
+  if postings and head == string.sub(postings, 1, H) then
+    set[#set + 1] = postings .. record
+  else
+    set[#set + 1] = head .. (postings and string.sub(postings, H + 1) or '') .. record
+  end
+end
+redis.call('HSET', KEYS[3], unpack(set))
+local prefix = KEYS[2] .. ':'
+if not stats then
+  if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+  redis.call('ZADD', KEYS[2], now, hour)
+end
+if count % 16 == 0 then
+  local held = oldest_held(KEYS[1])
+  for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if h ~= hour then
+      local s = redis.call('HGET', prefix .. h, '#')
+      if not s then
+        redis.call('ZREM', KEYS[2], h)
+      elseif older(string.sub(s, 9, 16), held) then
+        redis.call('DEL', prefix .. h)
+        redis.call('ZREM', KEYS[2], h)
+      end
+    end
   end
 end
 if ttl > 0 and refresh > 0 then
-  local prefix = KEYS[2] .. ':'
-  for _, term in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl / 3, 'LIMIT', 0, refresh)) do
-    if redis.call('EXPIRE', prefix .. term, ttl) == 1 then
-      redis.call('ZADD', KEYS[2], now, term)
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - ttl / 3, 'LIMIT', 0, refresh)) do
+    if redis.call('EXPIRE', prefix .. h, ttl) == 1 then
+      redis.call('ZADD', KEYS[2], now, h)
     else
-      redis.call('ZREM', KEYS[2], term)
+      redis.call('ZREM', KEYS[2], h)
     end
   end
 end
 return n
 """
 
-# KEYS: vocabularies. ARGV[1]: 'expire' (ARGV[2] seconds), 'persist' or 'delete'. Applies to every
-# postings key a vocabulary names (a removed or forgotten stream's index goes with its entries).
+# KEYS: hours sets. ARGV[1]: 'expire' (ARGV[2] seconds), 'persist' or 'delete'. Applies to every
+# hour key a set names and its last indexed id (a removed or forgotten stream's index goes with its
+# entries).
 INDEX_LIFETIME = """
-for _, vocab in ipairs(KEYS) do
-  local prefix = vocab .. ':'
-  for _, term in ipairs(redis.call('ZRANGE', vocab, 0, -1)) do
-    if ARGV[1] == 'expire' then redis.call('EXPIRE', prefix .. term, ARGV[2])
-    elseif ARGV[1] == 'persist' then redis.call('PERSIST', prefix .. term)
-    else redis.call('DEL', prefix .. term) end
+for _, hours in ipairs(KEYS) do
+  local prefix = hours .. ':'
+  local keys = redis.call('ZRANGE', hours, 0, -1)
+  keys[#keys + 1] = 'last'
+  for _, hour in ipairs(keys) do
+    if ARGV[1] == 'expire' then redis.call('EXPIRE', prefix .. hour, ARGV[2])
+    elseif ARGV[1] == 'persist' then redis.call('PERSIST', prefix .. hour)
+    else redis.call('DEL', prefix .. hour) end
   end
 end
 return 1
 """
-STALE_REFRESH = 8  # postings keys whose TTL each indexed entry renews, those set longest ago first
-# Postings keys live 1.5x the stream's key TTL and are renewed every half of that TTL, so they
+STALE_REFRESH = 8  # hour keys whose TTL each indexed entry renews, those set longest ago first
+# Hour keys live 1.5x the stream's key TTL and are renewed every third of that TTL, so they
 # outlive the entries they name (a posting of a gone entry is never a hit: queries keep only
 # postings at or above the oldest entry held).
 POSTINGS_TTL_FACTOR = 1.5
@@ -198,17 +273,16 @@ class IndexedEntry:
 def index_commands(script: Any, pipe: Any, keys: Keys, stream: str, entry: IndexedEntry, ttl_s: int | None,
                    now: float | None = None) -> None:
     """Queue the index upkeep of one entry on `pipe` (after the entry's XADD in the same MULTI)."""
-    postings = postings_of(entry.text, entry.entry_id, entry.wall)
+    length, postings = postings_of(entry.text, entry.entry_id, entry.wall)
     if not postings:
         return
-    terms = list(postings)
-    ms, seq = entry.entry_id.split("-")
+    hour = int(entry.wall // HOUR_S)
     script(
-        keys=[keys.entries(stream, entry.kind), keys.index_terms(stream, entry.kind),
-              *(keys.index_postings(stream, entry.kind, t) for t in terms)],
+        keys=[keys.entries(stream, entry.kind), keys.index_hours(stream, entry.kind),
+              keys.index_hour(stream, entry.kind, hour), keys.index_last(stream, entry.kind)],
         args=[int(ttl_s * POSTINGS_TTL_FACTOR) if ttl_s else 0, now if now is not None else time.time(),
-              entry.entry_id, ms, seq, STALE_REFRESH,
-              *(postings[t] for t in terms), *terms],
+              entry.entry_id, _ID.pack(entry_key(entry.entry_id)), hour, STALE_REFRESH, length,
+              *postings.values(), *postings],
         client=pipe,
     )
 
@@ -384,34 +458,133 @@ class SearchRequest:
 @dataclass
 class SearchResult:
     hits: list[Hit]
-    total: int  # candidates found (before a phrase's check on the text of the page)
+    total: int  # candidates found in the hours read (before a phrase's check on the text of the page)
     elapsed_ms: float = 0.0
+    complete: bool = True  # False: reading stopped early (no hour left could reach the page): total is a floor
+
+
+# KEYS: entries stream, hours set. ARGV: the number of terms, the terms, then the prefixes. Returns the
+# oldest held entry's id (8 bytes; '' when none), XLEN, the hours holding held entries (4 bytes each),
+# their `#` fields, each prefix's terms (the MAX_PREFIX_TERMS shortest), then per term (the query's,
+# then the prefixes' in order) and hour: how many of its postings are of held entries (4 bytes) and
+# its head. Nothing but these few bytes leaves Redis.
+PLAN = _LUA_IDS + """
+local n, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local held = oldest_held(KEYS[1])
+if not held then return {'', 0, '', '', {}, ''} end
+local prefix = KEYS[2] .. ':'
+local hours, hour_bytes, stats, boundary = {}, {}, {}, {}
+for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  local s = redis.call('HGET', prefix .. h, '#')
+  if s and not older(string.sub(s, 9, 16), held) then
+    hours[#hours + 1] = h
+    hour_bytes[#hours] = struct.pack('>I4', tonumber(h))
+    stats[#hours] = s
+    boundary[#hours] = older(string.sub(s, 1, 8), held)
+  end
+end
+local terms = {}
+for i = 1, n do terms[i] = ARGV[2 + i] end
+local expansions = {}
+for p = n + 3, #ARGV do
+  local seen, found = {}, {}
+  for _, h in ipairs(hours) do
+    local cursor = '0'
+    repeat
+      local reply = redis.call('HSCAN', prefix .. h, cursor, 'MATCH', ARGV[p] .. '*', 'COUNT', 1000)
+      cursor = reply[1]
+      for j = 1, #reply[2], 2 do
+        local t = reply[2][j]
+        if not seen[t] then seen[t] = true; found[#found + 1] = t end
+      end
+    until cursor == '0'
+  end
+  table.sort(found, function(a, b) if #a ~= #b then return #a < #b end return a < b end)
+  local chosen = {}
+  for j = 1, math.min(#found, most) do chosen[j] = found[j]; terms[#terms + 1] = found[j] end
+  expansions[#expansions + 1] = chosen
+end
+local none = struct.pack('>I4', 0) .. string.rep('\0', H)
+local out = {}
+for _, t in ipairs(terms) do
+  for i, h in ipairs(hours) do
+    local v = redis.call('HGET', prefix .. h, t)
+    if not v then
+      out[#out + 1] = none
+    else
+      local lo, hi = 0, (#v - H) / R
+      if boundary[i] then
+        local total = hi
+        while lo < hi do
+          local mid = math.floor((lo + hi) / 2)
+          if older(string.sub(v, H + mid * R + 1, H + mid * R + 8), held) then lo = mid + 1 else hi = mid end
+        end
+        hi = total
+      end
+      out[#out + 1] = struct.pack('>I4', hi - lo) .. string.sub(v, 1, H)
+    end
+  end
+end
+return {held, redis.call('XLEN', KEYS[1]), table.concat(hour_bytes), table.concat(stats), expansions,
+        table.concat(out)}
+"""
+
+# KEYS: hours set. ARGV: the number of hours, the hours, then the terms. Returns, per hour and term,
+# its postings (4-byte length, then the head and records) in one string.
+FETCH = """
+local k = tonumber(ARGV[1])
+local prefix = KEYS[1] .. ':'
+local out = {}
+for i = 2, k + 1 do
+  local values = redis.call('HMGET', prefix .. ARGV[i], unpack(ARGV, k + 2))
+  for j = 1, #ARGV - k - 1 do
+    local v = values[j] or ''
+    out[#out + 1] = struct.pack('>I4', #v)
+    out[#out + 1] = v
+  end
+end
+return table.concat(out)
+"""
+_HEAD_DTYPE = np.dtype([("count", ">u4"), ("pairs", ">u1", (HEAD.size,))])
+_STATS_DTYPE = np.dtype([("first", ">u8"), ("last", ">u8"), ("entries", ">u4"), ("words", ">u4")])
+FIRST_HOURS_READ = 2  # hours read in the first round; each next round reads twice as many
 
 
 @dataclass
 class _Segment:
-    """One stream's postings of one kind."""
+    """One stream's index of one kind, as planned for one search."""
 
     stream: str
     kind: EntryKind
-    first: int = 0  # oldest held entry id as ms * 65536 + seq; beyond any id when none
+    first: int = 0  # oldest held entry id (entry_key)
     docs: int = 0  # entries held (XLEN)
-    atoms: dict[str, np.ndarray] = field(default_factory=dict)  # term or prefix -> postings
+    hours: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # hours holding held entries
+    entries: int = 0  # entries and words of those hours
+    words: int = 0
+    atoms: dict[str, list[str]] = field(default_factory=dict)  # term or prefix -> the terms it reads
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # term -> postings of held entries per hour
+    best: dict[str, np.ndarray] = field(default_factory=dict)  # term -> per hour, its head's (count, length) pairs
 
 
-@dataclass(frozen=True)
-class _Ranked:
-    """Every candidate (columns) and the order to read them in."""
+@dataclass
+class _Candidates:
+    """Candidates found so far (columns)."""
 
-    docs: np.ndarray  # entry id as ms * 65536 + seq
-    score: np.ndarray
-    wall: np.ndarray
-    segment: np.ndarray  # index into the search's segments
-    order: np.ndarray
+    docs: list[np.ndarray] = field(default_factory=list)  # entry_key
+    score: list[np.ndarray] = field(default_factory=list)
+    wall: list[np.ndarray] = field(default_factory=list)
+    segment: list[np.ndarray] = field(default_factory=list)  # index into the search's segments
+
+    def columns(self) -> tuple[np.ndarray, ...]:
+        if not self.docs:
+            return np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0, np.int64)
+        return tuple(np.concatenate(c) for c in (self.docs, self.score, self.wall, self.segment))
 
 
-def _key(records: np.ndarray) -> np.ndarray:
-    return records["ms"].astype(np.int64) * 65536 + records["seq"].astype(np.int64)
+def _partial(tf: np.ndarray, dl: np.ndarray, avgdl: float) -> np.ndarray:
+    """One term's BM25 part (before its idf): the same expression scores postings and bounds hours."""
+    tf = tf.astype(float)
+    return tf * (K1 + 1) / (tf + K1 * (1 - B + B * dl.astype(float) / avgdl))
 
 
 def _rotl(mask: np.ndarray, bits: int) -> np.ndarray:
@@ -448,141 +621,218 @@ class Searcher:
         self._exists = redis.register_script(
             "local out = {} for i, id in ipairs(ARGV) do "
             "out[i] = #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) end return out")
+        self._plan_script = binary.register_script(PLAN)
+        self._fetch_script = binary.register_script(FETCH)
 
     def streams(self) -> list[str]:
         return sorted(self.redis.hkeys(self.keys.registry))
 
     def search(self, request: SearchRequest) -> SearchResult:
+        """Plan (what each hour holds), then read hours newest first, a round at a time, until
+        the page is settled: nothing in an hour left to read could score higher."""
         started = time.perf_counter()
         parsed = parse_query(request.query)
         streams = list(request.streams) if request.streams is not None else self.streams()
         segments = [_Segment(s, k) for s in streams for k in request.kinds]
         if not segments:
             return SearchResult([], 0, 0.0)
-        expansions = self._expand(segments, parsed.prefixes)
-        self._load(segments, parsed, expansions)
-        ranked = self._rank(segments, parsed, request)
-        hits = self._page(segments, ranked, parsed, request.limit)
-        return SearchResult(hits, len(ranked.order), (time.perf_counter() - started) * 1000)
-
-    # ---- reading the postings
-    def _expand(self, segments: list[_Segment], prefixes: Sequence[str]) -> dict[tuple[str, str, str], list[str]]:
-        """(stream, kind, prefix) -> the terms it stands for (at most MAX_PREFIX_TERMS, shortest first)."""
-        if not prefixes:
-            return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for seg in segments:
-            pipe.zrange(self.keys.index_terms(seg.stream, seg.kind), 0, -1)
-        out = {}
-        for seg, vocab in zip(segments, pipe.execute()):
-            for prefix in prefixes:
-                matching = sorted((t for t in vocab if t.startswith(prefix)), key=lambda t: (len(t), t))
-                out[(seg.stream, seg.kind, prefix)] = matching[:MAX_PREFIX_TERMS]
-        return out
-
-    def _load(self, segments: list[_Segment], parsed: ParsedQuery, expansions: dict) -> None:
-        pipe = self.binary.pipeline(transaction=False)
-        plan = []
-        for seg in segments:
-            entries = self.keys.entries(seg.stream, seg.kind)
-            pipe.xrange(entries, "-", "+", count=1)
-            pipe.xlen(entries)
-            wanted = [(t, t) for t in parsed.terms]
-            wanted += [(p, t) for p in parsed.prefixes for t in expansions[(seg.stream, seg.kind, p)]]
-            for _, term in wanted:
-                pipe.get(self.keys.index_postings(seg.stream, seg.kind, term))
-            plan.append((seg, wanted))
-        replies = iter(pipe.execute())
-        for seg, wanted in plan:
-            first, seg.docs = next(replies), int(next(replies))
-            if first:
-                ms, seq = first[0][0].decode().split("-")
-                seg.first = int(ms) * 65536 + int(seq)
-            else:
-                seg.first = np.iinfo(np.int64).max  # nothing held: no posting counts
-            parts: dict[str, list[np.ndarray]] = {}
-            for atom, _ in wanted:
-                raw = next(replies) or b""
-                records = np.frombuffer(raw[: len(raw) - len(raw) % POSTING.itemsize], dtype=POSTING)
-                parts.setdefault(atom, []).append(records[_key(records) >= seg.first])
-            for atom in list(parsed.terms) + list(parsed.prefixes):
-                seg.atoms[atom] = _merge(parts.get(atom, []))
-
-    # ---- ranking
-    def _rank(self, segments: list[_Segment], parsed: ParsedQuery, request: SearchRequest) -> _Ranked:
+        self._plan(segments, parsed)
         atoms = list(parsed.terms) + list(parsed.prefixes)
         docs_total = sum(s.docs for s in segments) or 1
-        df = {a: sum(len(s.atoms[a]) for s in segments) for a in atoms}
+        avgdl = (sum(s.words for s in segments) / sum(s.entries for s in segments)
+                 if any(s.entries for s in segments) else 1.0)
+        df = {a: sum(int(s.counts[t].sum()) for s in segments for t in s.atoms[a]) for a in atoms}
         idf = {a: math.log(1 + (docs_total - df[a] + 0.5) / (df[a] + 0.5)) for a in atoms}
-        lengths = [s.atoms[a]["dl"] for s in segments for a in atoms if len(s.atoms[a])]
-        avgdl = float(np.concatenate(lengths).mean()) if lengths else 1.0
-        parts: list[tuple[np.ndarray, ...]] = []
+        work = self._bounds(segments, parsed, request, atoms, idf, avgdl)  # (hour, segment, bound), newest first
+        found = _Candidates()
+        checked: dict[tuple[int, int], Hit | None] = {}
+        hits: list[Hit] = []
+        hours = sorted({hour for hour, _, _ in work}, reverse=True)
+        done, size = 0, FIRST_HOURS_READ
+        while True:
+            batch = set(hours[done: done + size])
+            done, size = done + len(batch), size * 2
+            self._read(segments, [(h, n) for h, n, _ in work if h in batch], parsed, request, atoms, idf, avgdl,
+                       found)
+            rest = max((b for h, _, b in work if h < hours[done - 1]), default=None) if done < len(hours) else None
+            hits = self._page(segments, found, rest, parsed, request.limit, checked)
+            if len(hits) == request.limit or rest is None:
+                break
+        total = sum(len(d) for d in found.docs)
+        return SearchResult(hits, total, (time.perf_counter() - started) * 1000, complete=done >= len(hours))
+
+    # ---- what each hour holds
+    def _plan(self, segments: list[_Segment], parsed: ParsedQuery) -> None:
+        pipe = self.binary.pipeline(transaction=False)
+        for seg in segments:
+            self._plan_script(keys=[self.keys.entries(seg.stream, seg.kind), self.keys.index_hours(seg.stream, seg.kind)],
+                              args=[len(parsed.terms), MAX_PREFIX_TERMS, *parsed.terms, *parsed.prefixes], client=pipe)
+        for seg, (first, docs, hours, stats, expansions, heads) in zip(segments, pipe.execute()):
+            seg.docs = int(docs)
+            seg.first = _ID.unpack(first)[0] if first else np.iinfo(np.int64).max
+            seg.hours = np.frombuffer(hours, ">u4").astype(np.int64)
+            held = np.frombuffer(stats, _STATS_DTYPE)
+            seg.entries, seg.words = int(held["entries"].sum()), int(held["words"].sum())
+            seg.atoms = {t: [t] for t in parsed.terms} | {p: [] for p in parsed.prefixes}
+            seg.atoms.update({p: [t.decode() for t in terms] for p, terms in zip(parsed.prefixes, expansions)})
+            per_term = np.frombuffer(heads, _HEAD_DTYPE).reshape(-1, len(seg.hours)) if len(seg.hours) else []
+            names = list(parsed.terms) + [t for p in parsed.prefixes for t in seg.atoms[p]]
+            for name, rows in zip(names, per_term):
+                seg.counts[name] = rows["count"].astype(np.int64)
+                seg.best[name] = rows["pairs"].reshape(len(seg.hours), HEAD_PAIRS, 3)
+            for name in names:
+                seg.counts.setdefault(name, np.zeros(len(seg.hours), np.int64))
+
+    def _bounds(self, segments: list[_Segment], parsed: ParsedQuery, request: SearchRequest, atoms: list[str],
+                idf: dict[str, float], avgdl: float) -> list[tuple[int, int, float]]:
+        """(hour, segment, the best score any entry of that hour can reach) for each hour that can
+        hold a hit (in the range, every atom present for `match_all`), newest first."""
+        work = []
         for number, seg in enumerate(segments):
-            keys = [_key(seg.atoms[a]) for a in atoms]
-            present = [k for k in keys if len(k)]
-            if request.match_all:
-                if len(present) < len(atoms):
-                    continue
-                docs = present[0]
-                for k in present[1:]:
-                    docs = np.intersect1d(docs, k, assume_unique=True)
-            else:
-                docs = np.unique(np.concatenate(present)) if present else np.empty(0, np.int64)
-            if not len(docs):
+            if not len(seg.hours):
                 continue
-            score = np.zeros(len(docs))
-            wall = np.zeros(len(docs))
-            masks = {}
-            for atom, k in zip(atoms, keys):
-                if not len(k):
-                    masks[atom] = np.zeros(len(docs), np.uint64)
-                    continue
-                where = np.minimum(np.searchsorted(k, docs), len(k) - 1)
-                found, rows = k[where] == docs, seg.atoms[atom][where]
-                tf = np.where(found, rows["tf"], 0).astype(float)
-                score += idf[atom] * tf * (K1 + 1) / (tf + K1 * (1 - B + B * rows["dl"] / avgdl))
-                wall = np.where(found, rows["wall"], wall)
-                masks[atom] = np.where(found, rows["mask"], np.uint64(0))
-            keep = np.ones(len(docs), bool)
+            keep = np.ones(len(seg.hours), bool)
             if request.start is not None:
-                keep &= wall >= request.start
+                keep &= (seg.hours + 1) * HOUR_S > request.start
             if request.end is not None:
-                keep &= wall <= request.end
-            for phrase in parsed.phrases:
-                keep &= _phrase_at(masks, phrase)
+                keep &= seg.hours * HOUR_S <= request.end
+            bound = np.zeros(len(seg.hours))
+            present = []
+            for atom in atoms:
+                best = np.zeros(len(seg.hours))
+                has = np.zeros(len(seg.hours), bool)
+                for term in seg.atoms[atom]:
+                    if term not in seg.best:
+                        continue
+                    pairs = seg.best[term]
+                    tf = pairs[:, :, 0].astype(np.int64)
+                    dl = pairs[:, :, 1].astype(np.int64) << 8 | pairs[:, :, 2]
+                    best += np.where(tf > 0, _partial(tf, dl, avgdl), 0.0).max(axis=1)
+                    has |= seg.counts[term] > 0
+                bound += idf[atom] * best
+                present.append(has)
+            present_all = np.logical_and.reduce(present) if request.match_all else np.logical_or.reduce(present)
+            keep &= present_all
             if parsed.bonus is not None:
-                score = np.where(_phrase_at(masks, parsed.bonus), score * PHRASE_BONUS, score)
-            parts.append((docs[keep], score[keep], wall[keep], np.full(int(keep.sum()), number)))
-        if not parts:
-            return _Ranked(*(np.empty(0, t) for t in (np.int64, float, float, np.int64)), np.empty(0, np.int64))
-        docs, score, wall, segment = (np.concatenate(column) for column in zip(*parts))
-        return _Ranked(docs, score, wall, segment, np.lexsort((-wall, -score)))  # best first, then newest
+                bound *= PHRASE_BONUS
+            work += [(int(h), number, float(b)) for h, b in zip(seg.hours[keep], bound[keep])]
+        return sorted(work, key=lambda w: -w[0])
+
+    # ---- reading and scoring some hours
+    def _read(self, segments: list[_Segment], chosen: list[tuple[int, int]], parsed: ParsedQuery,
+              request: SearchRequest, atoms: list[str], idf: dict[str, float], avgdl: float,
+              found: _Candidates) -> None:
+        by_segment: dict[int, list[int]] = {}
+        for hour, number in chosen:
+            by_segment.setdefault(number, []).append(hour)
+        pipe = self.binary.pipeline(transaction=False)
+        plan = []
+        for number, hours in sorted(by_segment.items()):
+            seg = segments[number]
+            terms = list(dict.fromkeys(t for a in atoms for t in seg.atoms[a]))
+            hours = sorted(hours)
+            self._fetch_script(keys=[self.keys.index_hours(seg.stream, seg.kind)],
+                               args=[len(hours), *hours, *terms], client=pipe)
+            plan.append((number, hours, terms))
+        for (number, hours, terms), blob in zip(plan, pipe.execute()):
+            seg = segments[number]
+            parts: dict[str, list[np.ndarray]] = {t: [] for t in terms}
+            walls: dict[str, list[np.ndarray]] = {t: [] for t in terms}
+            view, offset = memoryview(blob), 0
+            for hour in hours:
+                for term in terms:
+                    (length,) = struct.unpack_from(">I", view, offset)
+                    offset += 4
+                    if length:
+                        records = np.frombuffer(view[offset + HEAD.size: offset + length], POSTING)
+                        parts[term].append(records)
+                        walls[term].append(hour * HOUR_S + records["us"] / 1e6)
+                    offset += length
+            postings = {a: _merge([(r, w) for t in seg.atoms[a] for r, w in zip(parts[t], walls[t])], seg.first)
+                        for a in atoms}
+            self._score(number, postings, parsed, request, atoms, idf, avgdl, found)
+
+    def _score(self, number: int, postings: dict[str, tuple[np.ndarray, ...]], parsed: ParsedQuery,
+               request: SearchRequest, atoms: list[str], idf: dict[str, float], avgdl: float,
+               found: _Candidates) -> None:
+        keys = [postings[a][0] for a in atoms]
+        present = [k for k in keys if len(k)]
+        if request.match_all:
+            if len(present) < len(atoms):
+                return
+            docs = present[0]
+            for k in present[1:]:
+                docs = np.intersect1d(docs, k, assume_unique=True)
+        else:
+            docs = np.unique(np.concatenate(present)) if present else np.empty(0, np.int64)
+        if not len(docs):
+            return
+        score = np.zeros(len(docs))
+        wall = np.zeros(len(docs))
+        masks = {}
+        for atom, k in zip(atoms, keys):
+            if not len(k):
+                masks[atom] = np.zeros(len(docs), np.uint64)
+                continue
+            _, tf, dl, walls, mask = postings[atom]
+            where = np.minimum(np.searchsorted(k, docs), len(k) - 1)
+            hit = k[where] == docs
+            score += idf[atom] * np.where(hit, _partial(tf[where], dl[where], avgdl), 0.0)
+            wall = np.where(hit, walls[where], wall)
+            masks[atom] = np.where(hit, mask[where], np.uint64(0))
+        keep = np.ones(len(docs), bool)
+        if request.start is not None:
+            keep &= wall >= request.start
+        if request.end is not None:
+            keep &= wall <= request.end
+        for phrase in parsed.phrases:
+            keep &= _phrase_at(masks, phrase)
+        if parsed.bonus is not None:
+            score = np.where(_phrase_at(masks, parsed.bonus), score * PHRASE_BONUS, score)
+        found.docs.append(docs[keep])
+        found.score.append(score[keep])
+        found.wall.append(wall[keep])
+        found.segment.append(np.full(int(keep.sum()), number))
 
     # ---- the page
-    def _page(self, segments: list[_Segment], ranked: _Ranked, parsed: ParsedQuery, limit: int) -> list[Hit]:
+    def _page(self, segments: list[_Segment], found: _Candidates, rest: float | None, parsed: ParsedQuery,
+              limit: int, checked: dict[tuple[int, int], Hit | None]) -> list[Hit]:
+        """The page from the candidates no unread hour can outrank (score at least `rest`, the
+        best of the hours left: those are older, so they lose ties too), best first, then newest."""
+        docs, score, wall, segment = found.columns()
+        settled = np.flatnonzero(score >= rest) if rest is not None else np.arange(len(docs))
+        order = settled[np.lexsort((-wall[settled], -score[settled]))][:MAX_CHECKED]
         hits: list[Hit] = []
         position = 0
-        while len(hits) < limit and position < min(len(ranked.order), MAX_CHECKED):
-            batch = ranked.order[position: position + max(limit - len(hits), 16)]
+        while len(hits) < limit and position < len(order):
+            batch = order[position: position + max(limit - len(hits), 16)]
             position += len(batch)
+            unknown = [row for row in batch if (int(segment[row]), int(docs[row])) not in checked]
             pipe = self.redis.pipeline(transaction=False)
-            for row in batch:
-                seg, doc = segments[ranked.segment[row]], int(ranked.docs[row])
+            for row in unknown:
+                seg, doc = segments[segment[row]], int(docs[row])
                 entry_id = f"{doc >> 16}-{doc & 0xFFFF}"
                 pipe.xrange(self.keys.entries(seg.stream, seg.kind), entry_id, entry_id, count=1)
-            for row, found in zip(batch, pipe.execute()):
-                if not found:
-                    continue  # trimmed between the two reads
-                seg = segments[ranked.segment[row]]
-                entry = decode_entry(KIND_MODELS[seg.kind], found[0][1])
-                text = entry_text(seg.kind, entry)
-                if not all(phrase_in_text(text, p) for p in parsed.phrases):
-                    continue  # positions are kept mod 64: a long text may only seem to hold it
-                hits.append(make_hit(seg.stream, seg.kind, found[0][0], entry, float(ranked.wall[row]),
-                                     float(ranked.score[row])))
-                if len(hits) == limit:
-                    break
+            for row, entry in zip(unknown, pipe.execute() if unknown else []):
+                checked[(int(segment[row]), int(docs[row]))] = self._hit(segments[segment[row]], entry, parsed,
+                                                                          float(score[row]))
+            for row in batch:
+                hit = checked[(int(segment[row]), int(docs[row]))]
+                if hit is not None:
+                    hits.append(hit)
+                    if len(hits) == limit:
+                        break
         return self.with_pictures(hits)
+
+    @staticmethod
+    def _hit(seg: _Segment, found: list, parsed: ParsedQuery, score: float) -> Hit | None:
+        if not found:
+            return None  # trimmed between the two reads
+        entry = decode_entry(KIND_MODELS[seg.kind], found[0][1])
+        text = entry_text(seg.kind, entry)
+        if not all(phrase_in_text(text, p) for p in parsed.phrases):
+            return None  # positions are kept mod 64: a long text may only seem to hold it
+        return make_hit(seg.stream, seg.kind, found[0][0], entry, entry_time(seg.kind, entry), score)
 
     def with_pictures(self, hits: list[Hit]) -> list[Hit]:
         """Name each hit's window picture while Redis holds it: an event window's snapshot, or the
@@ -604,22 +854,28 @@ class Searcher:
         return [h.model_copy(update=pictures[id(h)]) if id(h) in pictures else h for h in hits]
 
 
-def _merge(parts: list[np.ndarray]) -> np.ndarray:
-    """One posting per entry, in id order: a prefix's terms summed (counts) and or-ed (positions)."""
-    parts = [p for p in parts if len(p)]
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]], first: int) -> tuple[np.ndarray, ...]:
+    """(entry keys, counts, lengths, times, positions) of the held entries in `parts` (records and
+    their times), one per entry in id order: a prefix's terms summed (counts) and or-ed (positions)."""
+    parts = [p for p in parts if len(p[0])]
     if not parts:
-        return np.empty(0, POSTING)
-    if len(parts) == 1:
-        return parts[0]
-    records = np.concatenate(parts)
-    keys = _key(records)
-    order = np.argsort(keys, kind="stable")
-    records, keys = records[order], keys[order]
-    unique, start = np.unique(keys, return_index=True)
-    merged = records[start].copy()
-    merged["tf"] = np.minimum(np.add.reduceat(records["tf"].astype(np.int64), start), 0xFFFF)
-    merged["mask"] = np.bitwise_or.reduceat(records["mask"], start)
-    return merged
+        empty = np.empty(0, np.int64)
+        return empty, empty, empty, np.empty(0), np.empty(0, np.uint64)
+    records = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    walls = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+    keys = records["id"].astype(np.int64)
+    keep = keys >= first
+    records, walls, keys = records[keep], walls[keep], keys[keep]
+    tf, dl, mask = records["tf"].astype(np.int64), records["dl"].astype(np.int64), records["mask"].astype(np.uint64)
+    if len(keys) > 1 and (keys[1:] <= keys[:-1]).any():
+        order = np.argsort(keys, kind="stable")
+        keys, tf, dl, walls, mask = keys[order], tf[order], dl[order], walls[order], mask[order]
+        unique, start = np.unique(keys, return_index=True)
+        if len(unique) < len(keys):
+            tf = np.add.reduceat(tf, start)
+            mask = np.bitwise_or.reduceat(mask, start)
+            keys, dl, walls = unique, dl[start], walls[start]
+    return keys, tf, dl, walls, mask
 
 
 def make_hit(stream: str, kind: EntryKind, entry_id: str, entry: Any, wall: float, score: float = 0.0) -> Hit:

@@ -19,7 +19,7 @@ from connectors.redis_conn import connect
 from connectors.redis_schema import (
     DEFAULT_KEYS as K, Answer, AnswerKind, EntryKind, StreamInfo, Summary, SummaryKind,
 )
-from connectors.search import POSTING, SearchRequest, parse_query, postings_of
+from connectors.search import HEAD, HOUR_S, POSTING, SearchRequest, parse_query, postings_of
 from pipeline.cli import app as cli_app
 from pipeline.pictures import window_picture
 from tests.support.records import make_caption, make_event
@@ -125,22 +125,32 @@ def test_summaries_are_searched_and_a_retried_window_is_indexed_once(redis_url):
         pub.publish_window(again)  # a retry of window 2: a duplicate, never a second posting
     (hit,) = SlowFastClient(redis_url).search("yellow square", kinds=["summary"]).hits
     assert (hit.kind, hit.first_window, hit.window) == (EntryKind.SUMMARY, 0, 2)
-    r = connect(redis_url)
-    assert r.strlen(K.index_postings("cam1", EntryKind.CAPTION, "red")) == 2 * POSTING.itemsize
+    assert postings_held(connect(redis_url), "cam1", "red") == 2
     assert windows(SlowFastClient(redis_url).search("triangle", kinds=["caption"]).hits) == [2]
 
 
+def postings_held(r, sid: str, term: str) -> int:
+    """The term's caption postings over every hour the index holds."""
+    hours = r.zrange(K.index_hours(sid, EntryKind.CAPTION), 0, -1)
+    return sum((r.hstrlen(K.index_hour(sid, EntryKind.CAPTION, h), term) or HEAD.size) - HEAD.size
+               for h in hours) // POSTING.itemsize
+
+
 def test_trimmed_expired_and_removed_entries_leave_no_hits(redis_url):
-    texts = [f"a red circle moves left number{w}" for w in range(120)]
-    publish(redis_url, "cam1", texts, history_len=40)
+    # Captions a minute apart: an hour's 60, the next hour's 60, then 10 in a third hour.
+    texts = [f"a red circle moves left number{w}" for w in range(130)]
+    first_hour = int(NOW // HOUR_S) - 3
+    publish(redis_url, "cam1", texts, wall0=first_hour * HOUR_S, history_len=40)
     r, sfs = connect(redis_url), SlowFastClient(redis_url)
     held = [int(fields["data"].split('"window":')[1].split(",")[0]) for _, fields in r.xrange(K.captions("cam1"))]
     hits = sfs.search("red circle", kinds=["caption"], limit=500).hits
-    assert sorted(windows(hits)) == held and len(held) < 120  # exactly what MAXLEN ~ kept
+    assert sorted(windows(hits)) == held and len(held) < 60  # exactly what MAXLEN ~ kept
     assert sfs.search("number3", kinds=["caption"]).hits == []  # trimmed long ago
-    # The postings of trimmed entries went too (a prefix of each key, dropped every 16th posting).
-    kept = r.strlen(K.index_postings("cam1", EntryKind.CAPTION, "red")) // POSTING.itemsize
-    assert len(held) <= kept < len(held) + 16 < 120, (kept, len(held))
+    # The first hour, all trimmed, went from the index as the third began; the others are left.
+    assert min(held) >= 60
+    assert r.zrange(K.index_hours("cam1", EntryKind.CAPTION), 0, -1) == [str(first_hour + 1), str(first_hour + 2)]
+    assert not r.exists(K.index_hour("cam1", EntryKind.CAPTION, first_hour))
+    assert postings_held(r, "cam1", "red") == 70
 
     # A stream nobody writes any more: its entries and its index expire together.
     publish(redis_url, "brief", TEXTS[:2], key_ttl_s=1)
@@ -152,8 +162,8 @@ def test_trimmed_expired_and_removed_entries_leave_no_hits(redis_url):
     # Removed: every key of its index gets the removal TTL; forgotten: deleted at once.
     with Publisher(redis_url) as pub:
         pub.unregister_stream("cam1")
-        postings = K.index_postings("cam1", EntryKind.CAPTION, "circle")
-        assert 0 < r.ttl(postings) <= pub.removed_ttl_s
+        hour = K.index_hour("cam1", EntryKind.CAPTION, first_hour + 1)
+        assert 0 < r.ttl(hour) <= pub.removed_ttl_s
         pub.forget_stream("cam1")
     assert r.keys("sfs:{cam1}:*") == []
 
@@ -242,10 +252,10 @@ def test_parse_query_and_postings_units():
     parsed = parse_query('red "moves to the left" circ*')
     assert parsed.terms == ("red", "moves", "left") and parsed.prefixes == ("circ",)
     assert parsed.phrases == (((0, "moves"), (3, "left")),)
-    postings = postings_of("A red circle moves; the red circle!", "1700000000000-3", 5.0)
-    assert set(postings) == {"red", "circle", "moves"}
+    length, postings = postings_of("A red circle moves; the red circle!", "1700000000000-3", 7205.25)
+    assert length == 7 and set(postings) == {"red", "circle", "moves"}
     record = np.frombuffer(postings["red"], dtype=POSTING)[0]
-    assert (record["ms"], record["seq"], record["tf"], record["dl"]) == (1700000000000, 3, 2, 7)
+    assert (int(record["id"]), record["tf"], record["dl"], record["us"]) == (1700000000000 << 16 | 3, 2, 7, 5_250_000)
     assert int(record["mask"]) == (1 << 1) | (1 << 5)
     assert SearchRequest.build("red", since="2h", now=10_000.0).start == 10_000.0 - 7200
 
