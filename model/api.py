@@ -18,6 +18,7 @@ from transformers.utils import logging as transformers_logging
 from . import generation
 from .checkpoint import expected_keys, iter_tensors, load_weights, resolve_checkpoint
 from .compiled import CompiledOrEager
+from .decode_attention import DecodeAttentionChoice
 from .config import SlowFastConfig
 from .errors import ModelInputError
 from .modeling import SlowFastForCausalLM
@@ -116,9 +117,11 @@ class SlowFastVLM:
         dtype: torch.dtype,
         encode_batch_size: int = DEFAULT_ENCODE_BATCH,
         compile: bool | None = None,
+        decode_attention: DecodeAttentionChoice = "auto",
     ):
         """`compile` (default: on CUDA) compiles the decode step into CUDA graphs and the
-        vision tower; call `warm_up` before the first real call to pay for it up front."""
+        vision tower; call `warm_up` before the first real call to pay for it up front.
+        `decode_attention` picks the decode step's attention kernel (model.decode_attention)."""
         self.network = network
         self.tokenizer = tokenizer
         self.device = device
@@ -126,7 +129,8 @@ class SlowFastVLM:
         self.encode_batch_size = encode_batch_size
         compile = device.type == "cuda" if compile is None else compile
         cuda = device.type == "cuda"
-        self.decoder = generation.Decoder(network, compile=compile, mode="reduce-overhead" if cuda else None)
+        self.decoder = generation.Decoder(network, compile=compile, mode="reduce-overhead" if cuda else None,
+                                          decode_attention=decode_attention)
         self.tower = network.model.vision_tower
         if cuda:  # ConvNeXt's norms and MLPs run on NHWC: no transposes with channels_last
             self.tower.to(memory_format=torch.channels_last)
@@ -146,6 +150,7 @@ class SlowFastVLM:
         dtype: torch.dtype | None = None,
         encode_batch_size: int = DEFAULT_ENCODE_BATCH,
         compile: bool | None = None,
+        decode_attention: DecodeAttentionChoice = "auto",
     ) -> SlowFastVLM:
         folder = resolve_checkpoint(path_or_hub_id)
         config = SlowFastConfig.from_source(folder)
@@ -160,7 +165,7 @@ class SlowFastVLM:
             tie_word_embeddings=config.tie_word_embeddings,
             source=f"checkpoint {folder}",
         )
-        return cls(network, load_tokenizer(folder), device, dtype, encode_batch_size, compile)
+        return cls(network, load_tokenizer(folder), device, dtype, encode_batch_size, compile, decode_attention)
 
     @classmethod
     def from_config(
@@ -170,6 +175,7 @@ class SlowFastVLM:
         dtype: torch.dtype | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         compile: bool | None = None,
+        decode_attention: DecodeAttentionChoice = "auto",
     ) -> SlowFastVLM:
         """Random initialisation; on "meta" nothing is allocated (shapes and names only)."""
         if not isinstance(config, SlowFastConfig):
@@ -181,7 +187,7 @@ class SlowFastVLM:
                 network = SlowFastForCausalLM(config).eval()
         else:
             network = _build(config, device, dtype, materialize=True)
-        return cls(network, tokenizer, device, dtype, compile=compile)
+        return cls(network, tokenizer, device, dtype, compile=compile, decode_attention=decode_attention)
 
     def expected_checkpoint_keys(self) -> dict[str, tuple[int, ...]]:
         return expected_keys(self.network)

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 )
 
 from .compiled import CompiledOrEager
+from .decode_attention import DecodeAttention, DecodeAttentionChoice, resolve_decode_attention
 from .errors import ModelInputError
 from .language import (
     FAST_VISUAL,
@@ -306,11 +307,13 @@ class SlowBuffers:
 class DecodeStep(nn.Module):
     """One decode step as a pure function of tensors: no host sync, no Python branching on
     values, fixed shapes. So it can be compiled with `fullgraph=True` and captured in a
-    CUDA graph; uncompiled it is the eager path, with the same arithmetic."""
+    CUDA graph; uncompiled it is the eager path, with the same arithmetic. Its attention
+    runs the `decode_attention` backend ("sdpa", "flex" or "flash": decode_attention.py)."""
 
-    def __init__(self, network: SlowFastForCausalLM):
+    def __init__(self, network: SlowFastForCausalLM, decode_attention: str = "sdpa"):
         super().__init__()
         self.network = network
+        self.decode_attention = decode_attention
 
     def forward(
         self,
@@ -323,8 +326,8 @@ class DecodeStep(nn.Module):
         buffers.key_valid.index_fill_(1, slot, True)
         cache = StaticKVCache(buffers.keys, buffers.values, slot)
         embeds = self.network.model.embed_tokens(tokens[:, None])
-        mask = buffers.key_valid[:, None, None, :]
-        return self.network(embeds, positions, mask, cache=cache, slow_context=slow)[:, -1].float()
+        attention = DecodeAttention(self.decode_attention, buffers.key_valid, slot)
+        return self.network(embeds, positions, None, cache=cache, slow_context=slow, decode_attention=attention)[:, -1].float()
 
 
 @torch.inference_mode()
@@ -363,14 +366,21 @@ class Decoder:
     With `compile=True` the step is compiled (`fullgraph=True`, `mode` e.g.
     "reduce-overhead" for CUDA graphs) on first use per shape; if that fails, a warning is
     logged and the eager step is used from then on.
+
+    `decode_attention` picks the step's attention kernel ("auto", "sdpa", "flex", "flash":
+    decode_attention.py); `self.decode_attention` is the backend it resolved to. After the
+    prefill each row's valid cache slots are contiguous and end at the prompt's last slot.
     """
 
     SLOT_BLOCK = 256
     STOP_CHECK_EVERY = 8
 
-    def __init__(self, network: SlowFastForCausalLM, compile: bool = False, mode: str | None = None, backend: str | Callable = "inductor"):
+    def __init__(self, network: SlowFastForCausalLM, compile: bool = False, mode: str | None = None,
+                 backend: str | Callable = "inductor", decode_attention: DecodeAttentionChoice = "auto"):
         self.network = network
-        self.step = DecodeStep(network)
+        weight = network.model.embed_tokens.weight
+        self.decode_attention = resolve_decode_attention(decode_attention, weight.device, weight.dtype, compile)
+        self.step = DecodeStep(network, self.decode_attention)
         self.compiled_step = CompiledOrEager(self.step, "decode step", mode=mode, backend=backend) if compile else None
         self._buffers: dict[tuple[int, int], DecodeBuffers] = {}
         self._slow_buffers: dict[tuple[int, int], SlowBuffers] = {}
@@ -421,6 +431,19 @@ class Decoder:
         batch.slow.kv = {layer: (k[pick], v[pick]) for layer, (k, v) in heads.slow.kv.items()}
         return head_len
 
+    @staticmethod
+    def _right_align_prompts(buffers: DecodeBuffers, rows: int, prompt_len: int) -> None:
+        """Move each row's valid prompt slots (a head's and its tail's, with padding before
+        each) to the end of the prompt's slots, in order, so they are contiguous as
+        flash-attn's `cache_leftpad` needs. Attention does not depend on slot order: the keys
+        already hold their rotary positions."""
+        valid = buffers.key_valid[:rows, :prompt_len]
+        order = torch.sort(valid.to(torch.int8), dim=1, stable=True).indices  # padding first
+        for cache in (*buffers.keys, *buffers.values):
+            region = cache[:rows, :, :prompt_len]
+            region.copy_(region.gather(2, order[:, None, :, None].expand_as(region)))
+        buffers.key_valid[:rows, :prompt_len] = valid.gather(1, order)
+
     def _prefill(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int, settings: SamplingSettings) -> tuple[torch.Tensor, int]:
         """The prompts into the cache (shared heads first, once each); returns the first-token
         logits [rows, vocab] and the prompt's slot count."""
@@ -439,6 +462,8 @@ class Decoder:
             slow_context=batch.slow,
             logits_positions=slice(-1, None),
         )[:, -1].float()
+        if batch.prefix is not None:
+            self._right_align_prompts(buffers, rows, prompt_len)
         return logits, prompt_len
 
     @torch.inference_mode()

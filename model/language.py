@@ -1,9 +1,10 @@
 """Qwen2 decoder with the Slow-Fast hybrid layers (spec section 7).
 
-Plain layers are transformers' `Qwen2DecoderLayer` as is. A hybrid layer is the same
-layer whose attention adds a gated text-to-slow-token cross term before `o_proj`.
-RMSNorm, rotary embedding, MLP, attention kernels and KV caches all come from
-transformers; this module only adds the cross term.
+Plain layers are transformers' `Qwen2DecoderLayer` whose attention can run a kernel made
+for decode steps (`decode_attention.py`). A hybrid layer is the same layer whose attention
+adds a gated text-to-slow-token cross term before `o_proj`. RMSNorm, rotary embedding, MLP,
+the other calls' attention kernels and KV caches all come from transformers; this module
+only adds the cross term and the decode kernels' hook.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RMSNorm,
     Qwen2RotaryEmbedding,
     apply_rotary_pos_emb,
+    eager_attention_forward,
     repeat_kv,
 )
 
 from .config import SlowFastConfig
+from .decode_attention import DecodeAttention
 
 # Token types of the hybrid layers.
 PROMPT_TEXT, RESPONSE_TEXT, FAST_VISUAL, PADDING = 1, 2, 3, 4
@@ -130,7 +133,57 @@ def cross_attention(
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 
-class HybridAttention(Qwen2Attention):
+class DecoderAttention(Qwen2Attention):
+    """Qwen2 self-attention whose decode steps attend through a `DecodeAttention` (a kernel
+    made for one query over a KV cache); other calls use transformers' attention functions."""
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        decode_attention: DecodeAttention | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention output [B, L, Hq * D] before `o_proj`, and the rotated queries [B, Hq, L, D]."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        if decode_attention is not None:
+            attn_output = decode_attention.self_attention(query, key, value, self.scaling).transpose(1, 2)
+        else:
+            attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+            attn_output, _ = attention_interface(
+                self, query, key, value, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling,
+                sliding_window=self.sliding_window, **kwargs,
+            )
+        return attn_output.reshape(*input_shape, -1), query
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        decode_attention: DecodeAttention | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        attn_output, _ = self.attend(hidden_states, position_embeddings, attention_mask, cache, decode_attention, **kwargs)
+        return self.o_proj(attn_output), None
+
+
+class HybridAttention(DecoderAttention):
     """Qwen2 self-attention plus the gated text-to-slow-token cross term."""
 
     def __init__(self, config: Qwen2Config, layer_idx: int):
@@ -154,34 +207,33 @@ class HybridAttention(Qwen2Attention):
         cache: Cache | None = None,
         slow_context: SlowTokenContext | None = None,
         slow_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        decode_attention: DecodeAttention | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         cache = cache if cache is not None else past_key_values
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-        attn_output, _ = attention_interface(
-            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
-        )
-        attn_output = attn_output.reshape(*input_shape, -1)
+        attn_output, query = self.attend(hidden_states, position_embeddings, attention_mask, cache, decode_attention, **kwargs)
 
         token_mask = slow_context.token_mask if slow_context is not None else None
         # No host sync here: tokens outside the mask get the term multiplied by zero, and a
         # step that applies it to no token passes token_mask=None to skip the work.
         if slow_kv is not None and token_mask is not None:
-            context = cross_attention(query, *slow_kv, slow_context.valid, self.num_key_value_groups)
+            if decode_attention is not None:
+                context = decode_attention.cross_attention(query, *slow_kv, slow_context.valid)
+                context = context.transpose(1, 2).reshape(*attn_output.shape[:-1], -1)
+            else:
+                context = cross_attention(query, *slow_kv, slow_context.valid, self.num_key_value_groups)
             gate = self.cross_attn_gate_proj(attn_output) * torch.tanh(self.cross_attn_warm_up_gate)
             attn_output = attn_output + token_mask[..., None].to(attn_output.dtype) * gate * context.to(attn_output.dtype)
         return self.o_proj(attn_output), None
+
+
+class PlainDecoderLayer(Qwen2DecoderLayer):
+    """Qwen2DecoderLayer whose attention can run a decode kernel (`DecoderAttention`)."""
+
+    def __init__(self, config: Qwen2Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = DecoderAttention(config, layer_idx)
 
 
 class HybridDecoderLayer(Qwen2DecoderLayer):
@@ -214,7 +266,7 @@ class SlowFastDecoder(nn.Module):
         hybrid = set(config.hybrid_layer_ids)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            HybridDecoderLayer(text_config, i) if i in hybrid else Qwen2DecoderLayer(text_config, i)
+            HybridDecoderLayer(text_config, i) if i in hybrid else PlainDecoderLayer(text_config, i)
             for i in range(config.num_hidden_layers)
         )
         self.norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -227,7 +279,9 @@ class SlowFastDecoder(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         slow_context: SlowTokenContext | None = None,
+        decode_attention: DecodeAttention | None = None,
     ) -> torch.Tensor:
+        """`decode_attention`: set by decode steps (one query per row over the static cache)."""
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers:
@@ -237,6 +291,7 @@ class SlowFastDecoder(nn.Module):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
+                decode_attention=decode_attention,
                 **{CACHE_ARGUMENT: cache},
                 **extra,
             )

@@ -9,6 +9,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .config import SlowFastConfig
+from .decode_attention import DecodeAttention
 from .language import SlowFastDecoder, SlowTokenContext
 from .vision import VisionTower
 from .visual_tokens import build_projector, pool_frames
@@ -64,9 +65,11 @@ class SlowFastForCausalLM(nn.Module):
         cache: Cache | None = None,
         slow_context: SlowTokenContext | None = None,
         logits_positions: slice | None = None,
+        decode_attention: DecodeAttention | None = None,
     ) -> torch.Tensor:
         """Logits [B, L', vocab] for the positions in `logits_positions` (all by default)."""
-        hidden = self.model(inputs_embeds, position_ids, attention_mask, cache=cache, slow_context=slow_context)
+        hidden = self.model(inputs_embeds, position_ids, attention_mask, cache=cache, slow_context=slow_context,
+                            decode_attention=decode_attention)
         if logits_positions is not None:
             hidden = hidden[:, logits_positions]
         return self.lm_head(hidden)

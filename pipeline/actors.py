@@ -349,7 +349,8 @@ class ModelWorker:
                 log.warning("compile cache %s unusable, compiling without it: %s", config.compile_cache_dir, exc)
         dtype = getattr(torch, config.dtype) if config.dtype else None
         vlm = SlowFastVLM.from_pretrained(model_path, device=config.device, dtype=dtype,
-                                          encode_batch_size=config.encode_batch_size)
+                                          encode_batch_size=config.encode_batch_size,
+                                          decode_attention=config.generation.decode_attention)
         # On CUDA: compile and capture now, so the first window does not wait for it.
         seconds = vlm.warm_up(config.window, config.generation.max_new_tokens, batch_row_counts(config),
                               config.generation.decode_cross_attention)

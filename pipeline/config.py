@@ -148,6 +148,10 @@ class GenerationConfig(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     decode_cross_attention: bool = False
+    decode_attention: Literal["auto", "sdpa", "flex", "flash"] = Field(
+        default="auto", description="the decode step's attention kernel; auto: flash-attn's when installed on "
+        "CUDA (float16/bfloat16), else FlexAttention when compiled on CUDA, else SDPA (docs/model.md)",
+    )
 
 
 class PipelineConfig(BaseSettings):
