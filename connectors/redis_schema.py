@@ -154,6 +154,10 @@ class Keys:
         """Hash: one hour's postings of one kind, term -> connectors.search postings (hour: unix s // 3600)."""
         return f"{self.index_hours(sid, kind)}:{hour}"
 
+    def index_terms(self, sid: str, kind: EntryKind | str) -> str:
+        """Sorted set (all scores 0, so in byte order): every term of one kind the search index has held."""
+        return f"{self.index_hours(sid, kind)}:terms"
+
     def index_last(self, sid: str, kind: EntryKind | str) -> str:
         """String: the id of the last entry of one kind the search index holds (8 bytes, big-endian)."""
         return f"{self.index_hours(sid, kind)}:last"

@@ -10,7 +10,8 @@ each entry's time (unix s // 3600), so a time range reads only its hours:
   the entry's length in words, its time in the hour and the positions (mod 64) the term stands
   at; field `#`: the hour's first and last entry ids, its entries and their words;
 - `sfs:{sid}:ix:<kind>` (sorted set): the kind's hours, scored by when each hour key's TTL was set;
-- `sfs:{sid}:ix:<kind>:last` (string): the id of the last entry indexed (a retry adds nothing).
+- `sfs:{sid}:ix:<kind>:last` (string): the id of the last entry indexed (a retry adds nothing);
+- `sfs:{sid}:ix:<kind>:terms` (sorted set, in byte order): every term indexed, for prefixes.
 
 Retention follows the entries: hours whose entries the stream's `MAXLEN ~` trimmed are dropped
 (checked as an hour starts and every 16th entry of it), hour keys outlive the stream's TTL a
@@ -145,11 +146,12 @@ local function oldest_held(stream)
 end
 """
 
-# KEYS: entries stream, hours set, the entry's hour key, the last indexed id's key. ARGV: postings TTL
+# KEYS: entries stream, hours set, the entry's hour key, the last indexed id's key, the terms set. ARGV: postings TTL
 # (0: none), now, entry id, the id as 8 bytes, the hour, hours to renew, the entry's length in words,
 # one record per term, then the terms in the same order. Nothing is written unless the entry is in
 # the stream (an XADD of the same MULTI may have been refused) and not indexed yet (ids only grow, so
-# the last indexed id tells, whatever time a retried entry carries). Each term's postings get the record and an updated head; a new hour key
+# the last indexed id tells, whatever time a retried entry carries). Each term's postings get the
+# record and an updated head (a term new to the hour joins the terms set); a new hour key
 # gets its TTL and its place in the hours set (scored by when its TTL was set). As an hour starts and
 # every 16th entry of it, hours whose last entry the stream trimmed are dropped; each call renews
 # the TTL of a few hour keys set longest ago, so none expires under a stream still written.
@@ -161,6 +163,7 @@ if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3], 'COUNT', 1) == 0 then return
 local last = redis.call('GET', KEYS[4])
 if last and not older(last, id) then return 0 end
 if ttl > 0 then redis.call('SET', KEYS[4], id, 'EX', ttl) else redis.call('SET', KEYS[4], id) end
+local new_terms = {}
 local stats = redis.call('HGET', KEYS[3], '#')
 local first, count, words = id, 0, 0
 if stats then
@@ -197,6 +200,7 @@ local old = redis.call('HMGET', KEYS[3], unpack(terms))
 local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl)}
 for i = 1, n do
   local record, postings = ARGV[7 + i], old[i]
+  if not postings then new_terms[#new_terms + 1] = 0; new_terms[#new_terms + 1] = terms[i] end
   local head = with_pair(postings and string.sub(postings, 1, H), string.byte(record, 9), dl)
   set[#set + 1] = terms[i]
   if postings and head == string.sub(postings, 1, H) then
@@ -206,6 +210,8 @@ for i = 1, n do
   end
 end
 redis.call('HSET', KEYS[3], unpack(set))
+if #new_terms > 0 then redis.call('ZADD', KEYS[5], unpack(new_terms)) end
+if ttl > 0 then redis.call('EXPIRE', KEYS[5], ttl) end
 local prefix = KEYS[2] .. ':'
 if not stats then
   if ttl > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
@@ -245,6 +251,7 @@ for _, hours in ipairs(KEYS) do
   local prefix = hours .. ':'
   local keys = redis.call('ZRANGE', hours, 0, -1)
   keys[#keys + 1] = 'last'
+  keys[#keys + 1] = 'terms'
   for _, hour in ipairs(keys) do
     if ARGV[1] == 'expire' then redis.call('EXPIRE', prefix .. hour, ARGV[2])
     elseif ARGV[1] == 'persist' then redis.call('PERSIST', prefix .. hour)
@@ -279,7 +286,8 @@ def index_commands(script: Any, pipe: Any, keys: Keys, stream: str, entry: Index
     hour = int(entry.wall // HOUR_S)
     script(
         keys=[keys.entries(stream, entry.kind), keys.index_hours(stream, entry.kind),
-              keys.index_hour(stream, entry.kind, hour), keys.index_last(stream, entry.kind)],
+              keys.index_hour(stream, entry.kind, hour), keys.index_last(stream, entry.kind),
+              keys.index_terms(stream, entry.kind)],
         args=[int(ttl_s * POSTINGS_TTL_FACTOR) if ttl_s else 0, now if now is not None else time.time(),
               entry.entry_id, _ID.pack(entry_key(entry.entry_id)), hour, STALE_REFRESH, length,
               *postings.values(), *postings],
@@ -463,9 +471,9 @@ class SearchResult:
     complete: bool = True  # False: reading stopped early (no hour left could reach the page): total is a floor
 
 
-# KEYS: entries stream, hours set. ARGV: the number of terms, the terms, then the prefixes. Returns the
+# KEYS: entries stream, hours set, terms set. ARGV: the number of terms, the terms, then the prefixes. Returns the
 # oldest held entry's id (8 bytes; '' when none), XLEN, the hours holding held entries (4 bytes each),
-# their `#` fields, each prefix's terms (the MAX_PREFIX_TERMS shortest), then per term (the query's,
+# their `#` fields, each prefix's terms (the MAX_PREFIX_TERMS shortest an hour holds), then per term (the query's,
 # then the prefixes' in order) and hour: how many of its postings are of held entries (4 bytes) and
 # its head. Nothing but these few bytes leaves Redis.
 PLAN = _LUA_IDS + """
@@ -485,23 +493,21 @@ for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
 end
 local terms = {}
 for i = 1, n do terms[i] = ARGV[2 + i] end
+local function held_anywhere(t)
+  for _, h in ipairs(hours) do
+    if redis.call('HEXISTS', prefix .. h, t) == 1 then return true end
+  end
+  return false
+end
 local expansions = {}
 for p = n + 3, #ARGV do
-  local seen, found = {}, {}
-  for _, h in ipairs(hours) do
-    local cursor = '0'
-    repeat
-      local reply = redis.call('HSCAN', prefix .. h, cursor, 'MATCH', ARGV[p] .. '*', 'COUNT', 1000)
-      cursor = reply[1]
-      for j = 1, #reply[2], 2 do
-        local t = reply[2][j]
-        if not seen[t] then seen[t] = true; found[#found + 1] = t end
-      end
-    until cursor == '0'
-  end
+  local found = redis.call('ZRANGE', KEYS[3], '[' .. ARGV[p], '(' .. ARGV[p] .. '\255', 'BYLEX')
   table.sort(found, function(a, b) if #a ~= #b then return #a < #b end return a < b end)
   local chosen = {}
-  for j = 1, math.min(#found, most) do chosen[j] = found[j]; terms[#terms + 1] = found[j] end
+  for _, t in ipairs(found) do
+    if #chosen == most then break end
+    if held_anywhere(t) then chosen[#chosen + 1] = t; terms[#terms + 1] = t end
+  end
   expansions[#expansions + 1] = chosen
 end
 local none = struct.pack('>I4', 0) .. string.rep('\0', H)
@@ -665,7 +671,8 @@ class Searcher:
     def _plan(self, segments: list[_Segment], parsed: ParsedQuery) -> None:
         pipe = self.binary.pipeline(transaction=False)
         for seg in segments:
-            self._plan_script(keys=[self.keys.entries(seg.stream, seg.kind), self.keys.index_hours(seg.stream, seg.kind)],
+            self._plan_script(keys=[self.keys.entries(seg.stream, seg.kind), self.keys.index_hours(seg.stream, seg.kind),
+                                    self.keys.index_terms(seg.stream, seg.kind)],
                               args=[len(parsed.terms), MAX_PREFIX_TERMS, *parsed.terms, *parsed.prefixes], client=pipe)
         for seg, (first, docs, hours, stats, expansions, heads) in zip(segments, pipe.execute()):
             seg.docs = int(docs)
@@ -696,23 +703,27 @@ class Searcher:
                 keep &= (seg.hours + 1) * HOUR_S > request.start
             if request.end is not None:
                 keep &= seg.hours * HOUR_S <= request.end
-            bound = np.zeros(len(seg.hours))
-            present = []
+            # An entry of length d holds each term at most as often as the term's best pair of
+            # length <= d says, so its score is at most the bound at d; the pairs' lengths are the
+            # only d worth trying (between them the counts stay and the score only falls).
+            pairs = {t: seg.best[t] for a in atoms for t in seg.atoms[a] if t in seg.best}
+            if not pairs:
+                continue
+            tf = {t: p[:, :, 0].astype(np.int64) for t, p in pairs.items()}
+            dl = {t: p[:, :, 1].astype(np.int64) << 8 | p[:, :, 2] for t, p in pairs.items()}
+            lengths = np.concatenate([np.where(tf[t] > 0, dl[t], 0) for t in pairs], axis=1)  # hours x d
+            bound = np.zeros(lengths.shape)
+            possible = np.ones(lengths.shape, bool) if request.match_all else np.zeros(lengths.shape, bool)
             for atom in atoms:
-                best = np.zeros(len(seg.hours))
-                has = np.zeros(len(seg.hours), bool)
+                most = np.zeros(lengths.shape, np.int64)
                 for term in seg.atoms[atom]:
-                    if term not in seg.best:
-                        continue
-                    pairs = seg.best[term]
-                    tf = pairs[:, :, 0].astype(np.int64)
-                    dl = pairs[:, :, 1].astype(np.int64) << 8 | pairs[:, :, 2]
-                    best += np.where(tf > 0, _partial(tf, dl, avgdl), 0.0).max(axis=1)
-                    has |= seg.counts[term] > 0
-                bound += idf[atom] * best
-                present.append(has)
-            present_all = np.logical_and.reduce(present) if request.match_all else np.logical_or.reduce(present)
-            keep &= present_all
+                    if term in pairs:
+                        fits = (dl[term][:, None, :] <= lengths[:, :, None]) & (tf[term][:, None, :] > 0)
+                        most += np.where(fits, tf[term][:, None, :], 0).max(axis=2)
+                bound += idf[atom] * np.where(most > 0, _partial(most, lengths, avgdl), 0.0)
+                possible = possible & (most > 0) if request.match_all else possible | (most > 0)
+            bound = np.where(possible & (lengths > 0), bound, 0.0).max(axis=1)
+            keep &= bound > 0
             if parsed.bonus is not None:
                 bound *= PHRASE_BONUS
             work += [(int(h), number, float(b)) for h, b in zip(seg.hours[keep], bound[keep])]
