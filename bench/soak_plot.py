@@ -24,7 +24,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], faults: Sequence[tuple[floa
     if not rows:
         return
     lanes = len(streams)
-    height = 3 * MARGIN + 2 * PANEL + 24 * lanes + 40
+    height = 3 * MARGIN + 2 * PANEL + max(24 * lanes, 16 * len(STATE_COLOURS)) + 40
     image = Image.new("RGB", (WIDTH, height), "white")
     draw = ImageDraw.Draw(image)
     t0, t1 = rows[0]["t_s"], max(rows[-1]["t_s"], rows[0]["t_s"] + 1)

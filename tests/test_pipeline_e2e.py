@@ -105,19 +105,55 @@ def test_a_broken_stream_does_not_stop_the_others(ray_session, redis_url, tiny_m
     assert "file not found" in SlowFastClient(redis_url).status("missing").last_error
 
 
-def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
+def yes_threshold(vlm, clip_path: Path, question: str) -> tuple[float, list[float]]:
+    """P(yes) of `question` on each window of the clip's first pass, from the model itself, and
+    a threshold in the widest gap between them (away from the ends): some windows fire, some
+    do not, and no value sits near the line."""
+    with open_source(str(clip_path), fps=FPS, size=576) as source:
+        frames = [f.image for f in source]
+    windows = range(expected_windows(len(frames), WINDOW, STRIDE))
+    p_yes = [vlm.yes_probability(VideoQuery(frames=np.stack(frames[w * STRIDE: w * STRIDE + WINDOW]), question=question))
+             for w in windows]
+    ordered = sorted(p_yes)
+    gap, low = max((b - a, a) for a, b in zip(ordered[1:-2], ordered[2:-1]))
+    assert gap > 0.005, ordered  # the premise: the model's answers differ across the clip
+    return low + gap / 2, p_yes
+
+
+def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tiny_model_dir, tiny_vlm, clip, tmp_path):
+    """The standing question's threshold lies between the model's own P(yes) on the clip's
+    windows: the pipeline's answers carry those P(yes), and the events (opened on a window that
+    fires, updated on each next one that fires, closed on the first that does not) are exactly
+    the ones those answers call for."""
+    question = "Is anyone there?"
+    threshold, model_p_yes = yes_threshold(tiny_vlm, clip, question)
+    trigger = {"p_yes_above": threshold, "open_after": 1, "close_after": 1}
     streams = [{
-        "id": "cam", "source": f"loop://{clip}", "live": True,
-        "standing_questions": [{"id": "anyone", "prompt": "Is anyone there?", "every_n_windows": 1,
-                                "trigger": {"p_yes_above": 0.0}}],
+        "id": "cam", "source": f"loop://{clip}", "live": True, "gate": {"enabled": False},
+        "standing_questions": [{"id": "anyone", "prompt": question, "every_n_windows": 1, "trigger": trigger}],
     }]
     config = pipeline_config(redis_url, tiny_model_dir, tmp_path, streams)
     run = BackgroundRun(config)
     client = SlowFastClient(redis_url)
+
+    def standing() -> dict[int, float]:
+        return {a.window: a.probability for a in client.answers("cam", count=10_000) if a.question_id == "anyone"}
+
     try:
-        wait_until(lambda: client.events("cam"))
-        events = client.events("cam")
-        assert events and events[0].question_id == "anyone" and events[0].trigger == "p_yes>0.0"
+        wait_until(lambda: any(e.phase == "closed" for e in client.events("cam", count=10_000)), timeout=180)
+        answered = standing()  # first: every window's events were published with its answers
+        events = [e for e in client.events("cam", count=10_000) if e.window <= max(answered)]
+        first_pass = [w for w in answered if w < len(model_p_yes)]
+        assert first_pass, sorted(answered)  # the first pass is the clip itself: the model's own windows
+        assert all(answered[w] == pytest.approx(model_p_yes[w], abs=1e-3) for w in first_pass)
+        fired = {w for w, p in answered.items() if p > threshold}
+        order = sorted(answered)
+        after_yes = {w for prev, w in zip(order, order[1:]) if prev in fired}
+        assert {e.window for e in events if e.phase != "closed"} == fired
+        assert {e.window for e in events if e.phase == "opened"} == {w for w in fired if w not in after_yes}
+        assert {e.window for e in events if e.phase == "closed"} == after_yes - fired
+        assert all(e.question_id == "anyone" and e.trigger == f"p_yes>{threshold}" for e in events)
+
         answer = client.ask("cam", "What is happening?", timeout=30)
         assert answer.ok and answer.window is not None and answer.text is not None
         latest_window = client.latest("cam").window
@@ -126,8 +162,8 @@ def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tin
         assert client.answers("cam")[-1].window >= latest_window  # answered from the latest window
         unknown = CliRunner().invoke(cli_app, ["ask", "ghost", "Anything?", "--redis-url", redis_url])
         assert unknown.exit_code == 1 and "'ghost'" in unknown.output  # an error reply: a run-time error
-        yes_no = client.ask("cam", "Is anyone there?", timeout=30, kind="yesno")
-        assert 0.0 <= yes_no.probability <= 1.0
+        yes_no = client.ask("cam", question, timeout=30, kind="yesno")  # the standing question, asked
+        assert yes_no.probability == pytest.approx(standing()[yes_no.window], abs=1e-4)
         with pytest.raises(QuestionError, match="not running|unknown"):
             client.ask("ghost", "Anything?", timeout=30)
     finally:
