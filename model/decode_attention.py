@@ -112,8 +112,11 @@ def _flex(query, key, value, valid: torch.Tensor, first_block: torch.Tensor, las
     def key_is_valid(b, h, q_idx, kv_idx):
         return valid[b, kv_idx] | (kv_idx == 0) if slot_zero_too else valid[b, kv_idx]
 
+    indices = indices.to(torch.int32).view(batch, 1, 1, blocks)
+    # Every block is masked per key (none is "full"); saying so explicitly, rather than leaving
+    # the full blocks out, is what inductor's CPU flex kernel compiles at any batch size.
     block_mask = BlockMask.from_kv_blocks(
-        counts, indices.to(torch.int32).view(batch, 1, 1, blocks), BLOCK_SIZE=FLEX_BLOCK,
+        counts, indices, torch.zeros_like(counts), torch.zeros_like(indices), BLOCK_SIZE=FLEX_BLOCK,
         mask_mod=key_is_valid, seq_lengths=(1, length), compute_q_blocks=False,
     )
     return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True)
