@@ -16,7 +16,9 @@ Sections, each printed as it finishes (ratios are ours / baseline, > 1 is better
 - decode ms/step (median step interval) at each batch size: ours eager (static cache, uncompiled step) and ours
   compiled (CUDA graphs, the CUDA default) next to transformers' `Qwen2ForCausalLM` with the
   same shapes and random weights: `generate` with its dynamic cache and with
-  `cache_implementation="static"` (which transformers compiles on CUDA);
+  `cache_implementation="static"` (which transformers compiles on CUDA); then our step with
+  each decode attention backend the device runs (sdpa, flex, flash where flash-attn is
+  installed; compiled when the bench compiles), with its time against sdpa's in the same run;
 - preprocess frames/s (720p frames -> 576), against transformers' CLIPImageProcessor on PIL;
 - tower frames/s, eager and compiled (compiled on CUDA only);
 - per window (encode `stride` new frames per window + prefill + `new_tokens` tokens) at each
@@ -48,6 +50,7 @@ from transformers import StoppingCriteria
 from bench.common import checkpoint, device_name, parse_args
 from model import SlowFastVLM, VideoQuery, generation
 from model.compiled import use_compile_cache
+from model.decode_attention import backends_on
 from model.prompt import CAPTION_PROMPT as QUESTION
 from model.random_checkpoint import write_random_checkpoint
 from model.released import RELEASED_7B_CONFIG
@@ -178,7 +181,16 @@ def bench_parity(args: argparse.Namespace) -> dict:
 
 
 def bench_decode(vlm: SlowFastVLM, args: argparse.Namespace) -> list[dict]:
+    """Our decode step (eager, and compiled when compiling), then the step with each decode
+    attention backend that runs on this device (compiled when compiling, as the worker runs it)."""
     features = random_features(vlm, args.window)
+    compiled = vlm.decoder.compiled_step is not None
+    mode = "reduce-overhead" if compiled and vlm.device.type == "cuda" else None
+    attention_decoders = {
+        backend: vlm.decoder if compiled and backend == vlm.decoder.decode_attention
+        else generation.Decoder(vlm.network, compile=compiled, mode=mode, decode_attention=backend)
+        for backend in backends_on(vlm.device, vlm.dtype)
+    }
     rows = []
     for batch_size in args.batches:
         queries = [VideoQuery(features=features, question=QUESTION)] * batch_size
@@ -188,6 +200,9 @@ def bench_decode(vlm: SlowFastVLM, args: argparse.Namespace) -> list[dict]:
             decoders["ours_compiled"] = vlm.decoder
         for name, decoder in decoders.items():
             row[name] = ours_step_ms(vlm, decoder, queries, args.new_tokens)
+        for backend, decoder in attention_decoders.items():
+            row[f"attention_{backend}"] = ours_step_ms(vlm, decoder, queries, args.new_tokens)
+            row[f"attention_{backend}_compiled"] = decoder.compiled
         row["prompt_tokens"] = vlm._batch(queries[:1], 1).valid.shape[1]
         rows.append(row)
     return rows
@@ -400,9 +415,9 @@ def report(section: dict) -> None:
         print(f"{key:>36}: {value:.3f}" if isinstance(value, float) else f"{key:>36}: {value}", flush=True)
 
 
-def print_decode(rows: list[dict]) -> None:
+def print_decode(rows: list[dict], decode_attention: str) -> None:
     columns = [c for c in ("ours_eager", "ours_compiled", "transformers_dynamic", "transformers_static") if c in rows[0]]
-    print(f"decode ms/step, {rows[0]['prompt_tokens']}-token prompt:")
+    print(f"decode ms/step, {rows[0]['prompt_tokens']}-token prompt (decode attention auto: {decode_attention}):")
     print(f"{'batch':>7} " + " ".join(f"{c:>21}" for c in columns))
     for row in rows:
         print(f"{row['batch']:>7} " + " ".join(f"{row[c]:>21.2f}" for c in columns))
@@ -410,6 +425,11 @@ def print_decode(rows: list[dict]) -> None:
         for baseline in ("transformers_dynamic", "transformers_static"):
             if baseline in row and ours > 0:
                 print(f"{'':>7} ours/{baseline}: {ours / row[baseline]:.2f}x the time")
+        for backend in (b for b in ("sdpa", "flex", "flash") if f"attention_{b}" in row):
+            ms = row[f"attention_{backend}"]
+            how = "compiled" if row[f"attention_{backend}_compiled"] else "eager"
+            print(f"{'':>7} decode attention {backend}: {ms:.2f} ms/step {how}, "
+                  f"{ms / row['attention_sdpa']:.2f}x sdpa's time")
     sys.stdout.flush()
 
 
@@ -494,8 +514,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         decode_rows = bench_decode(vlm, args)
         if not args.skip_transformers:
             bench_transformers(vlm, args, decode_rows)
-        print_decode(decode_rows)
+        print_decode(decode_rows, vlm.decoder.decode_attention)
         results["decode_ms_per_step"] = decode_rows
+        results["decode_attention"] = vlm.decoder.decode_attention
     for name, bench in (("preprocess", bench_preprocess), ("tower", bench_tower), ("windows", bench_windows)):
         if name in args.sections:
             section = bench(vlm, args)

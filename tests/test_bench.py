@@ -68,6 +68,12 @@ def test_model_bench_prints_ratios_against_baselines(tmp_path):
     (row,) = results["decode_ms_per_step"]
     assert row["batch"] == 1 and row["ours_eager"] > 0 and row["ours_compiled"] > 0
     assert row["transformers_dynamic"] > 0 and row["transformers_static"] > 0
+    # One line per decode attention backend a CPU runs, each compiled, against sdpa in the same run.
+    assert results["decode_attention"] == "sdpa" and row["attention_sdpa"] > 0 and row["attention_flex"] > 0
+    for backend in ("sdpa", "flex"):
+        ms, ratio = figure(rf"^ +decode attention {backend}: {{N}} ms/step compiled, {{N}}x sdpa's time$", out)
+        assert ms == pytest.approx(row[f"attention_{backend}"], abs=0.01)
+        assert ratio == pytest.approx(row[f"attention_{backend}"] / row["attention_sdpa"], abs=0.01)
     assert results["tower_fps_compiled"] > 0
     # A second start loads what the first compiled (0.13x of its warm-up, measured on this VM).
     first, second, ratio = figure(r"^start-up: warm-up {N} s first, {N} s second with the compile cache \({N}x\)", out)
