@@ -51,8 +51,10 @@ $(STAMP): pyproject.toml | system-deps
 demo: install
 	$(VENV)/bin/slowfast demo
 
+# Three workers: most tests wait on Ray, Redis, RTSP or a subprocess, so two cores run three at
+# once; loadgroup keeps a file whose module fixture is costly on one worker.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder
 
 bench: install
 	$(PY) -m bench.model_bench
