@@ -8,9 +8,10 @@
 
 Sections, each printed as it finishes (ratios are ours / baseline, > 1 is better for rates,
 < 1 for times):
-- start-up (only when named in --sections, as --smoke does): a model worker's start (model load + warm-up of the decode rows
-  a `batch_size` of the largest batch can need) in a new process with an empty compile cache,
-  then in another with the cache the first filled; the rest of the bench then uses that cache;
+- start-up (only when named in --sections, as --smoke does): a model worker's start (model
+  load + warm-up of the decode rows a `batch_size` of the largest batch can need) in a new
+  process with an empty compile cache, then in another with the cache the first filled; the
+  rest of the bench then uses that cache;
 - parity (CUDA only): the tiny official-format checkpoint in fp32 on CUDA against its CPU
   eager output: logit difference and greedy ids, eager and compiled decode;
 - decode ms/step (median step interval) at each batch size: ours eager (static cache, uncompiled step) and ours
@@ -20,14 +21,17 @@ Sections, each printed as it finishes (ratios are ours / baseline, > 1 is better
   each decode attention backend the device runs (sdpa, flex, flash where flash-attn is
   installed; compiled when the bench compiles), with its time against sdpa's in the same run;
 - preprocess frames/s (720p frames -> 576), against transformers' CLIPImageProcessor on PIL;
-- tower frames/s, eager and compiled (compiled on CUDA only);
+- tower frames/s, eager and compiled (when compiling: CUDA's default);
 - per window (encode `stride` new frames per window + prefill + `new_tokens` tokens) at each
   batch size, against the authors' way (all window frames encoded, one clip at a time,
   eager); windows/s, live streams per device at `fps` and `stride`, memory per stream;
 - standing questions: window cost with 0, 1, 2 and 4 standing yes/no questions (P(yes) only)
   through the pipeline's model runner, the model as the pipeline runs it on the device (compiled
-  on CUDA, eager on CPU), at the largest batch; on the tiny model also a mid-size random one
-  (hidden 384, 8 layers) whose cost is mostly prefill, as the released model's is.
+  on CUDA, eager on CPU), at the largest batch, with the share of a window's cost spent before
+  decoding; on the tiny model also a mid-size random one (hidden 384, 8 layers), whose cost is
+  mostly prefill, as the released model's is. On CPU, process CPU time.
+
+`--sections` picks sections (e.g. `--sections questions`).
 """
 
 from __future__ import annotations
@@ -324,7 +328,10 @@ def bench_questions(vlm: SlowFastVLM, args: argparse.Namespace, label: str) -> d
     """Window cost with 0, 1, 2 and 4 standing yes/no questions (trigger p_yes_above 0.5, P(yes)
     only) per stream, through the pipeline's ModelRunner: the largest batch of windows per
     call, each window encoding its `stride` new frames, as in steady state. The settings take
-    turns within each round (best of `repeats` rounds), so a busy machine slows them alike."""
+    turns within each round (best of `repeats` rounds). On CPU the time is the process's CPU
+    time, which other jobs on a shared machine leave alone (run with OMP_NUM_THREADS=1 so
+    no thread spins waiting for another); on CUDA, wall time."""
+    clock = time.process_time if vlm.device.type == "cpu" else time.perf_counter
     batch = max(args.batches)
     size = vlm.config.image_size
     images = np.random.default_rng(0).integers(0, 256, (args.window + args.stride, size, size, 3), dtype=np.uint8)
@@ -359,13 +366,14 @@ def bench_questions(vlm: SlowFastVLM, args: argparse.Namespace, label: str) -> d
     seconds = dict.fromkeys(calls, float("inf"))
     for _ in range(args.repeats):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             call()
             synchronize(vlm.device)
-            seconds[name] = min(seconds[name], (time.perf_counter() - start) / batch)
+            seconds[name] = min(seconds[name], (clock() - start) / batch)
     counts = (0, 1, 2, 4)
     out = {f"questions_{label}_window_ms_Q{count}": seconds[count] * 1e3 for count in counts}
     out[f"questions_{label}_no_decode_share"] = seconds["first_token"] / seconds[0]
+    out[f"questions_{label}_cpu_time"] = clock is time.process_time
     out |= {f"questions_{label}_Q{count}_vs_Q0": seconds[count] / seconds[0] for count in counts[1:]}
     out |= {f"questions_{label}_live_streams_Q{count}": args.stride / args.fps / seconds[count] for count in counts}
     return out
@@ -437,7 +445,8 @@ def print_questions(section: dict, label: str, batch: int) -> None:
     key = f"questions_{label}"
     cells = [f"none {section[f'{key}_window_ms_Q0']:.1f} ms ({section[f'{key}_no_decode_share']:.0%} before decoding)"]
     cells += [f"{n}: {section[f'{key}_window_ms_Q{n}']:.1f} ms ({section[f'{key}_Q{n}_vs_Q0']:.2f}x)" for n in (1, 2, 4)]
-    print(f"standing yes/no questions per window, {label}, windows per call {batch}: " + ", ".join(cells), flush=True)
+    print(f"standing yes/no questions per window, {label}, windows per call {batch}: " + ", ".join(cells)
+          + (" (CPU time)" if section[f"{key}_cpu_time"] else ""), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -59,7 +59,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=110)
 def test_two_nodes_placement_and_recovery_from_node_loss(redis_url, tiny_model_dir, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="sfray", dir="/tmp")  # short: Ray's socket paths are length-limited
     # RAY_worker_niceness as the image sets it for `ray start` nodes (deploy/Dockerfile).

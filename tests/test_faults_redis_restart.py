@@ -44,7 +44,7 @@ def captions_in(r, sid: str) -> list[Caption]:
     return [decode_entry(Caption, fields) for _, fields in r.xrange(K.captions(sid))]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=130)
 @pytest.mark.parametrize("persistent", [True, False], ids=["appendonly", "no-persistence"])
 def test_run_survives_redis_killed_and_restarted(persistent, ray_session, tiny_model_dir, tmp_path, clips):
     cam_clip, file_clip = clips

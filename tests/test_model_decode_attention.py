@@ -71,7 +71,7 @@ def test_flex_decode_gives_the_logits_and_greedy_ids_of_sdpa(tiny_vlm, decode_cr
         torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_flex_decode_compiled_by_inductor_on_cpu_equals_sdpa(tiny_vlm):
     """Inductor's CPU flex kernel, without the decode cross term: with it, inductor (torch 2.13)
     cannot fuse the term's arithmetic into that kernel and the step falls back to eager."""

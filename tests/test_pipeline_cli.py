@@ -143,7 +143,7 @@ def test_status_shows_the_current_run_whole_and_earlier_runs_with_all(redis_url)
     assert everything.exit_code == 0 and "old-cam" in everything.output and "not shown" not in everything.output
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=85)
 def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tiny_model_dir, tmp_path, monkeypatch):
     """The demo's live copy runs `--seconds` from its first frame, however long start-up took
     (at 4 fps, 4 s of camera are at least 16 frames; 0.5 s of slack for the first status), and
@@ -158,7 +158,7 @@ def test_demo_camera_runs_its_seconds_from_its_first_frame(ray_session, tiny_mod
     assert "Started a local Ray" not in result.output
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=95)
 def test_run_prints_its_metrics_url_and_keeps_rays_chatter_in_the_log(redis_url, tiny_model_dir, tmp_path):
     """A real `slowfast run` starting its own Ray: the console names the Redis and metrics URLs,
     the metrics URL serves the pipeline's counters in Prometheus text, and Ray's start-up lines

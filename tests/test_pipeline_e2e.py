@@ -48,6 +48,7 @@ def pipeline_config(redis_url, model_dir, out_dir, streams, **extra):
     )
 
 
+@pytest.mark.slow(seconds=50)
 def test_file_windows_captions_and_outputs_are_exact(
     ray_session, redis_url, tiny_model_dir, tiny_vlm, long_clip, tmp_path
 ):
@@ -120,6 +121,7 @@ def yes_threshold(vlm, clip_path: Path, question: str) -> tuple[float, list[floa
     return low + gap / 2, p_yes
 
 
+@pytest.mark.slow(seconds=60)
 def test_live_stream_questions_events_and_clean_stop(ray_session, redis_url, tiny_model_dir, tiny_vlm, clip, tmp_path):
     """The standing question's threshold lies between the model's own P(yes) on the clip's
     windows: the pipeline's answers carry those P(yes), and the events (opened on a window that
@@ -199,6 +201,7 @@ def test_live_stream_that_outruns_the_worker_skips_stale_windows(ray_session, re
     assert status.frames_dropped > 0 and summary.stats.frames_encoded + status.frames_dropped <= summary.frames_in
 
 
+@pytest.mark.slow(seconds=90)
 def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url, tiny_model_dir, clip, tmp_path):
     import ray
 
@@ -233,6 +236,7 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
     assert result["yard"].windows == 9 and "cam" not in result
 
 
+@pytest.mark.slow(seconds=50)
 @pytest.mark.parametrize("actor", ["worker:0", "ingest:long"])
 def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
     ray_session, redis_url, tiny_model_dir, tmp_path, actor

@@ -161,6 +161,7 @@ def test_camera_health_follows_outages_and_a_camera_refused_at_start(
     assert summaries["cam"].state == "stopped" and summaries["late"].state == "stopped"
 
 
+@pytest.mark.slow(seconds=70)
 def test_more_file_streams_than_the_cluster_has_room_for_all_run(ray_session, redis_url, tiny_model_dir, tmp_path):
     """2 CPUs: the model worker takes 1, each ingest actor 0.25, so 4 streams fit at once. Eight
     files added one after another at run time (as `slowfast streams add` does) all run, because

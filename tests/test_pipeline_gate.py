@@ -17,7 +17,7 @@ CLIP_S = 240.0
 VISITS = visits_for(CLIP_S)  # two 8-second visits
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=270)
 @pytest.mark.timeout(600)
 def test_a_gated_camera_runs_the_model_on_a_quarter_of_its_windows_and_misses_no_visit(
     ray_session, redis_url, tmp_path, rtsp_server_factory

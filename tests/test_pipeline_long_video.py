@@ -110,7 +110,7 @@ def check_outputs(redis_url, out: Path, total: int) -> None:
     assert client.latest_summary("film").kind == SummaryKind.FINAL
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=130)
 def test_a_run_killed_mid_file_resumes_after_the_last_captioned_window(redis_url, tmp_path, tiny_model_dir):
     clip = make_clip(tmp_path / "film.mp4", cfr_times(8, 40.0)).path
     total = expected_windows(160, WINDOW, STRIDE)

@@ -104,7 +104,7 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
     assert {signum: signal.getsignal(signum) for signum in before} == before  # put back
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=70)
 def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_dir):
     """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
     starved by whatever else the host runs."""
@@ -122,7 +122,7 @@ def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_
             run.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_model_dir):
     """Also as PID 1 where the machine allows it (root)."""
     run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir), pid1=CAN_BE_PID1)  # embedded Redis
@@ -140,7 +140,7 @@ def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_mode
         run.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=80)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_the_runs_whole_process_group_drains_like_one_to_the_driver(signum, clip, tmp_path, tiny_model_dir):
     """`kill -TERM -PGID`, `tini -g` and a terminal's Ctrl-C signal every process of the run's
@@ -167,7 +167,7 @@ def test_a_signal_to_the_runs_whole_process_group_drains_like_one_to_the_driver(
         run.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=75)
 def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
     """SIGINT starts the drain (as SIGTERM does), SIGTERM then forces the exit; the run's
     processes (Ray's, the embedded Redis) go with it."""
@@ -214,7 +214,7 @@ def is_running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=60)
 def test_a_killed_run_takes_its_embedded_redis_with_it(clip, tmp_path, tiny_model_dir):
     """SIGKILL (the OOM killer, `kill -9`) runs no cleanup; the embedded server, in a session
     of its own, must still not outlive the run."""
