@@ -7,12 +7,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
 from connectors.redis_schema import IngestState, Question, QuestionKind, SummaryKind
-from model import VideoQuery
+from model import Generation, VideoQuery
 from pipeline.config import StreamConfig, load_config
 from pipeline.engine import Engine, EarlierOutputs
 from pipeline.messages import IngestReport
@@ -112,6 +113,44 @@ def test_a_batch_counts_windows_each_with_all_its_questions_in_one_model_call(ti
     red = answers[1, "red"]
     assert red.probability == pytest.approx(expected, rel=1e-4) and red.text == ("Yes" if expected >= 0.5 else "No")
     assert answers[1, "what"].probability is None and answers[1, "what"].text not in ("", "Yes", "No")
+
+
+def test_shared_prefill_changes_no_output_against_each_task_alone(tiny_vlm, redis_url, tmp_path):
+    """Four windows in one batch, each with its caption, a text question and a probability
+    question with a trigger, all on one prefill per window: every caption, answer and event is
+    what the model gives each task as a prompt of its own (a query alone, its own frames), the
+    path before prompts shared their prefill."""
+    windows, store = windows_of("file", 4, live=False, seed=3)
+    caption_prompt = StreamConfig(id="file", source="clip.mp4").caption_prompt
+
+    def alone(window: Window, question: str) -> Generation:
+        frames = np.stack(store.fetch(window.frames))  # a fresh array: nothing shared with another query
+        (generation,) = tiny_vlm.generate([VideoQuery(frames=frames, question=question)], max_new_tokens=3)
+        return generation
+
+    p_yes = [alone(w, "Is there a red circle?").yes_probability for w in windows]
+    threshold = sorted(p_yes)[1] + (sorted(p_yes)[2] - sorted(p_yes)[1]) / 2  # two windows fire, two do not
+    fired = [w for w, p in enumerate(p_yes) if p > threshold]
+    engine = make_engine(tiny_vlm, redis_url, store.fetch, tmp_path, batch_size=4)
+    stream = StreamConfig(id="file", source="clip.mp4", standing_questions=[
+        {"id": "what", "prompt": "What moves?"},
+        {"id": "red", "prompt": "Is there a red circle?", "answer": "probability",
+         "trigger": {"p_yes_above": threshold, "open_after": 1, "close_after": 1}},
+    ])
+    engine.add_stream(stream, run=1, live=False, summary_every=0)
+    for window in windows:
+        engine.submit(window, window.seq)
+    assert run_all(engine) == dict.fromkeys(range(4), Outcome.DONE)
+
+    client = SlowFastClient(redis_url)
+    answers = {(a.window, a.question_id): a for a in client.answers("file")}
+    for window, caption in zip(windows, client.history("file"), strict=True):
+        assert caption.text == alone(window, caption_prompt).text
+        assert answers[window.seq, "what"].text == alone(window, "What moves?").text
+        assert answers[window.seq, "red"].probability == pytest.approx(p_yes[window.seq], abs=1e-4)
+    events = client.events("file")
+    assert [e.window for e in events if e.phase != "closed"] == fired  # opened or updated: each window that fires
+    assert [e.window for e in events if e.phase == "opened"] == [w for w in fired if w - 1 not in fired]
 
 
 def test_a_window_whose_frames_are_gone_is_rolled_back_and_one_missing_only_its_picture_is_published(
