@@ -4,11 +4,12 @@ no modules).
 
 Layout, per stream and entry kind (`caption`, `answer`, `event`, `summary`), split by the hour of
 each entry's time (unix s // 3600), so a time range reads only its hours:
-- `sfs:{sid}:ix:<kind>:<hour>` (hash): term -> its postings in that hour: a 12-byte head (the
-  best (count, length) pairs, for the bound on the score any of them can reach) then one 23-byte
-  record per entry (`POSTING`) in entry-id order: the entry id, the term's count in the entry,
-  the entry's length in words, its time in the hour and the positions (mod 64) the term stands
-  at; field `#`: the hour's first and last entry ids, its entries and their words;
+- `sfs:{sid}:ix:<kind>:<hour>` (hash): term -> its postings in that hour, one 23-byte record per
+  entry (`POSTING`) in entry-id order: the entry id, the term's count in the entry, the entry's
+  length in words, its time in the hour and the positions (mod 64) the term stands at;
+  `^term` -> the term's 16-byte head (`HEAD`: its postings in the hour and their best (count,
+  length) pairs, for the bound on the score any of them can reach), read and written without
+  copying the postings; field `#`: the hour's first and last entry ids, its entries and their words;
 - `sfs:{sid}:ix:<kind>` (sorted set): the kind's hours, scored by when each hour key's TTL was set;
 - `sfs:{sid}:ix:<kind>:last` (string): the id of the last entry indexed (a retry adds nothing);
 - `sfs:{sid}:ix:<kind>:terms` (sorted set, in byte order): every term indexed, for prefixes.
@@ -65,11 +66,14 @@ POSTING = np.dtype([("id", ">u8"), ("tf", "u1"), ("dl", "<u2"), ("us", "<u4"), (
 _ID = struct.Struct(">Q")
 _REST = struct.Struct("<BHIQ")
 assert _ID.size + _REST.size == POSTING.itemsize == 23
-# Head of each term's postings in an hour: up to 4 (count, length) pairs, none beaten on both by
-# another of its postings (more than 4: the highest counts are merged into one that beats both),
-# so the best BM25 score of any posting of the hour is known without reading them.
+# Head of each term's postings in an hour, in a field of its own (`^term`), so it is read and
+# updated without copying the postings: how many postings the term has in the hour, then up to 4
+# (count, length) pairs, none beaten on both by another of its postings (more than 4: the highest
+# counts are merged into one that beats both), so the best BM25 score of any posting of the hour
+# is known without reading them.
 HEAD_PAIRS = 4
-HEAD = struct.Struct(">" + "BH" * HEAD_PAIRS)
+HEAD = struct.Struct(">I" + "BH" * HEAD_PAIRS)
+HEAD_FIELD = "^"  # a head's field: this, then the term (never a term's character)
 HOUR_S = 3600
 # An hour's `#` field: first and last entry ids (big-endian, as in POSTING), entries, their words.
 HOUR_STATS = struct.Struct(">QQII")
@@ -131,7 +135,7 @@ def postings_of(text: str, entry_id: str, wall: float) -> tuple[int, dict[str, b
 
 # Lua helpers of both scripts: ids are 8-byte big-endian strings compared as two 32-bit halves.
 _LUA_IDS = """
-local R, H = 23, 12
+local R = 23
 local function older(a, b)
   local ah, al = struct.unpack('>I4I4', a)
   local bh, bl = struct.unpack('>I4I4', b)
@@ -151,7 +155,8 @@ end
 # one record per term, then the terms in the same order. Nothing is written unless the entry is in
 # the stream (an XADD of the same MULTI may have been refused) and not indexed yet (ids only grow, so
 # the last indexed id tells, whatever time a retried entry carries). Each term's postings get the
-# record and an updated head (a term new to the hour joins the terms set); a new hour key
+# record and its head one more posting and maybe a new pair (a term new to the hour joins the terms
+# set); a new hour key
 # gets its TTL and its place in the hours set (scored by when its TTL was set). As an hour starts and
 # every 16th entry of it, hours whose last entry the stream trimmed are dropped; each call renews
 # the TTL of a few hour keys set longest ago, so none expires under a stream still written.
@@ -194,20 +199,19 @@ local function with_pair(head, tf, len)
   end
   return table.concat(out)
 end
-local terms = {}
-for i = 1, n do terms[i] = ARGV[7 + n + i] end
+local terms, head_fields = {}, {}
+for i = 1, n do terms[i] = ARGV[7 + n + i]; head_fields[i] = '^' .. terms[i] end
 local old = redis.call('HMGET', KEYS[3], unpack(terms))
+local heads = redis.call('HMGET', KEYS[3], unpack(head_fields))
 local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl)}
 for i = 1, n do
-  local record, postings = ARGV[7 + i], old[i]
-  if not postings then new_terms[#new_terms + 1] = 0; new_terms[#new_terms + 1] = terms[i] end
-  local head = with_pair(postings and string.sub(postings, 1, H), string.byte(record, 9), dl)
+  local record, postings, head = ARGV[7 + i], old[i], heads[i]
+  local held = 0
+  if head then held = struct.unpack('>I4', head) else new_terms[#new_terms + 1] = 0; new_terms[#new_terms + 1] = terms[i] end
   set[#set + 1] = terms[i]
-  if postings and head == string.sub(postings, 1, H) then
-    set[#set + 1] = postings .. record
-  else
-    set[#set + 1] = head .. (postings and string.sub(postings, H + 1) or '') .. record
-  end
+  set[#set + 1] = (postings or '') .. record
+  set[#set + 1] = head_fields[i]
+  set[#set + 1] = struct.pack('>I4', held + 1) .. with_pair(head and string.sub(head, 5), string.byte(record, 9), dl)
 end
 redis.call('HSET', KEYS[3], unpack(set))
 if #new_terms > 0 then redis.call('ZADD', KEYS[5], unpack(new_terms)) end
@@ -474,8 +478,9 @@ class SearchResult:
 # KEYS: entries stream, hours set, terms set. ARGV: the number of terms, the terms, then the prefixes. Returns the
 # oldest held entry's id (8 bytes; '' when none), XLEN, the hours holding held entries (4 bytes each),
 # their `#` fields, each prefix's terms (the MAX_PREFIX_TERMS shortest an hour holds), then per term (the query's,
-# then the prefixes' in order) and hour: how many of its postings are of held entries (4 bytes) and
-# its head. Nothing but these few bytes leaves Redis.
+# then the prefixes' in order) and hour: its head, its count of postings made that of held entries
+# (the postings are read only in the hour holding the oldest held entry). Nothing but these few
+# bytes leaves Redis.
 PLAN = _LUA_IDS + """
 local n, most = tonumber(ARGV[1]), tonumber(ARGV[2])
 local held = oldest_held(KEYS[1])
@@ -510,48 +515,57 @@ for p = n + 3, #ARGV do
   end
   expansions[#expansions + 1] = chosen
 end
-local none = struct.pack('>I4', 0) .. string.rep('\0', H)
-local out = {}
-for _, t in ipairs(terms) do
-  for i, h in ipairs(hours) do
-    local v = redis.call('HGET', prefix .. h, t)
-    if not v then
-      out[#out + 1] = none
-    else
-      local lo, hi = 0, (#v - H) / R
-      if boundary[i] then
-        local total = hi
-        while lo < hi do
-          local mid = math.floor((lo + hi) / 2)
-          if older(string.sub(v, H + mid * R + 1, H + mid * R + 8), held) then lo = mid + 1 else hi = mid end
-        end
-        hi = total
+local none = string.rep('\0', 16)
+local by_term, head_fields = {}, {}
+for j, t in ipairs(terms) do by_term[j] = {}; head_fields[j] = '^' .. t end
+for i, h in ipairs(hours) do
+  local heads = #terms > 0 and redis.call('HMGET', prefix .. h, unpack(head_fields)) or {}
+  for j, t in ipairs(terms) do
+    local head = heads[j]
+    if not head then
+      head = none
+    elseif boundary[i] then
+      -- the hour's oldest entries were trimmed: count the postings of held entries (ids in order)
+      local v = redis.call('HGET', prefix .. h, t)
+      local lo, hi = 0, #v / R
+      local total = hi
+      while lo < hi do
+        local mid = math.floor((lo + hi) / 2)
+        if older(string.sub(v, mid * R + 1, mid * R + 8), held) then lo = mid + 1 else hi = mid end
       end
-      out[#out + 1] = struct.pack('>I4', hi - lo) .. string.sub(v, 1, H)
+      head = struct.pack('>I4', total - lo) .. string.sub(head, 5)
     end
+    by_term[j][i] = head
   end
 end
+local out = {}
+for j = 1, #terms do out[j] = table.concat(by_term[j]) end
 return {held, redis.call('XLEN', KEYS[1]), table.concat(hour_bytes), table.concat(stats), expansions,
         table.concat(out)}
 """
 
-# KEYS: hours set. ARGV: the number of hours, the hours, then the terms. Returns, per hour and term,
-# its postings (4-byte length, then the head and records) in one string.
+# KEYS: hours set. ARGV: the number of hours, the hours, then the terms. Returns how many records
+# each term has in each hour (4 bytes each, term by term), then each term's records of those hours
+# in one string, hours in the order given.
 FETCH = """
 local k = tonumber(ARGV[1])
 local prefix = KEYS[1] .. ':'
-local out = {}
+local counts, records = {}, {}
+for j = 1, #ARGV - k - 1 do records[j] = {} end
 for i = 2, k + 1 do
   local values = redis.call('HMGET', prefix .. ARGV[i], unpack(ARGV, k + 2))
   for j = 1, #ARGV - k - 1 do
     local v = values[j] or ''
-    out[#out + 1] = struct.pack('>I4', #v)
-    out[#out + 1] = v
+    records[j][i - 1] = v
   end
 end
-return table.concat(out)
+for j = 1, #records do
+  for i = 1, k do counts[#counts + 1] = struct.pack('>I4', #records[j][i] / 23) end
+  records[j] = table.concat(records[j])
+end
+return {table.concat(counts), unpack(records)}
 """
-_HEAD_DTYPE = np.dtype([("count", ">u4"), ("pairs", ">u1", (HEAD.size,))])
+_HEAD_DTYPE = np.dtype([("count", ">u4"), ("pairs", ">u1", (HEAD.size - 4,))])
 _STATS_DTYPE = np.dtype([("first", ">u8"), ("last", ">u8"), ("entries", ">u4"), ("words", ">u4")])
 FIRST_HOURS_READ = 2  # hours read in the first round; each next round reads twice as many
 
@@ -745,21 +759,14 @@ class Searcher:
             self._fetch_script(keys=[self.keys.index_hours(seg.stream, seg.kind)],
                                args=[len(hours), *hours, *terms], client=pipe)
             plan.append((number, hours, terms))
-        for (number, hours, terms), blob in zip(plan, pipe.execute()):
+        for (number, hours, terms), (counts, *blobs) in zip(plan, pipe.execute()):
             seg = segments[number]
-            parts: dict[str, list[np.ndarray]] = {t: [] for t in terms}
-            walls: dict[str, list[np.ndarray]] = {t: [] for t in terms}
-            view, offset = memoryview(blob), 0
-            for hour in hours:
-                for term in terms:
-                    (length,) = struct.unpack_from(">I", view, offset)
-                    offset += 4
-                    if length:
-                        records = np.frombuffer(view[offset + HEAD.size: offset + length], POSTING)
-                        parts[term].append(records)
-                        walls[term].append(hour * HOUR_S + records["us"] / 1e6)
-                    offset += length
-            postings = {a: _merge([(r, w) for t in seg.atoms[a] for r, w in zip(parts[t], walls[t])], seg.first)
+            counts = np.frombuffer(counts, ">u4").reshape(len(terms), len(hours))
+            parts = {}
+            for term, blob, per_hour in zip(terms, blobs, counts):
+                records = np.frombuffer(blob, POSTING)
+                parts[term] = (records, np.repeat(np.asarray(hours, np.int64) * HOUR_S, per_hour) + records["us"] / 1e6)
+            postings = {a: _merge([parts[t] for t in seg.atoms[a]], seg.first)
                         for a in atoms}
             self._score(number, postings, parsed, request, atoms, idf, avgdl, found)
 

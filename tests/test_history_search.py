@@ -132,8 +132,7 @@ def test_summaries_are_searched_and_a_retried_window_is_indexed_once(redis_url):
 def postings_held(r, sid: str, term: str) -> int:
     """The term's caption postings over every hour the index holds."""
     hours = r.zrange(K.index_hours(sid, EntryKind.CAPTION), 0, -1)
-    return sum((r.hstrlen(K.index_hour(sid, EntryKind.CAPTION, h), term) or HEAD.size) - HEAD.size
-               for h in hours) // POSTING.itemsize
+    return sum(r.hstrlen(K.index_hour(sid, EntryKind.CAPTION, h), term) for h in hours) // POSTING.itemsize
 
 
 def test_trimmed_expired_and_removed_entries_leave_no_hits(redis_url):
@@ -151,6 +150,14 @@ def test_trimmed_expired_and_removed_entries_leave_no_hits(redis_url):
     assert r.zrange(K.index_hours("cam1", EntryKind.CAPTION), 0, -1) == [str(first_hour + 1), str(first_hour + 2)]
     assert not r.exists(K.index_hour("cam1", EntryKind.CAPTION, first_hour))
     assert postings_held(r, "cam1", "red") == 70
+    # Each term's head, in a field of its own, counts its postings in the hour and bounds them.
+    raw = connect(redis_url, decode_responses=False)
+    for hour in (first_hour + 1, first_hour + 2):
+        key = K.index_hour("cam1", EntryKind.CAPTION, hour)
+        count, *pairs = HEAD.unpack(raw.hget(key, "^red"))
+        records = np.frombuffer(raw.hget(key, "red"), POSTING)
+        assert count == len(records) == (60 if hour == first_hour + 1 else 10)
+        assert all(any(rec["tf"] <= tf and rec["dl"] >= dl for tf, dl in zip(pairs[0::2], pairs[1::2])) for rec in records)
 
     # A stream nobody writes any more: its entries and its index expire together.
     publish(redis_url, "brief", TEXTS[:2], key_ttl_s=1)
