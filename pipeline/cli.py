@@ -329,11 +329,13 @@ def search(
     result = SlowFastClient(redis_url).search(query, streams=stream, kinds=kind, since=since, start=from_, end=to,
                                               limit=limit)
     if as_json:
-        print(json.dumps({"total": result.total, "hits": [h.model_dump(mode="json") for h in result.hits]}))
+        print(json.dumps({"total": result.total, "complete": result.complete,
+                          "hits": [h.model_dump(mode="json") for h in result.hits]}))
         return
     for hit in result.hits:
         print_hit(hit)
-    console.print(f"{len(result.hits)} of {result.total} hits ({result.elapsed_ms:.0f} ms)", markup=False,
+    total = result.total if result.complete else f"at least {result.total}"  # reading stopped early
+    console.print(f"{len(result.hits)} of {total} hits ({result.elapsed_ms:.0f} ms)", markup=False,
                   highlight=False)
 
 

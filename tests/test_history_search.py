@@ -237,6 +237,24 @@ def test_cli_search_and_its_errors(redis_url):
         assert failed.stderr.count("\n") == 1 and message in failed.stderr, failed.stderr
 
 
+def test_a_search_that_stops_early_says_its_total_is_a_floor(redis_url, web_server):
+    # The same caption an hour apart: the two newest hours fill a page of two, and no older hour
+    # can beat them (equal scores, older), so reading stops there.
+    first_hour = int(NOW // HOUR_S) - 6
+    publish(redis_url, "cam1", ["a red circle moves left."] * 6, wall0=first_hour * HOUR_S + 60, step=HOUR_S)
+    sfs = SlowFastClient(redis_url)
+    early = sfs.search("red circle", kinds=["caption"], limit=2)
+    assert (windows(early.hits), early.total, early.complete) == ([5, 4], 2, False)
+    full = sfs.search("red circle", kinds=["caption"], limit=10)
+    assert (len(full.hits), full.total, full.complete) == (6, 6, True)
+    args = ["search", "red circle", "--redis-url", redis_url, "--kind", "caption", "--limit", "2"]
+    assert "2 of at least 2 hits" in CliRunner().invoke(cli_app, args).stdout
+    assert json.loads(CliRunner().invoke(cli_app, [*args, "--json"]).stdout)["complete"] is False
+    api = httpx.Client(base_url=web_server.url, timeout=10)
+    body = api.get("/api/search", params={"q": "red circle", "kind": "caption", "limit": 2}).json()
+    assert (body["total"], body["complete"]) == (2, False), body
+
+
 def test_api_search_is_the_client_search(redis_url, web_server):
     publish(redis_url, "cam1", events_on=(5,), with_pictures=True)
     api = httpx.Client(base_url=web_server.url, timeout=10)

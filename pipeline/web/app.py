@@ -448,7 +448,8 @@ def create_app(redis_url: str, *, token: str | None = None, local_only: bool = T
             result = client.search(q, streams=stream, kinds=kind, since=since, start=start, end=end, limit=limit)
         except ValueError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=422)
-        return JSONResponse({"total": result.total, "elapsed_ms": round(result.elapsed_ms, 1),
+        return JSONResponse({"total": result.total, "complete": result.complete,
+                             "elapsed_ms": round(result.elapsed_ms, 1),
                              "hits": [hit_json(h) for h in result.hits]})
 
     @app.post("/api/streams/{stream}/report", summary="A report on a range: summary, events, pictures; waits for it")

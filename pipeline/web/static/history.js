@@ -53,7 +53,8 @@ function setupSearch(stream) {
     try {
       const result = await getJSON("/api/search?" + params.toString());
       out.replaceChildren(...result.hits.map(hitItem));
-      status.textContent = `${result.hits.length} of ${result.total} hits · ${result.elapsed_ms} ms`;
+      const total = result.complete === false ? `at least ${result.total}` : result.total;  // reading stopped early
+      status.textContent = `${result.hits.length} of ${total} hits · ${result.elapsed_ms} ms`;
     } catch (err) {
       out.replaceChildren();
       status.className = "meta err"; status.textContent = err.message;
