@@ -17,7 +17,10 @@ from transformers import Qwen2Config
 
 from common.validation import describe_validation_error
 
+from . import check_installed_versions
 from .errors import UnsupportedConfigError
+
+check_installed_versions()  # a clear message for a too-old torch or transformers, before they are used
 
 SUPPORTED_VISION_TOWERS = ("convnext-576",)
 SUPPORTED_PROJECTORS = ("mlp2x_gelu",)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .errors import ModelInputError
+
+if TYPE_CHECKING:  # the prompt's facts are read where transformers is not loaded (pipeline config, CLI)
+    from transformers import PreTrainedTokenizerBase
 
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = "You are a helpful assistant."

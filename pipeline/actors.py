@@ -1,261 +1,32 @@
-"""Ray actors: one ingest actor per stream, one model worker per GPU (or one on CPU).
+"""The model worker actor: one per GPU (or one on CPU); the ingest actors are in ingest.py.
 
-Both are thin shells: the sources and the sliding windows (connectors/sources, window.py)
-and the engine (pipeline/engine) do the work; here is what needs Ray: the object store,
-actor names and restarts, futures and metrics."""
+A thin shell: the engine (pipeline/engine) does the work; here is what needs Ray: the object
+store, actor names and restarts, futures and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from connectors.publisher import Publisher
-from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, Question, StreamStatus
-from connectors.sources import SamplePlan, SourceError, SourceState, open_source
+from connectors.redis_schema import IngestState, Question, StreamStatus
 
 from .config import PipelineConfig, StreamConfig
-from .engine import EarlierOutputs, Engine
-from .gate import StreamGate
 from .engine.batch_rows import batch_row_counts
-from .messages import IngestReport, StreamStats, StreamSummary
+from .messages import IngestReport, StreamStats
 from .notify import Notifier
-from .rates import RateMeter
-from .resume import earlier_outputs, summary_every
-from .scheduler import FINAL, Outcome, Resolution
-from .segments import Segment
+from .resume import EarlierOutputs, earlier_outputs, summary_every
+from .scheduler import Outcome, Resolution
 from .split import SegmentLanes
-from .window import FrameRef, FramesLost, SlidingWindow, Window
+from .window import FrameRef, FramesLost, Window
 
 log = logging.getLogger("slowfast.pipeline")
-RESUBMIT_WAIT_S = 1.0
-ATTACH_TIMEOUT_S = 5.0
-FINAL_STATUS_TIMEOUT_S = 30.0
-# While the source runs, the stream's state is the source's.
-SOURCE_STATES = {SourceState.CONNECTING: IngestState.CONNECTING, SourceState.LIVE: IngestState.LIVE,
-                 SourceState.RECONNECTING: IngestState.RECONNECTING, SourceState.ENDED: IngestState.LIVE,
-                 SourceState.FAILED: IngestState.FAILED}
-
-
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class IngestActor:
-    """Runs one stream's source: each sampled frame goes to the object store once; windows
-    of references go to the stream's model worker. Files wait when too many windows are in
-    flight (nothing skipped); live streams never wait (the worker keeps the newest). A
-    heartbeat thread sends the stream's status every STATUS_INTERVAL_S, frames or not."""
-
-    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int,
-                 segment: Segment | None = None, plan: SamplePlan | None = None):
-        """`segment` (with the file's `plan`): the windows of one segment of a split file, from
-        its first (the source seeks there) to its last, under the segment's lane id."""
-        # The worker goes by name, not handle: a handle argument would sit in the object store
-        # and break restarts (ray#53727), and the driver may move the stream (retarget()).
-        self.stream, self.config, self.worker_name, self.frame_size = stream, config, worker_name, frame_size
-        self.segment, self.plan = segment, plan
-        self.worker: Any = None
-        self.stop_event = threading.Event()
-        self.state = IngestState.STARTING  # until the source runs, and once it is over
-        self.error: str | None = None
-        self.error_at: float | None = None
-        self.frames_in = 0
-        self.reconnects = 0
-        self.frames_corrupt = 0
-        self.fps_in = RateMeter()
-        self.live = bool(stream.live)
-        self.windows_emitted = 0
-        self.source = None
-        self.source_running = False
-        self.status_lock = threading.Lock()
-        self.final_sent = False
-        self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
-        self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
-        self.thread.start()
-        self.heartbeat = threading.Thread(target=self._heartbeat, name=f"status-{stream.id}", daemon=True)
-        self.heartbeat.start()
-
-    async def run(self) -> StreamSummary:
-        """Wait until the source ends, fails or stop() is called; returns a summary."""
-        while self.thread.is_alive():
-            await asyncio.sleep(0.2)
-        return self.summary()
-
-    def _ingest_and_finish(self) -> None:
-        try:
-            self._ingest()
-        except Exception as exc:  # keep the reason; the summary and status carry it
-            self._set_error(f"{type(exc).__name__}: {exc}")
-            self.state = IngestState.FAILED
-            log.exception("ingest of %s crashed", self.stream.id)
-        finally:
-            self.source_running = False
-            self._send_status(final=True)
-
-    def summary(self) -> StreamSummary:
-        return StreamSummary(stream=self.stream.id, state=str(self.state), live=self.live, frames_in=self.frames_in,
-                             windows=self.windows_emitted, error=self.error)
-
-    async def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    async def retarget(self, worker_name: str) -> None:
-        """Send windows to another model worker from now on (the driver moved the stream)."""
-        if worker_name != self.worker_name:
-            self.worker_name = worker_name
-            self.worker = await asyncio.to_thread(ray.get_actor, worker_name)
-
-    def _attach(self) -> int:
-        """Wait until the assigned worker holds this stream; return the next window number.
-        A restarted actor (max_restarts) resumes by itself: live streams continue their
-        window numbering, files start over and their already-published windows are
-        recognised as duplicates by the publisher."""
-        while not self.stop_event.is_set():
-            name = self.worker_name
-            try:
-                worker = ray.get_actor(name)
-                next_window = ray.get(worker.resume_point.remote(self.stream.id), timeout=ATTACH_TIMEOUT_S)
-                if next_window is not None and name == self.worker_name:
-                    self.worker = worker
-                    return next_window
-            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
-                    ray.exceptions.ActorUnavailableError):
-                pass  # worker gone or restarting: the driver re-adds or moves the stream
-            time.sleep(RESUBMIT_WAIT_S)
-        return 0
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        if self.source is not None:
-            self.source.close()
-
-    def _ingest(self) -> None:
-        in_flight: deque = deque()
-        first_window_seq = self._attach()
-        if self.stop_event.is_set():  # stopped while waiting for a worker: never open the source
-            self.state = IngestState.STOPPED
-            return
-        self.state = IngestState.CONNECTING
-        try:
-            # Files skip decoding frames that sampling never needs (see open_source).
-            seek = self.segment.source_options(self.plan, self.config.stride) if self.segment else {}
-            with open_source(self.stream.source, fps=self.config.fps, size=self.frame_size, live=self.stream.live,
-                             retry_connect=True, skip_nonref=not self.stream.live, **seek) as source:
-                self.source, self.source_running = source, True
-                self.live = source.is_live
-                windows = SlidingWindow(self.stream.id, self.config.window, self.config.stride, self.live,
-                                        first_seq=first_window_seq if self.live else
-                                        self.segment.first_seq() if self.segment else 0)
-                settings = self.stream.gate
-                gate = None
-                if settings.enabled if settings.enabled is not None else self.live:
-                    gate = StreamGate(settings.threshold, settings.refresh_every_n_windows, self.config.window)
-                for frame in source:
-                    if self.stop_event.is_set():
-                        break
-                    ref = ray.put(frame.image)
-                    self.frames_in += 1
-                    self.frames_counter.inc(tags={"stream": self.stream.id})
-                    if gate is not None:
-                        gate.add_frame(frame.seq, frame.image)
-                    window = windows.push(FrameRef(frame.seq, frame.pts, frame.wall_time, ref))
-                    if window is not None:
-                        self._submit(gate.mark(window) if gate is not None else window, in_flight)
-                        if self.segment is not None and self.segment.ends_with(window.seq):
-                            break
-                if not self.stop_event.is_set() and not self.live and (
-                        self.segment is None or self.segment.end_window is None):
-                    tail = windows.finish()
-                    if tail is not None:
-                        self._submit(tail, in_flight)
-                # The source is over; the status shows "live" until the file's windows are done.
-                self.state, self.source_running = IngestState.LIVE, False
-        except SourceError as exc:
-            self.source_running = False
-            self._set_error(str(exc))
-            self.state = IngestState.FAILED
-            log.error("stream %s failed: %s", self.stream.id, exc)
-            return
-        # Wait for the file's windows, so "ended" means "every window has its outcome".
-        while in_flight and not self.live:
-            self._wait_oldest(in_flight)
-        self.state = IngestState.STOPPED if self.stop_event.is_set() else IngestState.ENDED
-
-    def _set_error(self, error: str) -> None:
-        self.error, self.error_at = error, time.time()
-
-    def _submit(self, window: Window, in_flight: deque) -> None:
-        in_flight.append((window, self.worker.submit.remote(window)))
-        self.windows_emitted += 1
-        if not self.live:
-            while len(in_flight) > self.config.file_windows_in_flight:  # backpressure: decoding waits
-                self._wait_oldest(in_flight)
-        else:
-            while in_flight and ray.wait([in_flight[0][1]], timeout=0)[0]:
-                in_flight.popleft()
-
-    def _wait_oldest(self, in_flight: deque) -> None:
-        """Wait for the oldest window of a file. If the worker died, restarted or was not
-        ready (RETRY, REMOVED), re-send it and every later window in order, so none is lost
-        and Redis still gets them in order."""
-        window, ref = in_flight[0]
-        while not self.stop_event.is_set():
-            try:
-                if ray.get(ref) in FINAL:
-                    in_flight.popleft()
-                    return
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                pass
-            time.sleep(RESUBMIT_WAIT_S)
-            resent = [(w, self.worker.submit.remote(w)) for w, _ in in_flight]
-            in_flight.clear()
-            in_flight.extend(resent)
-            window, ref = in_flight[0]
-        in_flight.popleft()
-
-    def _heartbeat(self) -> None:
-        while not self.final_sent:
-            try:
-                self._send_status()
-            except Exception:  # keep beating: the next status may get through
-                log.exception("status of %s not sent", self.stream.id)
-            time.sleep(STATUS_INTERVAL_S)
-
-    def _send_status(self, final: bool = False) -> None:
-        """The ingest's side of the status, to the worker that publishes it with its counts. The
-        final one is awaited, so a drain that saw run() return also sees it in Redis."""
-        with self.status_lock:
-            if self.final_sent or self.worker is None:
-                self.final_sent = final or self.final_sent
-                return
-            ref = self.worker.ingest_report.remote(self.stream.id, self._report(final))
-            self.final_sent = final
-        if final:
-            try:
-                ray.get(ref, timeout=FINAL_STATUS_TIMEOUT_S)
-            except Exception as exc:  # the worker may be gone too; the summary still says it
-                log.warning("final status of %s not published: %s", self.stream.id, exc)
-
-    def _report(self, final: bool) -> IngestReport:
-        source = self.source if self.source_running else None
-        stats = source.stats if source is not None else None
-        state = SOURCE_STATES[source.state] if source is not None else self.state
-        self.reconnects = stats.reconnects if stats is not None else self.reconnects
-        self.frames_corrupt = stats.corrupt_skipped if stats is not None else self.frames_corrupt
-        error, error_at = self.error, self.error_at
-        if stats is not None and state is not IngestState.LIVE and stats.last_error:
-            error, error_at = stats.last_error, stats.last_error_at  # the source is down: say why
-        return IngestReport(
-            state=state, live=self.live, frames_in=self.frames_in, fps_in=self.fps_in.update(self.frames_in),
-            frames_corrupt=self.frames_corrupt, windows_emitted=self.windows_emitted, reconnects=self.reconnects,
-            last_error=error, last_error_at=error_at, final=final,
-        )
 
 
 class StatusMetrics:
@@ -311,6 +82,10 @@ class ModelWorker:
     resolves the futures ingest actors await and exports the metrics."""
 
     def __init__(self, config: PipelineConfig, model_path: str):
+        # The engine imports torch. Every process that holds a worker's handle (each ingest actor)
+        # loads this module to make it, so only the worker itself imports the engine.
+        from .engine import Engine
+
         self.config = config
         vlm = self.load_model(config, model_path)
         self.frame_size_px = config.size or vlm.config.image_size

@@ -37,9 +37,7 @@ from .logs import run_log
 from .progress import estimated_windows, resumed_windows
 from .resume import ResumeRefused, prepare_resume
 from .messages import StreamSummary
-from .runner import run_pipeline
 from .signals import stop_on_signals
-from .startup import preflight
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 streams_app = typer.Typer(help="Add or remove streams of a running pipeline.", no_args_is_help=True)
@@ -68,6 +66,9 @@ def web_beside(address: Optional[str], no_web: bool, token: Optional[str]):
 
 
 def run_with_web(config: PipelineConfig, beside, **kwargs) -> dict[str, StreamSummary]:
+    # The pipeline's modules import torch: loaded only by the commands that run it, so the
+    # followers (tail, events, web, status, search...) start in a fraction of the time and memory.
+    from .runner import run_pipeline
     from .web.server import WebError
 
     try:
@@ -217,6 +218,8 @@ def run(
         fail(str(exc))
     if not config.streams:
         fail("no streams: give --source URI or streams in the config file")
+    from .startup import preflight  # imports torch (see run_with_web)
+
     beside = web_beside(web, no_web, web_token)
     preflight(config)  # before the log file and progress bars, so a bad setting prints its one line alone
     try:

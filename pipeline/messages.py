@@ -1,5 +1,6 @@
 """What the pipeline's processes tell each other, typed: an ingest actor's report to its
-model worker, a worker's counts per stream, and what a run did with each stream.
+model worker, a worker's counts per stream, the model's replies to a window (a split file's
+segments send them to its merge), and what a run did with each stream.
 
 Plain dataclasses (they pickle across Ray as they are); each field is read by name on the
 other side, so a renamed field fails at once instead of reading None.
@@ -8,8 +9,15 @@ other side, so a renamed field fails at once instead of reading None.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from connectors.redis_schema import IngestState
+
+if TYPE_CHECKING:  # annotations only: ingest actors import this module and never load torch
+    import torch
+
+    from .config import StandingQuestion
+    from .window import Window
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,22 @@ class IngestReport:
     def file_ended(self) -> bool:
         """A file whose every window has its outcome: time for its final summary."""
         return self.final and not self.live and self.state is IngestState.ENDED
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    yes_probability: float  # P(yes) / (P(yes) + P(no)) of the first answer token, same forward
+
+
+@dataclass(frozen=True)
+class WindowReplies:
+    """A window's features and the replies of every query due on it."""
+
+    window: Window
+    features: torch.Tensor
+    caption: Reply | None  # None: no caption due on this window
+    standing: list[tuple[StandingQuestion, Reply]]
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,10 @@ registry); anything else under the same id is refused, since its windows would n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
@@ -16,10 +18,19 @@ from connectors.redis_schema import SummaryKind, window_entry_id
 from connectors.sources import SourceError, redact_uri
 
 from .config import PipelineConfig, StreamConfig
-from .engine import EarlierOutputs
 from .summaries import MAX_PENDING_FACTOR, default_summary_every
 
 OUTPUT_FILES = ("captions.jsonl", "captions.vtt", "summary.md")
+
+
+@dataclass(frozen=True)
+class EarlierOutputs:
+    """What a stream continuing its run already has in Redis (a restarted worker, a resumed file)."""
+
+    captions: Sequence[Any] = ()  # every caption of the run, for the files
+    summaries: Sequence[Any] = ()  # its rolling summaries so far
+    since_summary: Sequence[Any] = ()  # the captions after the last of them
+    open_events: Sequence[Any] = ()  # its events still open
 
 
 class ResumeRefused(ValueError):

@@ -16,8 +16,9 @@ from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
 from connectors.redis_schema import IngestState, StreamInfo, StreamStatus
 
-from .actors import IngestActor, ModelWorker, model_worker_actor
+from .actors import ModelWorker, model_worker_actor
 from .config import MAX_NOTIFY_TIMEOUT_S, ConfigError, PipelineConfig, StreamConfig
+from .ingest import IngestActor
 from .messages import StreamSummary
 from .ray_session import actor_exists, results_within
 from .resume import resume_point, window_settings

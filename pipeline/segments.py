@@ -35,8 +35,7 @@ from connectors.redis_schema import IngestState, StreamStatus
 from connectors.sources import SamplePlan
 
 from .config import StandingQuestion
-from .engine.model_runner import Reply, WindowReplies
-from .messages import IngestReport, StreamStats
+from .messages import IngestReport, Reply, StreamStats, WindowReplies
 from .pictures import jpeg
 from .window import FrameRef, Window, expected_windows
 

@@ -31,13 +31,13 @@ from connectors.redis_schema import STATUS_INTERVAL_S, IngestState
 from connectors.sources import PLAN_MISMATCH, SamplePlan, scan_samples
 
 from .config import PipelineConfig, StreamConfig
-from .engine import EarlierOutputs, OutputProcessor
-from .engine.engine import stream_files
+from .engine.output_processor import OutputProcessor, stream_files
+from .ingest import IngestActor
 from .messages import IngestReport, StreamStats, StreamSummary
 from .notify import Notifier
 from .progress import file_seconds
 from .rates import RateMeter
-from .resume import earlier_outputs, summary_every
+from .resume import EarlierOutputs, earlier_outputs, summary_every
 from .segments import Progress, Segment, SegmentOutbox, SegmentResult, SplitRun, plan_segments
 from .window import expected_windows
 
@@ -226,8 +226,6 @@ class SplitFile:
         await self._finish()
 
     async def _start(self, lane: str, assignment) -> None:
-        from .actors import IngestActor  # the actors module imports this one
-
         await self._add_lane(lane, assignment.worker)
         config = _lane_config(self.stream, lane)
         actor = IngestActor.options(name=f"ingest:{lane}", **self.ingest_options).remote(

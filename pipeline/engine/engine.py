@@ -14,7 +14,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from connectors.publisher import Publisher
@@ -24,25 +23,14 @@ from model import SlowFastVLM, TextQuery
 from ..config import PipelineConfig, StreamConfig
 from ..messages import IngestReport, StreamStats
 from ..notify import DeliveryStats, Notifier
-from ..outputs import CaptionFiles
 from ..rates import RateMeter
+from ..resume import EarlierOutputs
 from ..scheduler import Batch, Outcome, Policy, Resolution, Scheduler
-from ..summaries import RollingSummaries
 from ..window import FramesLost, Window
 from .model_runner import FrameFetcher, ModelRunner
-from .output_processor import OutputProcessor, Relay, error_answer
+from .output_processor import OutputProcessor, Relay, error_answer, stream_files
 
 log = logging.getLogger("slowfast.pipeline")
-
-
-@dataclass(frozen=True)
-class EarlierOutputs:
-    """What a stream continuing its run already has in Redis (a restarted worker, a resumed file)."""
-
-    captions: Sequence[Any] = ()  # every caption of the run, for the files
-    summaries: Sequence[Any] = ()  # its rolling summaries so far
-    since_summary: Sequence[Any] = ()  # the captions after the last of them
-    open_events: Sequence[Any] = ()  # its events still open
 
 
 @dataclass(frozen=True)
@@ -58,18 +46,6 @@ class StepResult:
         """Streams whose status this step changed."""
         return ({w.stream for w in self.windows} | {r.item.lane for r in self.resolutions if r.item is not None}
                 | set(self.summarised))
-
-
-def stream_files(config: PipelineConfig, stream: StreamConfig, run: int, summary_every: int,
-                 earlier: EarlierOutputs) -> tuple[CaptionFiles | None, RollingSummaries | None]:
-    """A stream's files (a file's captions; rewritten with the `earlier` ones) and its rolling summaries."""
-    files = None
-    if not stream.live:
-        files = CaptionFiles(Path(config.out_dir) / stream.id, 1.0 / config.fps, earlier.captions)
-    summaries = None
-    if summary_every:
-        summaries = RollingSummaries.resumed(stream.id, run, summary_every, earlier.summaries, earlier.since_summary)
-    return files, summaries
 
 
 class Engine:

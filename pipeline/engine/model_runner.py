@@ -15,25 +15,10 @@ import torch
 from model import SlowFastVLM, TextQuery, VideoQuery
 
 from ..config import GenerationConfig, StandingQuestion, StreamConfig
+from ..messages import Reply, WindowReplies
 from ..window import FrameRef, FramesLost, Window
 
 FrameFetcher = Callable[[Sequence[FrameRef]], list[np.ndarray]]  # raises FramesLost for frames that are gone
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    yes_probability: float  # P(yes) / (P(yes) + P(no)) of the first answer token, same forward
-
-
-@dataclass(frozen=True)
-class WindowReplies:
-    """A window's features and the replies of every query due on it."""
-
-    window: Window
-    features: torch.Tensor
-    caption: Reply | None  # None: no caption due on this window
-    standing: list[tuple[StandingQuestion, Reply]]
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -15,19 +16,32 @@ from connectors.publisher import Publisher, PublishResult
 from connectors.redis_schema import Answer, AnswerKind, Caption, Event, EventPhase, Question, Summary, event_id
 from connectors.sources import redact_uri
 
-from ..config import StandingQuestion, StreamConfig, Trigger
+from ..config import PipelineConfig, StandingQuestion, StreamConfig, Trigger
+from ..messages import Reply, WindowReplies
 from ..outputs import CaptionFiles
 from ..pictures import window_picture
+from ..resume import EarlierOutputs
 from ..summaries import FinalSummary, RollingSummaries, SummaryTask, summary_markdown
 from ..window import Window
 from .events import EventTracker, OpenEvent
-from .model_runner import Reply, WindowReplies
 
 PictureSource = Callable[[Window], np.ndarray | bytes | None]  # the window's last frame (or its JPEG), None if gone
 # Takes a segment's window instead of publishing it: (window, replies or None, picture, error).
 Relay = Callable[[Window, WindowReplies | None, np.ndarray | None, str | None], None]
 # Told of each event record that opens or closes an event, after its window is published.
 EventListener = Callable[[StreamConfig, StandingQuestion, Event], None]
+
+
+def stream_files(config: PipelineConfig, stream: StreamConfig, run: int, summary_every: int,
+                 earlier: EarlierOutputs) -> tuple[CaptionFiles | None, RollingSummaries | None]:
+    """A stream's files (a file's captions; rewritten with the `earlier` ones) and its rolling summaries."""
+    files = None
+    if not stream.live:
+        files = CaptionFiles(Path(config.out_dir) / stream.id, 1.0 / config.fps, earlier.captions)
+    summaries = None
+    if summary_every:
+        summaries = RollingSummaries.resumed(stream.id, run, summary_every, earlier.summaries, earlier.since_summary)
+    return files, summaries
 
 
 @dataclass
