@@ -368,8 +368,9 @@ class Decoder:
     logged and the eager step is used from then on.
 
     `decode_attention` picks the step's attention kernel ("auto", "sdpa", "flex", "flash":
-    decode_attention.py); `self.decode_attention` is the backend it resolved to. After the
-    prefill each row's valid cache slots are contiguous and end at the prompt's last slot.
+    decode_attention.py); `self.decode_attention` is the backend it resolved to. For flash,
+    after the prefill each row's valid cache slots are contiguous and end at the prompt's
+    last slot. Rows with nothing to decode (a budget of 0) leave the batch after the prefill.
     """
 
     SLOT_BLOCK = 256
@@ -402,11 +403,21 @@ class Decoder:
             )
         return self._buffers[rows, slots]
 
-    def _slow_context(self, batch: PromptBatch, rows: int) -> SlowTokenContext:
-        length = _round_up(batch.slow.valid.shape[1], self.SLOT_BLOCK)
+    def _slow_context(self, slow: SlowTokenContext, has_visual: torch.Tensor, rows: int) -> SlowTokenContext:
+        length = _round_up(slow.valid.shape[1], self.SLOT_BLOCK)
         if (rows, length) not in self._slow_buffers:
-            self._slow_buffers[rows, length] = SlowBuffers.allocate(batch.slow, rows, length)
-        return self._slow_buffers[rows, length].load(batch.slow, batch.has_visual)
+            self._slow_buffers[rows, length] = SlowBuffers.allocate(slow, rows, length)
+        return self._slow_buffers[rows, length].load(slow, has_visual)
+
+    def _decode_rows_only(self, buffers: DecodeBuffers, keep: torch.Tensor, prompt_len: int, slots: int) -> DecodeBuffers:
+        """The prompt's cache of rows `keep`, copied into the buffers of their own (smaller) size."""
+        rows = len(keep)
+        smaller = self._decode_buffers(_next_power_of_two(rows) if self.compiled else rows, slots)
+        smaller.key_valid.zero_()
+        smaller.key_valid[:rows, :prompt_len] = buffers.key_valid[keep, :prompt_len]
+        for source, target in zip((*buffers.keys, *buffers.values), (*smaller.keys, *smaller.values)):
+            target[:rows, :, :prompt_len] = source[keep, :, :prompt_len]
+        return smaller
 
     def _prefill_heads(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int) -> int:
         """Prefill each shared head once, then copy its keys/values (and its slow tokens'
@@ -462,7 +473,7 @@ class Decoder:
             slow_context=batch.slow,
             logits_positions=slice(-1, None),
         )[:, -1].float()
-        if batch.prefix is not None:
+        if batch.prefix is not None and self.decode_attention == "flash":
             self._right_align_prompts(buffers, rows, prompt_len)
         return logits, prompt_len
 
@@ -483,7 +494,19 @@ class Decoder:
         buffers.key_valid.zero_()
         logits, prompt_len = self._prefill(batch, buffers, rows, settings)
         first_logits = logits.clone()  # the decode steps below overwrite `logits`
-        slow = self._slow_context(batch, padded_rows) if settings.decode_cross_attention and steps else None
+        all_budgets, lengths, has_visual, slow_source = budgets, batch.lengths, batch.has_visual, batch.slow
+        decoding = [row for row, budget in enumerate(budgets) if budget > 0]
+        if 0 < len(decoding) < rows:
+            # Rows that produce no token (probability-only questions) leave before decoding, so
+            # the steps run over the others alone: their cache moves to a bucket of their size.
+            keep = torch.tensor(decoding, device=device)
+            buffers = self._decode_rows_only(buffers, keep, prompt_len, slots)
+            logits, lengths, has_visual = logits[keep], lengths[keep], has_visual[keep]
+            slow_source = SlowTokenContext(None, slow_source.valid[keep], None,
+                                           {layer: (k[keep], v[keep]) for layer, (k, v) in slow_source.kv.items()})
+            rows, budgets = len(decoding), [budgets[row] for row in decoding]
+            padded_rows = buffers.key_valid.shape[0]
+        slow = self._slow_context(slow_source, has_visual, padded_rows) if settings.decode_cross_attention and steps else None
 
         processors = settings.processors()
         generator = None
@@ -496,7 +519,7 @@ class Decoder:
         stopped_by_token = torch.zeros(rows, dtype=torch.bool, device=device)
         tokens = torch.zeros(padded_rows, dtype=torch.long, device=device)
         first_positions = torch.zeros(padded_rows, 1, dtype=torch.long, device=device)
-        first_positions[:rows, 0] = batch.lengths
+        first_positions[:rows, 0] = lengths
         first_slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
 
         produced = steps
@@ -521,16 +544,14 @@ class Decoder:
             tokens[:rows] = next_tokens
             logits = (self.compiled_step or self.step)(tokens, first_positions + step, first_slot + step, buffers, slow)[:rows]
 
-        results = []
+        decoded = {}
         rows_out = generated[:, :produced].tolist()
-        for index, (row, by_token, row_budget) in enumerate(zip(rows_out, stopped_by_token.tolist(), budgets)):
+        for index, row, by_token, row_budget in zip(decoding or range(rows), rows_out, stopped_by_token.tolist(), budgets):
             row = row[:row_budget]
-            if by_token:
-                cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids)
-                results.append(GeneratedSequence(row[:cut], "stop", first_logits[index]))
-            else:
-                results.append(GeneratedSequence(row, "length", first_logits[index]))
-        return results
+            cut = next(i for i, tok in enumerate(row) if tok in stop_token_ids) if by_token else len(row)
+            decoded[index] = (row[:cut], "stop" if by_token else "length")
+        return [GeneratedSequence(*decoded.get(index, ([], "length")), first_logits[index])
+                for index in range(len(all_budgets))]
 
 
 def generate(

@@ -34,7 +34,7 @@ def step_logits(decoder, vlm, queries, decode_cross_attention):
     batch = vlm._batch(queries, room_for_answer=NEW_TOKENS)
     decoder.generate(batch, settings, [])  # fills the static cache with the prompt
     ((rows, slots), buffers), = decoder._buffers.items()
-    slow = decoder._slow_context(batch, rows) if decode_cross_attention else None
+    slow = decoder._slow_context(batch.slow, batch.has_visual, rows) if decode_cross_attention else None
     tokens = torch.arange(rows) + 5
     positions = torch.zeros(rows, 1, dtype=torch.long)
     positions[: len(queries), 0] = batch.lengths
@@ -109,6 +109,30 @@ def test_a_batch_that_has_finished_stops_stepping(tiny_vlm):
     assert [s.finish_reason for s in stopped] == ["stop", "stop"]
     assert [s.token_ids for s in stopped] == [first[: cuts[0]], second[: cuts[1]]]
     assert done_at <= len(steps) < done_at + decoder.STOP_CHECK_EVERY
+
+
+@pytest.mark.parametrize("decode_cross_attention", [False, True])
+def test_rows_with_nothing_to_decode_leave_the_batch_after_the_prefill(tiny_vlm, decode_cross_attention):
+    """Two clips, each with a question to answer in words and two scored only (budget 0): the
+    decode steps run over the two answering rows alone, and every row's tokens and scores are
+    those of the same batch decoding all its rows."""
+    first, second = feature_queries(tiny_vlm, (2, 4))
+    scored = [VideoQuery(features=q.features, question=text, max_new_tokens=0)
+              for q in (first, second) for text in ("Is it red?", "Is anything moving?")]
+    queries = [scored[0], first, scored[1], scored[2], second, scored[3]]
+    rows_stepped = []
+    hook = tiny_vlm.decoder.step.register_forward_hook(lambda _module, args, _out: rows_stepped.append(args[0].shape[0]))
+    try:
+        mixed = tiny_vlm.generate(queries, max_new_tokens=NEW_TOKENS, decode_cross_attention=decode_cross_attention)
+    finally:
+        hook.remove()
+    assert set(rows_stepped) == {2}
+    decoding_all = tiny_vlm.generate([VideoQuery(features=q.features, question=q.question) for q in queries],
+                                     max_new_tokens=NEW_TOKENS, decode_cross_attention=decode_cross_attention)
+    for index, (row, reference) in enumerate(zip(mixed, decoding_all)):
+        assert row.yes_probability == pytest.approx(reference.yes_probability, rel=1e-5)
+        expected = [] if queries[index].max_new_tokens == 0 else reference.token_ids
+        assert row.token_ids == expected
 
 
 def test_bf16_on_cpu(tiny_model_dir, tiny_vlm):

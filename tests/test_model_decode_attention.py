@@ -91,6 +91,7 @@ def test_after_the_prefill_each_rows_valid_slots_are_contiguous_and_end_at_the_p
     batch = tiny_vlm._batch(queries, NEW_TOKENS)
     assert batch.prefix is not None
     decoder = generation.Decoder(tiny_vlm.network)
+    decoder.decode_attention = "flash"  # the prefill it gets (flash itself cannot run here)
     prompt_len = batch.prefix.batch.valid.shape[1] + batch.valid.shape[1]
     buffers = decoder._decode_buffers(len(queries), generation._round_up(prompt_len + 1, decoder.SLOT_BLOCK))
     with torch.inference_mode():
