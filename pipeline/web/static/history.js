@@ -37,9 +37,32 @@ function hitItem(h) {
   return li;
 }
 
+const SEARCH_KINDS = [["", "everything"], ["caption", "captions"], ["answer", "answers"], ["event", "events"],
+                      ["summary", "summaries"]];
+const SEARCH_RANGES = [["", "all Redis holds"], ["1h", "last hour"], ["6h", "last 6 h"], ["24h", "last 24 h"],
+                       ["7d", "last 7 days"]];
+
+function choice(id, label, options) {
+  const select = el("select");
+  select.id = id; select.setAttribute("aria-label", label);
+  select.append(...options.map(([value, text]) => { const o = el("option", "", text); o.value = value; return o; }));
+  return select;
+}
+
+function searchControls(form) {
+  // One form for both pages; each page gives only its placeholder.
+  const input = el("input");
+  Object.assign(input, { id: "search-q", type: "search", maxLength: 2000, required: true, placeholder: form.dataset.placeholder });
+  input.setAttribute("aria-label", "search");
+  const button = el("button", "", "Search");
+  button.type = "submit";
+  form.append(input, choice("search-kind", "kind", SEARCH_KINDS), choice("search-since", "time range", SEARCH_RANGES), button);
+}
+
 function setupSearch(stream) {
   const form = document.getElementById("search");
   if (!form) return;
+  searchControls(form);
   const out = document.getElementById("hits"), status = document.getElementById("search-status");
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
