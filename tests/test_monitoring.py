@@ -120,10 +120,19 @@ streams:
         wait_until(lambda: (st := client.status("cam")) is not None and st.windows_gated >= 3
                    and st.deliveries_failed == 1)
         wait_until(lambda: (st := client.status("down")) is not None and st.reconnects >= 1)
-        wanted = {"clip": ("slowfast_events_opened_total", ""), "cam": ("slowfast_deliveries_failed_total", ""),
-                  "down": ("slowfast_reconnects_total", "")}
-        wait_until(lambda: all(key in exported(sid) for sid, key in wanted.items()), timeout=120)
-        metrics = {sid: exported(sid) for sid in wanted}
+        # Every sample read below, since Ray exports each on its own period after the status changed.
+        wanted = {"clip": [("slowfast_events_opened_total", "")],
+                  "cam": [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", "")],
+                  "down": [("slowfast_reconnects_total", "")]}
+        metrics: dict[str, dict] = {}
+
+        def caught_up() -> bool:  # the export has every sample, at the counts the statuses show
+            metrics.update({sid: exported(sid) for sid in wanted})
+            return (all(set(keys) <= metrics[sid].keys() for sid, keys in wanted.items())
+                    and metrics["cam"]["slowfast_windows_gated_total", ""] >= 3
+                    and metrics["clip"]["slowfast_events_opened_total", ""] == QUESTIONS)
+
+        wait_until(caught_up, timeout=120)
         cam_status, clip_status = client.status("cam"), client.status("clip")
         registered = client.stream("cam").config
     finally:

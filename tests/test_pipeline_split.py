@@ -162,10 +162,11 @@ def test_a_worker_or_ingest_killed_mid_segment_loses_no_window(
 
     lanes = LanesSeen()
     try:
-        # A failover far longer than a restart: the restarted worker always gets its lane back
-        # (a worker that died for good hands its segments over at once whatever this is).
+        # Restarted: a failover far longer than a restart, so the worker always gets its lane
+        # back however slow its restart. Gone: its segments move within seconds.
+        failover = 600.0 if fault == "worker restarted" else 5.0
         run = BackgroundRun(config_for(redis_url, tiny_model_dir, tmp_path, film, **TWO_WORKERS,
-                                       worker_failover_s=600.0))
+                                       worker_failover_s=failover))
         lanes.wait_for(worker=1, windows=2)
         running = set(lanes.done[1])
         if fault == "worker restarted":
