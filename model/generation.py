@@ -412,9 +412,10 @@ class Decoder:
     def _decode_rows_only(self, buffers: DecodeBuffers, keep: torch.Tensor, prompt_len: int, slots: int) -> DecodeBuffers:
         """The prompt's cache of rows `keep`, copied into the buffers of their own (smaller) size."""
         rows = len(keep)
+        valid = buffers.key_valid[keep, :prompt_len]  # read first: padded, both sizes can be one bucket
         smaller = self._decode_buffers(_next_power_of_two(rows) if self.compiled else rows, slots)
         smaller.key_valid.zero_()
-        smaller.key_valid[:rows, :prompt_len] = buffers.key_valid[keep, :prompt_len]
+        smaller.key_valid[:rows, :prompt_len] = valid
         for source, target in zip((*buffers.keys, *buffers.values), (*smaller.keys, *smaller.values)):
             target[:rows, :, :prompt_len] = source[keep, :, :prompt_len]
         return smaller

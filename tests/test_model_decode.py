@@ -135,6 +135,22 @@ def test_rows_with_nothing_to_decode_leave_the_batch_after_the_prefill(tiny_vlm,
         assert row.token_ids == expected
 
 
+@torch.inference_mode()
+def test_padded_rows_that_leave_share_the_answering_rows_bucket(tiny_vlm):
+    """Compiled, 4 rows with 3 answering both pad to 4: the answering rows' cache is copied
+    within one bucket, and their tokens are those of decoding every row."""
+    first, second = feature_queries(tiny_vlm, (2, 4))
+    queries = [first, VideoQuery(features=first.features, question="Is it red?", max_new_tokens=0), second,
+               VideoQuery(features=second.features, question="Is it blue?")]
+    decoder = generation.Decoder(tiny_vlm.network, compile=True, backend=TRACE_ONLY)
+    settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS)
+    budgets = [NEW_TOKENS, 0, NEW_TOKENS, NEW_TOKENS]
+    mixed = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [], budgets)
+    assert decoder.compiled and list(decoder._buffers) == [(4, next(iter(decoder._buffers))[1])]
+    every_row = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [], [NEW_TOKENS] * 4)
+    assert [row.token_ids for row in mixed] == [r.token_ids if b else [] for r, b in zip(every_row, budgets)]
+
+
 def test_bf16_on_cpu(tiny_model_dir, tiny_vlm):
     """The 64-frame path (temporal group pooling) and generation run in bf16 on CPU."""
     bf16 = SlowFastVLM.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.bfloat16)
