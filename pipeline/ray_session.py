@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -25,10 +27,17 @@ log = logging.getLogger("slowfast.pipeline")
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_max_num_task_in_gcs": 1000}
 
 
+# Ray waits a fixed 30 s for a new local raylet to register with its GCS, and on a host busy
+# enough (other runs starting beside this one) gives up with the GCS and raylet still running.
+# Those are stopped and the local Ray started again before the run fails.
+LOCAL_START_ATTEMPTS = 3
+LOCAL_START_TIMED_OUT = "timed out during startup"
+
+
 @contextlib.contextmanager
-def processes_in_their_own_group() -> Iterator[None]:
+def processes_in_their_own_group() -> Iterator[list[subprocess.Popen]]:
     """Processes Ray starts meanwhile (a local Ray's GCS and raylet, and through the raylet the
-    actors) each lead a process group of their own.
+    actors) each lead a process group of their own; the list yielded collects them.
 
     A signal to the run's whole process group (systemd's and `tini -g`'s way of stopping a
     service, `kill -TERM -PGID`) then reaches the driver alone, which drains as for a signal
@@ -37,16 +46,28 @@ def processes_in_their_own_group() -> Iterator[None]:
     from ray._private import services  # Ray starts every process through this class
 
     original = services.ConsolePopen
+    started: list[subprocess.Popen] = []
 
     class OwnGroupPopen(original):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, process_group=0, **kwargs)
+            started.append(self)
 
     services.ConsolePopen = OwnGroupPopen
     try:
-        yield
+        yield started
     finally:
         services.ConsolePopen = original
+
+
+def stop_process_groups(processes: list[subprocess.Popen]) -> None:
+    """SIGKILL each process's group (it leads one): a raylet's workers and agents go with it."""
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=10)
 
 
 def start_ray(config: PipelineConfig) -> bool:
@@ -67,11 +88,21 @@ def start_ray(config: PipelineConfig) -> bool:
             options["_metrics_export_port"] = config.metrics_port
     main = threading.current_thread() is threading.main_thread()
     kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    local = processes_in_their_own_group() if config.ray_address is None else contextlib.nullcontext()
     try:
-        with local:
-            ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False, **options)
+        for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+            local = processes_in_their_own_group() if config.ray_address is None else contextlib.nullcontext([])
+            with local as started:
+                try:
+                    ray.init(address=config.ray_address, namespace=config.ray_namespace, include_dashboard=False,
+                             log_to_driver=False, configure_logging=False, **options)
+                    break
+                except Exception as exc:
+                    if not (started and LOCAL_START_TIMED_OUT in str(exc) and attempt < LOCAL_START_ATTEMPTS):
+                        raise
+                    log.warning("the local Ray node did not start within Ray's 30 s (a busy host?): "
+                                "starting it again (%d of %d)", attempt + 1, LOCAL_START_ATTEMPTS)
+                    stop_process_groups(started)
+                    ray.shutdown()
     except SystemExit as exc:
         if not (main and exc.code == signal.SIGTERM and callable(kept[signal.SIGTERM])):
             raise

@@ -134,7 +134,7 @@ def test_two_workers_give_the_single_workers_captions_window_for_window(
     lanes = LanesSeen()
     try:
         run = BackgroundRun(config_for(redis_url, tiny_model_dir, tmp_path, film, **TWO_WORKERS))
-        result = run.finish(stop=False, timeout=900 if fault == "worker restarted" else 300)
+        result = run.finish(stop=False, timeout=600)
     finally:
         seen = lanes.finish()
     assert any("stream film split into 3 segments of about 10 windows over 2 model workers" in e

@@ -236,3 +236,27 @@ def test_a_killed_run_takes_its_embedded_redis_with_it(clip, tmp_path, tiny_mode
             os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):  # Ray's agents take a minute or two to notice
             os.killpg(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow(seconds=90)
+def test_a_local_ray_that_does_not_start_in_time_is_started_again(clip, tmp_path, tiny_model_dir):
+    """Ray gives a new raylet 30 s to register with its GCS; on a busy host it may take longer.
+    A raylet frozen at start (SIGSTOP) stands for that: the run stops it and its GCS, starts
+    Ray again and runs, and the stopped processes do not outlive the retry."""
+    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
+    try:
+        deadline = time.monotonic() + 60
+        while not (raylets := [int(line.split()[1]) for line in session_processes(run.pid)
+                               if line.split()[2] == "raylet"]):
+            assert time.monotonic() < deadline and run.proc.poll() is None, "no raylet started"
+            time.sleep(0.05)
+        frozen = raylets[0]
+        os.kill(frozen, signal.SIGSTOP)
+        run.wait_for_line(CAPTIONED, timeout=300)
+        assert not is_running(frozen)
+        log = (tmp_path / "out" / "slowfast.log").read_text()
+        assert "the local Ray node did not start within Ray's 30 s (a busy host?): starting it again (2 of 3)" in log
+        os.kill(run.pid, signal.SIGTERM)
+        assert run.proc.wait(timeout=120) == 0
+    finally:
+        run.close()
