@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -109,6 +110,7 @@ class ModelWorker:
         self.batch_windows = Histogram("slowfast_batch_windows", "windows per batched model call",
                                        boundaries=[1, 2, 4, 8, 16, 32])
         self.status_metrics = StatusMetrics()
+        self.status_lock = threading.Lock()
 
     @staticmethod
     def load_model(config: PipelineConfig, model_path: str):
@@ -196,9 +198,13 @@ class ModelWorker:
         await asyncio.to_thread(self._publish_status, stream)
 
     def _publish_status(self, stream: str) -> None:
-        status = self.engine.publish_status(stream)
-        if status is not None:
-            self.status_metrics.export(status)
+        # Statuses are built and exported one at a time, in order: the export counts how much each
+        # count grew since the status before, and two threads interleaved counted a growth twice
+        # (or an older status, exported after a newer one, read as a count that started over).
+        with self.status_lock:
+            status = self.engine.publish_status(stream)
+            if status is not None:
+                self.status_metrics.export(status)
 
     async def answer(self, question: Question):
         return await asyncio.to_thread(self.engine.answer, question)

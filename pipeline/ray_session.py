@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from .config import PipelineConfig
+from .startup import free_port_on_all_interfaces, port_is_free
 
 log = logging.getLogger("slowfast.pipeline")
 
@@ -27,9 +28,10 @@ log = logging.getLogger("slowfast.pipeline")
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_max_num_task_in_gcs": 1000}
 
 
-# Ray waits a fixed 30 s for a new local raylet to register with its GCS, and on a host busy
-# enough (other runs starting beside this one) gives up with the GCS and raylet still running.
-# Those are stopped and the local Ray started again before the run fails.
+# Ray waits a fixed 30 s for a new local raylet to register with its GCS and gives up, the GCS
+# and raylet still running, when the host is too busy or the raylet died at start (its metrics
+# agent could not bind the port). Those are stopped and the local Ray started again before the
+# run fails.
 LOCAL_START_ATTEMPTS = 3
 LOCAL_START_TIMED_OUT = "timed out during startup"
 
@@ -103,6 +105,13 @@ def start_ray(config: PipelineConfig) -> bool:
                                 "starting it again (%d of %d)", attempt + 1, LOCAL_START_ATTEMPTS)
                     stop_process_groups(started)
                     ray.shutdown()
+                    # Its metrics port was free before the start; another run starting at the same
+                    # moment may have taken it, and the raylet dies with an agent that cannot bind.
+                    port = options.get("_metrics_export_port")
+                    if port and not port_is_free(port):
+                        options["_metrics_export_port"] = free_port_on_all_interfaces()
+                        log.warning("metrics port %d was taken while Ray started (another run?): serving "
+                                    "metrics on %d instead", port, options["_metrics_export_port"])
     except SystemExit as exc:
         if not (main and exc.code == signal.SIGTERM and callable(kept[signal.SIGTERM])):
             raise

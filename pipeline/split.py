@@ -256,6 +256,10 @@ class SplitFile:
             try:
                 summary: StreamSummary = done.result()
             except ray.exceptions.RayActorError:  # died mid-segment: Ray restarts it, wait again
+                # The restart is made with the worker the lane started on, which may since have
+                # died for good (its segment moved): it would wait for that worker forever.
+                if (assignment := self.split.active.get(lane)) is not None:
+                    actor.retarget.remote(self.worker_names[assignment.worker])
                 self.ingests[lane] = (actor, asyncio.ensure_future(actor.run.remote()))
                 continue
             workers = {lane: a.worker for lane, a in self.split.active.items()}
@@ -309,7 +313,9 @@ class SplitFile:
         for lane, assignment in self.split.worker_lost(index):
             await self._add_lane(lane, assignment.worker)
             actor, _ = self.ingests[lane]
-            await actor.retarget.remote(self.worker_names[assignment.worker])
+            # An ingest dying meanwhile gets the new worker when its restart is watched again.
+            with contextlib.suppress(*GONE, *NOT_NOW):
+                await asyncio.wait_for(actor.retarget.remote(self.worker_names[assignment.worker]), CALL_TIMEOUT_S)
             log.warning("%s: segment %d moved from model worker %d (%s) to worker %d", self.stream.id,
                         assignment.segment.index, index, reason, assignment.worker)
 

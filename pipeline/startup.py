@@ -63,21 +63,29 @@ def local_metrics_port(config: PipelineConfig) -> tuple[int, str | None]:
     set that is busy is a ConfigError; the default, when busy (another run on the host), gives
     way to a free port."""
     port = config.metrics_port
-    if config.ray_address is not None or port == 0:
+    if config.ray_address is not None or port == 0 or port_is_free(port):
         return port, None
-    with socket.socket() as probe:
-        try:
-            probe.bind(("0.0.0.0", port))
-            return port, None
-        except OSError:
-            pass
     if "metrics_port" in config.model_fields_set:
         raise ConfigError(f"metrics_port {port} is in use (another run?): choose another with --metrics-port, "
                           f"SLOWFAST_METRICS_PORT or metrics_port (0: any free port)")
+    free = free_port_on_all_interfaces()
+    return free, f"metrics port {port} is in use; serving metrics on {free} instead"
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind `port` on every interface now (as Ray's metrics export does)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_on_all_interfaces() -> int:
     with socket.socket() as probe:
         probe.bind(("0.0.0.0", 0))
-        free = probe.getsockname()[1]
-    return free, f"metrics port {port} is in use; serving metrics on {free} instead"
+        return probe.getsockname()[1]
 
 
 def resolve_model(config: PipelineConfig, on_event: Callable[[str], None]) -> str:

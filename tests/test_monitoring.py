@@ -122,7 +122,8 @@ streams:
         wait_until(lambda: (st := client.status("down")) is not None and st.reconnects >= 1)
         # Every sample read below, since Ray exports each on its own period after the status changed.
         wanted = {"clip": [("slowfast_events_opened_total", "")],
-                  "cam": [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", "")],
+                  "cam": [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", ""),
+                          ("slowfast_events_opened_total", "")],
                   "down": [("slowfast_reconnects_total", "")]}
         metrics: dict[str, dict] = {}
 
@@ -160,7 +161,9 @@ streams:
     delays = [a.at - a.event["created_at"] for a in receiver.accepted() if a.headers["x-slowfast-attempt"] == "1"]
     print(f"\nwindow published -> webhook arrival over a real run: median {statistics.median(delays) * 1000:.0f} ms, "
           f"max {max(delays) * 1000:.0f} ms, {len(delays)} deliveries at their first attempt")
-    assert len(delays) >= QUESTIONS and statistics.median(delays) < 1.0
+    # Tens of ms on a quiet machine, over 1 s with two other runs on its two cores: the bound
+    # catches a delivery that waits for something (a retry's backoff, the run's end), not speed.
+    assert len(delays) >= QUESTIONS and statistics.median(delays) < 5.0
 
     # Status and metrics agree on what an operator alerts on.
     assert (cam_status.events_opened, cam_status.events_open) == (1, 1)
@@ -169,9 +172,7 @@ streams:
     cam, clip_metrics, down = metrics["cam"], metrics["clip"], metrics["down"]
     assert cam["slowfast_stream_state", "live"] == 1 and cam["slowfast_stream_state", "reconnecting"] == 0
     assert cam["slowfast_windows_gated_total", ""] >= 3
-    # Known defect: the exported count of openings sometimes exceeds the status's (3 for 1 seen
-    # once in five runs); the status and the open-events gauge are exact.
-    assert cam["slowfast_events_opened_total", ""] >= 1 and cam["slowfast_events_open", ""] == 1
+    assert cam["slowfast_events_opened_total", ""] == 1 and cam["slowfast_events_open", ""] == 1
     assert cam["slowfast_deliveries_failed_total", ""] == 1
     assert clip_metrics["slowfast_events_opened_total", ""] == QUESTIONS and clip_metrics["slowfast_events_open", ""] == 0
     assert down["slowfast_stream_state", "live"] == 0 and down["slowfast_reconnects_total", ""] >= 1

@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.embedded import EmbeddedRedis, find_server_binary
+from connectors.embedded import EmbeddedRedis, find_server_binary, free_port
 from tests.support.media import cfr_times, make_clip
 
 
@@ -239,23 +240,29 @@ def test_a_killed_run_takes_its_embedded_redis_with_it(clip, tmp_path, tiny_mode
 
 
 @pytest.mark.slow(seconds=90)
-def test_a_local_ray_that_does_not_start_in_time_is_started_again(clip, tmp_path, tiny_model_dir):
-    """Ray gives a new raylet 30 s to register with its GCS; on a busy host it may take longer.
-    A raylet frozen at start (SIGSTOP) stands for that: the run stops it and its GCS, starts
-    Ray again and runs, and the stopped processes do not outlive the retry."""
-    run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
+def test_a_metrics_port_taken_while_ray_starts_restarts_ray_on_another(clip, tmp_path, tiny_model_dir):
+    """Two runs started at the same moment both find the default metrics port free; the
+    second's Ray agent then cannot bind it, its raylet dies and Ray gives up after 30 s. Here
+    the port is taken once the raylet is up: the run stops that Ray (its GCS does not outlive
+    the retry), starts it again on another port and runs."""
+    port = free_port()
+    run = SlowfastProcess([*run_args(clip, tmp_path, tiny_model_dir), "--metrics-port", str(port)])  # embedded Redis
     try:
         deadline = time.monotonic() + 60
-        while not (raylets := [int(line.split()[1]) for line in session_processes(run.pid)
-                               if line.split()[2] == "raylet"]):
+        while not any(line.split()[2] == "raylet" for line in session_processes(run.pid)):
             assert time.monotonic() < deadline and run.proc.poll() is None, "no raylet started"
-            time.sleep(0.05)
-        frozen = raylets[0]
-        os.kill(frozen, signal.SIGSTOP)
-        run.wait_for_line(CAPTIONED, timeout=300)
-        assert not is_running(frozen)
+            time.sleep(0.02)
+        first_gcs = [int(line.split()[1]) for line in session_processes(run.pid) if line.split()[2] == "gcs_server"]
+        with socket.socket() as taken:
+            taken.bind(("0.0.0.0", port))
+            taken.listen()
+            run.wait_for_line(CAPTIONED, timeout=300)
+        assert first_gcs and not any(map(is_running, first_gcs))
         log = (tmp_path / "out" / "slowfast.log").read_text()
         assert "the local Ray node did not start within Ray's 30 s (a busy host?): starting it again (2 of 3)" in log
+        assert f"metrics port {port} was taken while Ray started (another run?): serving metrics on" in log
+        metrics = next(line for line in run.out if line.startswith("metrics "))
+        assert f":{port}/" not in metrics, metrics
         os.kill(run.pid, signal.SIGTERM)
         assert run.proc.wait(timeout=120) == 0
     finally:
