@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bench.rtsp import rtsp_server_available
+from tests.support.system_parts import missing_part
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"(-?\d+(?:\.\d+)?)"
@@ -58,7 +59,7 @@ def test_the_authors_way_keeps_no_autograd_graph(tiny_vlm):
     assert torch.is_inference(authors_features(tiny_vlm, torch.zeros(2, 3, 576, 576), 2))
 
 
-@pytest.mark.slow(seconds=250)
+@pytest.mark.slow(seconds=135)
 @pytest.mark.timeout(1500)
 def test_model_bench_prints_ratios_against_baselines(tmp_path):
     """The smoke run compiles with inductor on CPU: the CUDA default's branches run here too."""
@@ -104,7 +105,7 @@ def test_decode_bench_prints_each_reader_against_ffmpeg(tmp_path):
     assert rows["ffmpeg -f null"] == 1.0
 
 
-@pytest.mark.slow(seconds=130)
+@pytest.mark.slow(seconds=60)
 @pytest.mark.timeout(600)
 def test_pipeline_bench_prints_the_pipeline_against_the_model_alone(tmp_path):
     out = run_bench("pipeline_bench", tmp_path)
@@ -121,11 +122,12 @@ def test_pipeline_bench_prints_the_pipeline_against_the_model_alone(tmp_path):
     assert figure(r"^live streams sustained without skipping: {N}$", out)[0] in (0, 1)
 
 
-@pytest.mark.slow(seconds=70)
-@pytest.mark.timeout(600)
-def test_long_video_bench_prints_one_hour_measured_and_derived(tmp_path):
-    out = run_bench("long_video_bench", tmp_path)
-    figure(r"^clip 4 s \(30 fps H.264 640x360, B-frames\): {N} windows, {N} rolling summaries", out)
+@pytest.mark.slow(seconds=105)
+@pytest.mark.timeout(900)
+def test_long_video_bench_prints_one_hour_and_the_split_over_two_workers_measured_and_derived(tmp_path):
+    out = run_bench("long_video_bench", tmp_path, "--workers", "2", "--seconds", "24", "--split-min-s", "2",
+                    timeout=840)
+    figure(r"^clip 24 s \(30 fps H.264 640x360, B-frames\): {N} windows, {N} rolling summaries", out)
     for part in ("decode alone", "model alone"):
         clip_s, hour_s = figure(rf"^  {part} +{{N}} s for the clip.* -> +{{N}} s per hour", out)
         assert clip_s > 0 and hour_s > 0
@@ -135,13 +137,6 @@ def test_long_video_bench_prints_one_hour_measured_and_derived(tmp_path):
     assert seconds > 0 and real_time == pytest.approx(seconds / 3600, abs=0.01)
     (gpu_hour,) = figure(r"^  ONE HOUR: ~{N} s \(the larger of the two; they overlap\)$", out)
     assert gpu_hour > 0
-
-
-@pytest.mark.slow(seconds=140)
-@pytest.mark.timeout(900)
-def test_long_video_bench_with_two_workers_prints_the_measured_speed_up_and_the_derived_gpu_hour(tmp_path):
-    out = run_bench("long_video_bench", tmp_path, "--workers", "2", "--seconds", "24", "--split-min-s", "2",
-                    timeout=840)
     size, frames = figure(r"^SPLIT over 2 model workers: 2 segments of about {N} windows over 2 model workers "
                           r"\({N} sampled frames\)$", out)
     assert (size, frames) == (12, 96)  # 24 s at 4 fps: 23 windows of 8 at stride 4
@@ -182,7 +177,7 @@ def test_gate_bench_prints_windows_and_frames_with_and_without_the_gate(tmp_path
     assert windows == round(with_gate[0] / without[0], 3) and 0 < frames < 1
 
 
-@pytest.mark.slow(seconds=180)
+@pytest.mark.slow(seconds=120)
 @pytest.mark.timeout(1200)
 def test_soak_keeps_every_stream_and_file_window_through_two_faults(tmp_path):
     """The short soak: the real run (an RTSP camera, a looping file, a long file started again when
@@ -191,7 +186,7 @@ def test_soak_keeps_every_stream_and_file_window_through_two_faults(tmp_path):
     follower that stops, descriptors, threads or the object store that pile up within the minute,
     or a run that does not drain on SIGTERM to its group fails it."""
     if not rtsp_server_available():
-        pytest.skip("gst-rtsp-server not installed (make system-deps)")
+        missing_part("gst-rtsp-server", "make system-deps")
     out = tmp_path / "soak"
     text = run_bench("soak", tmp_path, "--out", str(out), timeout=1100)
     faults = re.findall(r"^ +\d+ s (\w+) +.*: down (\S+) s; live again within (\S+) s; captions again within (\S+) s$",
