@@ -61,7 +61,10 @@ def run_pipeline(
                 target=lambda: [on_caption(c) for c in SlowFastClient(redis_url).follow(stop=printer_stop)], daemon=True
             )
             printer.start()
-        if not ray.is_initialized() and not start_ray(config):
+        # ray.init turns a SIGTERM into its own exit (start_ray is then False) but leaves SIGINT to
+        # the caller's handler, which only sets `stop`: both stop the run before a stream starts.
+        if not ray.is_initialized() and (not start_ray(config) or stop.is_set()):
+            ray.shutdown()
             on_event("stopped while Ray was starting")
             printer_stop.set()
             return {}

@@ -267,3 +267,37 @@ def test_a_metrics_port_taken_while_ray_starts_restarts_ray_on_another(clip, tmp
         assert run.proc.wait(timeout=120) == 0
     finally:
         run.close()
+
+
+@pytest.mark.slow(seconds=30)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_ray_starts_stops_the_run_before_any_stream_starts(signum, clip, tmp_path, tiny_model_dir):
+    """ray.init takes SIGTERM for itself (it raises SystemExit) and leaves SIGINT to the run's
+    handler; either way the run stops before a stream starts: one line, exit 0, no traceback,
+    nothing registered in Redis and nothing of the run left running."""
+    from connectors.redis_conn import connect
+    from connectors.redis_schema import Keys
+
+    with EmbeddedRedis() as server:
+        run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir, server.url))
+        try:
+            # The GCS is the first process ray.init starts; its raylet, the node's registration
+            # and the driver's connection are still to come.
+            deadline = time.monotonic() + 120
+            while not any(line.split()[2] == "gcs_server" for line in session_processes(run.pid)):
+                assert time.monotonic() < deadline and run.proc.poll() is None, "no gcs_server started"
+                time.sleep(0.02)
+            run.proc.send_signal(signum)
+            code = run.proc.wait(timeout=120)
+            run.output_read()
+            output = "".join(run.out) + "".join(run.err)
+            assert code == 0, output
+            assert "stopped while Ray was starting" in output and "stopping: draining" not in output
+            assert "Traceback" not in output
+            assert connect(server.url).hgetall(Keys().registry) == {}  # no stream was started
+            deadline = time.monotonic() + 30
+            while session_processes(run.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert session_processes(run.pid) == []
+        finally:
+            run.close()
