@@ -4,6 +4,8 @@ from an in-memory store. The Ray shell adds only transport to this (tests/test_p
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +15,8 @@ import pytest
 from connectors.client import SlowFastClient
 from connectors.publisher import Publisher
 from connectors.redis_schema import IngestState, Question, QuestionKind, SummaryKind
-from model import Generation, VideoQuery
+from model import Generation, SlowFastVLM, VideoQuery
+from model.random_checkpoint import write_random_checkpoint
 from pipeline.config import StreamConfig, load_config
 from pipeline.engine import Engine, EarlierOutputs
 from pipeline.messages import IngestReport
@@ -339,3 +342,63 @@ def test_a_flickering_trigger_makes_one_event_with_a_start_updates_and_an_end(
     assert len({e.event_id for e in events if e.first_window == expected[0][0]}) == 1
     opened = SlowFastClient(redis_url).open_events("file")
     assert [e.event_id for e in opened] == ([events[-1].event_id] if expected[-1][1] == "opened" else [])
+
+
+def ask_in_background(engine: Engine, question: Question) -> tuple[threading.Thread, dict]:
+    """`engine.answer` in a thread, as the worker calls it beside its step loop."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(answer=engine.answer(question)))
+    thread.start()
+    return thread, result
+
+
+def wait_for_rider(engine: Engine, stream: str) -> None:
+    deadline = time.monotonic() + 30
+    while not engine.riders.get(stream):
+        assert time.monotonic() < deadline, "the question never waited for the window"
+        time.sleep(0.01)
+
+
+def test_an_ad_hoc_question_rides_its_streams_waiting_window_on_that_windows_prefill(tiny_vlm, redis_url, tmp_path):
+    """Asked while window 1 waits for the model: the question joins its batch (one model call:
+    caption and question on one prefill), and its answer is what the model gives it alone on
+    window 1's features, text and P(yes)."""
+    windows, store = windows_of("cam", 2, live=True, seed=5)
+    model = CountingModel(tiny_vlm)
+    engine = make_engine(model, redis_url, store.fetch, tmp_path)
+    engine.add_stream(StreamConfig(id="cam", source="rtsp://cam/1"), run=1, live=True, summary_every=0)
+    engine.submit(windows[0], 0)
+    run_all(engine)
+    engine.submit(windows[1], 1)
+    model.calls.clear()
+    thread, result = ask_in_background(engine, Question(id="q1", stream="cam", text="Is it red?", kind=QuestionKind.YESNO))
+    wait_for_rider(engine, "cam")
+    assert run_all(engine) == {1: Outcome.DONE}
+    thread.join(timeout=60)
+    assert model.calls == [["VideoQuery", "VideoQuery"]]  # the caption and the question, one call
+    answer = result["answer"]
+    features = engine.runner.rings["cam"].latest[1]  # window 1's
+    (alone,) = tiny_vlm.generate([VideoQuery(features=features, question="Is it red?")], max_new_tokens=3)
+    assert (answer.error, answer.window, answer.text) == (None, 1, alone.text)
+    assert answer.probability == pytest.approx(alone.yes_probability, rel=1e-4)
+
+
+def test_a_riding_question_the_model_refuses_gets_its_error_and_the_window_its_caption(tmp_path_factory, redis_url, tmp_path):
+    """A question too long for the model's context, asked while a window waits: the window is
+    captioned as if it had not been asked, and the question gets the model's refusal."""
+    vlm = SlowFastVLM.from_pretrained(write_random_checkpoint(
+        tmp_path_factory.mktemp("short-context"), seed=0, max_position_embeddings=600,
+        tokenizer_model_max_length=600), device="cpu")
+    windows, store = windows_of("cam", 2, live=True, seed=5)
+    engine = make_engine(vlm, redis_url, store.fetch, tmp_path)
+    engine.add_stream(StreamConfig(id="cam", source="rtsp://cam/1"), run=1, live=True, summary_every=0)
+    engine.submit(windows[0], 0)
+    run_all(engine)
+    engine.submit(windows[1], 1)
+    thread, result = ask_in_background(engine, Question(id="q1", stream="cam", text="Is it red? " * 170))
+    wait_for_rider(engine, "cam")
+    step = engine.step()  # the window is done by this one step, not failed and retried
+    assert {r.token: r.outcome for r in step.resolutions} == {1: Outcome.DONE}
+    thread.join(timeout=60)
+    assert result["answer"].error.startswith("prompt is ") and result["answer"].window == 1
+    assert [c.window for c in SlowFastClient(redis_url).history("cam") if c.error is None and c.text] == [0, 1]

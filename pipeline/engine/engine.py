@@ -3,7 +3,10 @@ window, the model runner does the model work, the output processor publishes. No
 
 Thread-safety: `submit`, `ingest_report` and the stats take a short lock and may run beside
 a `step()` that is inside its model call; everything that calls the model (`step`,
-`answer`) or changes the set of streams takes the model lock, one at a time.
+`answer`) or changes the set of streams takes the model lock, one at a time. An ad-hoc
+question asked while a window of its stream waits for the model rides that window's batch
+(one prefill for the window's caption, standing questions and it); `answer` then waits for
+the step instead of taking the model lock.
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ class StepResult:
                 | set(self.summarised))
 
 
+# How long an ad-hoc question waits for a batch to take it along before it is asked on its own.
+RIDE_WAIT_S = 10.0
+
+
+@dataclass(eq=False)
+class _Rider:
+    """An ad-hoc question waiting to ride its stream's next window through the model."""
+
+    question: Question
+    answer: Answer | None = None  # None once done: released, to be asked on its own
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 class Engine:
     def __init__(self, config: PipelineConfig, vlm: SlowFastVLM, publisher: Publisher, fetch_frames: FrameFetcher,
                  model_name: str, notifier: Notifier | None = None):
@@ -61,6 +77,7 @@ class Engine:
         self.reports: dict[str, IngestReport] = {}
         self.fps_out: dict[str, RateMeter] = {}
         self.files_ended: deque[str] = deque()  # files whose final summary is still to write
+        self.riders: dict[str, list[_Rider]] = {}  # stream -> ad-hoc questions for its next window
         self._lock = threading.Lock()  # scheduler, reports: held briefly, never across a model call
         self._model_lock = threading.Lock()  # the model and the set of streams: one at a time
 
@@ -85,6 +102,7 @@ class Engine:
             self.outputs.remove_stream(stream)
             self.reports.pop(stream, None)
             self.fps_out.pop(stream, None)
+            self._release(self.riders.pop(stream, []))
             if stream in self.files_ended:
                 self.files_ended.remove(stream)
         return resolutions
@@ -146,12 +164,34 @@ class Engine:
         windows = [w for w in batch.payloads if w.stream in self.runner.streams]
         unchanged = {id(w) for w in windows if w.gated and self.outputs.can_repeat(w.stream)}
         to_model = [w for w in windows if id(w) not in unchanged]
+        riders = self._take_riders(windows, to_model)
+        try:
+            return self._run_model(batch, windows, unchanged, to_model, riders)
+        finally:
+            self._release([rider for _, rider in riders])  # those the call did not answer
+
+    def _take_riders(self, windows: list[Window], to_model: list[Window]) -> list[tuple[Window, _Rider]]:
+        """The ad-hoc questions that ride this batch, each on its stream's newest window in it.
+        Those of a stream whose windows here are all unchanged (no model call) are released."""
+        newest = {w.stream: w for w in to_model}
+        with self._lock:
+            for stream in {w.stream for w in windows} - newest.keys():
+                self._release(self.riders.pop(stream, []))
+            return [(newest[s], rider) for s in newest for rider in self.riders.pop(s, [])]
+
+    @staticmethod
+    def _release(riders: Sequence[_Rider]) -> None:
+        for rider in riders:
+            rider.done.set()
+
+    def _run_model(self, batch: Batch, windows: list[Window], unchanged: set[int], to_model: list[Window],
+                   riders: list[tuple[Window, _Rider]]) -> tuple[Any, str | None]:
         # Rolling summaries take the batch's free window slots, never a window's place.
         summary_tasks = self.outputs.due_summaries(room=self.config.batch_size - len(windows))
         try:
-            replies, summary_replies = ([], [])
+            replies, summary_replies, asked = ([], [], [])
             if to_model or summary_tasks:
-                replies, summary_replies = self.runner.run_windows(to_model, [t.prompt for t in summary_tasks])
+                replies, summary_replies, asked = self._model_call(to_model, summary_tasks, riders)
         except FramesLost as exc:  # not the model's fault: the scheduler re-queues or drops it
             self.outputs.summaries_abandoned(summary_tasks)
             log.warning("window %d of %s: %s", exc.window.seq, exc.window.stream, exc)
@@ -160,6 +200,10 @@ class Engine:
             self.outputs.summaries_abandoned(summary_tasks)
             log.exception("processing failed for windows %s", [(w.stream, w.seq) for w in windows])
             return None, f"{type(exc).__name__}: {exc}"
+        for (window, rider), reply in zip(riders, asked):
+            rider.answer = self.outputs.adhoc_answer(rider.question, window, reply,
+                                                     with_probability=rider.question.kind == QuestionKind.YESNO)
+            rider.done.set()
         by_window = {id(r.window): r for r in replies}
         try:
             self.outputs.summaries_done(summary_tasks, [r.text for r in summary_replies])
@@ -174,6 +218,17 @@ class Engine:
             log.exception("publishing failed for windows %s", [(w.stream, w.seq) for w in windows])
             return None, f"{type(exc).__name__}: {exc}"
         return None, None
+
+    def _model_call(self, to_model: list[Window], summary_tasks: list, riders: list[tuple[Window, _Rider]]):
+        asked = [(window, rider.question.text) for window, rider in riders]
+        try:
+            return self.runner.run_windows(to_model, [t.prompt for t in summary_tasks], asked)
+        except ValueError:  # ModelInputError: a question the model refuses must not fail the windows
+            if not asked:
+                raise
+            self._release([rider for _, rider in riders])
+            riders.clear()  # asked on their own, where a refusal is their error reply
+            return self.runner.run_windows(to_model, [t.prompt for t in summary_tasks])
 
     def _final_summary_step(self) -> StepResult | None:
         if not self.files_ended:
@@ -207,7 +262,23 @@ class Engine:
 
     # ---- ad-hoc questions ------------------------------------------------------------------
     def answer(self, question: Question) -> Answer:
-        """Answer on the stream's latest window, or an error reply saying why not."""
+        """Answer on the stream's next window when one waits for the model (sharing its
+        prefill), else on its latest window; or an error reply saying why not."""
+        rider = _Rider(question)
+        with self._lock:
+            riding = self.scheduler.waiting(question.stream) > 0
+            if riding:
+                self.riders.setdefault(question.stream, []).append(rider)
+        if riding:
+            rider.done.wait(RIDE_WAIT_S)
+            with self._lock:
+                waiting = self.riders.get(question.stream, [])
+                if rider in waiting:  # no batch took it in time: asked on its own
+                    waiting.remove(rider)
+                    rider.done.set()
+            rider.done.wait()  # a step that took it answers or releases it when its call ends
+            if rider.answer is not None:
+                return rider.answer
         with self._model_lock:
             if question.stream not in self.runner.streams:
                 return error_answer(question, f"stream {question.stream!r} is not running")

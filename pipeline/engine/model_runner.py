@@ -95,22 +95,28 @@ class ModelRunner:
         due: list[StandingQuestion | None] = [None] if window.seq % config.caption_every_n_windows == 0 else []
         return due + [q for q in config.standing_questions if window.seq % q.every_n_windows == 0]
 
-    def run_windows(self, windows: Sequence[Window], text_prompts: Sequence[str] = ()) -> tuple[list[WindowReplies], list[Reply]]:
+    def run_windows(self, windows: Sequence[Window], text_prompts: Sequence[str] = (),
+                    asked: Sequence[tuple[Window, str]] = ()) -> tuple[list[WindowReplies], list[Reply], list[Reply]]:
         """Every query due on these windows (a caption every `caption_every_n_windows`, each
-        standing question every its `every_n_windows`) and the text-only prompts, in one
-        model call: a batch counts windows, each with all its queries.
+        standing question every its `every_n_windows`), the ad-hoc questions `asked` about
+        windows of the batch, and the text-only prompts, in one model call: a batch counts
+        windows, each with all its queries. Returns the windows' replies, then the text
+        prompts', then the ad-hoc questions'.
         Raises FramesLost (naming the window) if a window's frames are gone."""
         features = [self.window_features(w) for w in windows]
         due = [(index, question) for index, window in enumerate(windows) for question in self.queries_due(window)]
         # All of a window's queries hold its features object, so they share one prefill of it.
         queries = [self._query(features[i], q, self.streams[windows[i].stream]) for i, q in due]
-        replies = self._generate(queries + [TextQuery(p) for p in text_prompts])
+        index_of = {id(w): i for i, w in enumerate(windows)}
+        questions = [VideoQuery(features=features[index_of[id(w)]], question=text) for w, text in asked]
+        replies = self._generate(queries + questions + [TextQuery(p) for p in text_prompts])
         results = []
         for index, window in enumerate(windows):
             own = [(q, r) for (i, q), r in zip(due, replies) if i == index]
             caption = next((r for q, r in own if q is None), None)
             results.append(WindowReplies(window, features[index], caption, [(q, r) for q, r in own if q is not None]))
-        return results, replies[len(queries):]
+        answers_end = len(queries) + len(questions)
+        return results, replies[answers_end:], replies[len(queries):answers_end]
 
     def remember_latest(self, replies: WindowReplies) -> None:
         ring = self.rings.get(replies.window.stream)
