@@ -194,18 +194,25 @@ class IngestActor:
 
     def _wait_oldest(self, in_flight: deque) -> None:
         """Wait for the oldest window of a file. If the worker died, restarted or was not
-        ready (RETRY, REMOVED), re-send it and every later window in order, so none is lost
-        and Redis still gets them in order."""
+        ready (RETRY, REMOVED), or the driver moved the stream away from a worker that stopped
+        answering, re-send it and every later window in order, so none is lost and Redis still
+        gets them in order."""
         window, ref = in_flight[0]
+        sent_to = self.worker
         while not self.stop_event.is_set():
-            try:
-                if ray.get(ref) in FINAL:
-                    in_flight.popleft()
-                    return
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                pass
-            time.sleep(RESUBMIT_WAIT_S)
-            resent = [(w, self.worker.submit.remote(w)) for w, _ in in_flight]
+            # Waited on in slices: an unreachable worker never answers, so only a move ends the wait.
+            if ray.wait([ref], timeout=RESUBMIT_WAIT_S)[0]:
+                try:
+                    if ray.get(ref) in FINAL:
+                        in_flight.popleft()
+                        return
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    pass
+                time.sleep(RESUBMIT_WAIT_S)
+            elif self.worker is sent_to:
+                continue  # its worker is still on it
+            sent_to = self.worker
+            resent = [(w, sent_to.submit.remote(w)) for w, _ in in_flight]
             in_flight.clear()
             in_flight.extend(resent)
             window, ref = in_flight[0]
