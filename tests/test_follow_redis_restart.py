@@ -193,6 +193,12 @@ def test_cli_follows_across_a_restart(command, persistent):
             lines.close()
         assert lines.shown() == EXPECTED, lines.lines
         assert all(LINE.search(line) for line in lines.lines), lines.lines  # nothing but the entries
+        if command == "tail":  # each line whole: the caption in Redis, with its stream times
+            with SlowFastClient(scenario.url) as client:
+                captions = {(c.stream, c.window): c for sid in EXPECTED for c in client.history(sid, count=100)}
+            shown = [(m[1], int(m[2])) for line in lines.lines if (m := LINE.search(line))]
+            assert [line.rstrip("\n") for line in lines.lines] == [
+                f"{c.stream} #{c.window} [{c.start:.2f}s-{c.end:.2f}s] {c.text}" for c in map(captions.get, shown)]
 
 
 def test_web_update_stream_follows_across_a_restart():
