@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from connectors.redis_schema import SummaryKind
 from pipeline.config import load_config
 from pipeline.runner import run_pipeline
 from pipeline.window import expected_windows
-from tests.support.background_run import killed_mid_file
+from tests.support.background_run import wait_until
 from tests.support.media import cfr_times, make_clip, read_vtt_cues
 
 WINDOW, STRIDE, FPS = 8, 4, 4.0
@@ -85,8 +87,10 @@ def test_summary_command_prints_the_latest_or_says_there_is_none(redis_url):
     assert "film rolling summary, windows 0-1 [0:00:00-0:00:19]" in shown.output and "a person walks in" in shown.output
 
 
-def cli_run(clip, redis_url, out, *extra):
-    return [str(Path(sys.executable).with_name("slowfast")), "run", "--source", f"film={clip}", "--redis-url", redis_url,
+def cli_run(clip, redis_url, out, *extra, config: Path | None = None):
+    """`slowfast run` of the clip as stream film (`config`: a config file that names it instead)."""
+    streams = ["-c", str(config)] if config else ["--source", f"film={clip}"]
+    return [str(Path(sys.executable).with_name("slowfast")), "run", *streams, "--redis-url", redis_url,
             "--out", str(out), "--window", str(WINDOW), "--stride", str(STRIDE), "--fps", str(FPS),
             "--max-new-tokens", "4", *extra]
 
@@ -110,20 +114,60 @@ def check_outputs(redis_url, out: Path, total: int) -> None:
     assert client.latest_summary("film").kind == SummaryKind.FINAL
 
 
+def killed_after_a_summary(command: list[str], client: SlowFastClient, timeout: float) -> None:
+    """Start `command` (a `slowfast run` of stream film) in a session of its own and SIGKILL it
+    and the Ray processes it started once film has a rolling summary in Redis."""
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: run.poll() is not None or client.redis.xlen("sfs:{film}:summaries") > 0, timeout)
+        assert run.poll() is None, f"the run ended (code {run.returncode}) before its first summary"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+
+
+def cut_mid_line(path: Path) -> None:
+    """What a kill in the middle of a write leaves: the last line cut in half, no newline."""
+    text = path.read_text()
+    last = text.splitlines()[-1]
+    path.write_text(text[: len(text) - 1 - len(last) // 2])
+
+
 @pytest.mark.slow(seconds=130)
 def test_a_run_killed_mid_file_resumes_after_the_last_captioned_window(redis_url, tmp_path, tiny_model_dir):
+    """Killed once it has a rolling summary and a caption file cut mid-line, the rerun captions
+    only the missing windows and continues the rolling summaries from the last one in Redis."""
+    every = 3
     clip = make_clip(tmp_path / "film.mp4", cfr_times(8, 40.0)).path
     total = expected_windows(160, WINDOW, STRIDE)
     out = tmp_path / "out"
-    command = cli_run(clip, redis_url, out, "--model", str(tiny_model_dir))
+    config = tmp_path / "slowfast.yaml"  # JSON is YAML: the stream with its summary interval
+    config.write_text(json.dumps({"streams": [{"id": "film", "source": str(clip), "summary_every_n_windows": every}]}))
+    command = cli_run(clip, redis_url, out, "--model", str(tiny_model_dir), config=config)
     client = SlowFastClient(redis_url)
-    done_before = killed_mid_file(command, client, "film", captions=4, timeout=180)
-    assert 4 <= done_before < total
+    killed_after_a_summary(command, client, timeout=180)
+    done_before = client.redis.xlen("sfs:{film}:captions")
+    before = [s for s in client.summaries("film", count=1000) if s.kind == SummaryKind.ROLLING]
+    assert before and done_before < total  # a rolling summary exists, and windows are left
+    cut_mid_line(out / "film" / "captions.jsonl")
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "stream film resumes after window" in second.stdout
     check_outputs(redis_url, out, total)
+    assert (out / "film" / "captions.jsonl").read_text().endswith("}\n")  # whole lines only
+    summaries = client.summaries("film", count=1000)
+    rolling = [s for s in summaries if s.kind == SummaryKind.ROLLING]
+    assert rolling[: len(before)] == before  # kept as they were
+    resumed = rolling[len(before)]
+    # the rerun's first summary continues the last one: the next windows, the next number
+    assert (resumed.first_window, resumed.seq) == (before[-1].last_window + 1, before[-1].seq + 1)
+    assert [s.seq for s in rolling] == list(range(len(rolling)))
+    final = summaries[-1]
+    assert final.kind == SummaryKind.FINAL and (final.first_window, final.last_window) == (0, total - 1)
+    markdown = (out / "film" / "summary.md").read_text()  # its timeline lists the summaries from before the kill too
+    timeline = [line.split("(windows ")[1].split(")")[0] for line in markdown.splitlines() if line.startswith("- **")]
+    assert timeline == [f"{s.first_window}-{s.last_window}" for s in rolling]
 
 
 def seed_earlier_run(redis_url, out: Path, source: str, window_settings: dict) -> None:
