@@ -21,7 +21,7 @@ from tests.test_pipeline_e2e import clip, pipeline_config  # noqa: F401 - clip: 
 FAILOVER_S = 10.0
 
 
-@pytest.mark.slow(seconds=60)
+@pytest.mark.slow(seconds=45)
 def test_streams_of_a_worker_unreachable_for_worker_failover_s_move_to_another(
     ray_session, redis_url, tiny_model_dir, tmp_path, clip
 ):
