@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
@@ -111,6 +112,8 @@ class ModelWorker:
                                        boundaries=[1, 2, 4, 8, 16, 32])
         self.status_metrics = StatusMetrics()
         self.status_lock = threading.Lock()
+        self.step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self.question_threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="question")
 
     @staticmethod
     def load_model(config: PipelineConfig, model_path: str):
@@ -207,7 +210,9 @@ class ModelWorker:
                 self.status_metrics.export(status)
 
     async def answer(self, question: Question):
-        return await asyncio.to_thread(self.engine.answer, question)
+        # Its own threads: an answer may wait for the next batch, and must never hold a thread
+        # the step loop or a status needs.
+        return await asyncio.get_running_loop().run_in_executor(self.question_threads, self.engine.answer, question)
 
     async def answer_texts(self, prompts: list[str]) -> list[str]:
         return await asyncio.to_thread(self.engine.answer_texts, prompts)
@@ -232,10 +237,11 @@ class ModelWorker:
         return await asyncio.to_thread(self.notifier.close, timeout_s)
 
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self.wakeup.wait()
             self.wakeup.clear()
-            while (step := await asyncio.to_thread(self.engine.step)) is not None:
+            while (step := await loop.run_in_executor(self.step_thread, self.engine.step)) is not None:
                 await self.segment_lanes.ship()  # a segment's windows count as done once their merge has them
                 self._resolve(step.resolutions)
                 if step.windows:
