@@ -81,6 +81,23 @@ def session_processes(sid: int, columns: str = "pid=,comm=") -> list[str]:
     return [line for line in out.splitlines() if line.split()[0] == str(sid)]
 
 
+def assert_session_empties(sid: int, timeout: float = 30) -> None:
+    """Nothing of the run outlives it: Ray's processes go with the driver (within `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes(sid) == []
+
+
+def pids_once_started(run: "SlowfastProcess", name: str, timeout: float) -> list[int]:
+    """The pids of the processes called `name` in the run's session, once there is one."""
+    deadline = time.monotonic() + timeout
+    while not (pids := [int(line.split()[1]) for line in session_processes(run.pid) if line.split()[2] == name]):
+        assert time.monotonic() < deadline and run.proc.poll() is None, f"no {name} started"
+        time.sleep(0.02)
+    return pids
+
+
 @pytest.fixture
 def clip(tmp_path):
     return make_clip(tmp_path / "cam.mp4", cfr_times(8, 6.0)).path
@@ -159,11 +176,7 @@ def test_a_signal_to_the_runs_whole_process_group_drains_like_one_to_the_driver(
         assert took < 30, took
         assert "stopping: draining" in output and "run summary" in output
         assert "│ cam " in output and "stopped" in output
-        # Nothing of the run outlives it: Ray's processes go with the driver.
-        deadline = time.monotonic() + 30
-        while session_processes(run.pid) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert session_processes(run.pid) == []
+        assert_session_empties(run.pid)
     finally:
         run.close()
 
@@ -190,11 +203,7 @@ def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
             # The forced exit, not the drain's end (exit 0, after the summary): the drain still had
             # its wait for the stopped Redis ahead of it.
             assert code == 128 + signal.SIGTERM
-            # Ray's processes share the driver's fate; nothing of the run is left in its session.
-            wait_s = time.monotonic() + 30
-            while session_processes(run.proc.pid) and time.monotonic() < wait_s:
-                time.sleep(0.5)
-            assert session_processes(run.proc.pid) == []
+            assert_session_empties(run.proc.pid)  # Ray's processes share the driver's fate
             run.output_read()
             assert "run summary" not in "".join(run.out)
         finally:
@@ -248,11 +257,8 @@ def test_a_metrics_port_taken_while_ray_starts_restarts_ray_on_another(clip, tmp
     port = free_port()
     run = SlowfastProcess([*run_args(clip, tmp_path, tiny_model_dir), "--metrics-port", str(port)])  # embedded Redis
     try:
-        deadline = time.monotonic() + 60
-        while not any(line.split()[2] == "raylet" for line in session_processes(run.pid)):
-            assert time.monotonic() < deadline and run.proc.poll() is None, "no raylet started"
-            time.sleep(0.02)
-        first_gcs = [int(line.split()[1]) for line in session_processes(run.pid) if line.split()[2] == "gcs_server"]
+        pids_once_started(run, "raylet", timeout=60)
+        first_gcs = pids_once_started(run, "gcs_server", timeout=1)
         with socket.socket() as taken:
             taken.bind(("0.0.0.0", port))
             taken.listen()
@@ -283,10 +289,7 @@ def test_a_signal_while_ray_starts_stops_the_run_before_any_stream_starts(signum
         try:
             # The GCS is the first process ray.init starts; its raylet, the node's registration
             # and the driver's connection are still to come.
-            deadline = time.monotonic() + 120
-            while not any(line.split()[2] == "gcs_server" for line in session_processes(run.pid)):
-                assert time.monotonic() < deadline and run.proc.poll() is None, "no gcs_server started"
-                time.sleep(0.02)
+            pids_once_started(run, "gcs_server", timeout=120)
             run.proc.send_signal(signum)
             code = run.proc.wait(timeout=120)
             run.output_read()
@@ -295,9 +298,6 @@ def test_a_signal_while_ray_starts_stops_the_run_before_any_stream_starts(signum
             assert "stopped while Ray was starting" in output and "stopping: draining" not in output
             assert "Traceback" not in output
             assert connect(server.url).hgetall(Keys().registry) == {}  # no stream was started
-            deadline = time.monotonic() + 30
-            while session_processes(run.pid) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert session_processes(run.pid) == []
+            assert_session_empties(run.pid)
         finally:
             run.close()
