@@ -221,14 +221,15 @@ class Engine:
 
     def _model_call(self, to_model: list[Window], summary_tasks: list, riders: list[tuple[Window, _Rider]]):
         asked = [(window, rider.question.text) for window, rider in riders]
+        prompts = [t.prompt for t in summary_tasks]
         try:
-            return self.runner.run_windows(to_model, [t.prompt for t in summary_tasks], asked)
+            return self.runner.run_windows(to_model, prompts, asked)
         except ValueError:  # ModelInputError: a question the model refuses must not fail the windows
             if not asked:
                 raise
             self._release([rider for _, rider in riders])
             riders.clear()  # asked on their own, where a refusal is their error reply
-            return self.runner.run_windows(to_model, [t.prompt for t in summary_tasks])
+            return self.runner.run_windows(to_model, prompts)
 
     def _final_summary_step(self) -> StepResult | None:
         if not self.files_ended:
