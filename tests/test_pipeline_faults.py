@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import statistics
 import time
 import urllib.request
@@ -134,6 +136,12 @@ def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_
     def captioned() -> list[int]:
         return [c.window for c in client.history(stream, count=1000)]
 
+    def worker():
+        return ray.get_actor("worker:0")
+
+    def worker_error() -> str | None:  # the worker's own, before a status carries it
+        return ray.get(worker().__ray_call__.remote(lambda w: w.engine.scheduler.counts(stream).last_error))
+
     try:
         try:
             wait_until(lambda: (s := lane()) is not None and s.queued >= 1, timeout=120)  # window 0 held, one waits
@@ -142,12 +150,20 @@ def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_
             ray.kill(ingest, no_restart=False)  # Ray restarts it (max_restarts)
             with pytest.raises(ray.exceptions.RayActorError):
                 ray.get(running, timeout=120)
-            # No window comes until the restarted actor has a window's frames: this one waits.
-            (lost,) = ray.get(ray.get_actor("worker:0").__ray_call__.remote(
-                lambda worker: [w.seq for w in worker.engine.scheduler.lanes[stream].waiting]))
-            overtaken = lane().windows_skipped  # windows the newest overtook while window 0 was held
+            # The restarted actor is paused before it has a window's frames (two seconds of a paced
+            # clip): a window of its own would overtake the waiting one before the worker tries it.
+            restarted = ray.get(ingest.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+            os.kill(restarted, signal.SIGSTOP)
+            try:
+                (lost,) = ray.get(worker().__ray_call__.remote(
+                    lambda worker: [w.seq for w in worker.engine.scheduler.lanes[stream].waiting]))
+                overtaken = lane().windows_skipped  # windows the newest overtook while window 0 was held
+                gate.unlink()
+                wait_until(lambda: (worker_error() or "").startswith(f"window {lost}: "), timeout=120)
+            finally:
+                os.kill(restarted, signal.SIGCONT)
         finally:
-            gate.unlink()
+            gate.unlink(missing_ok=True)
         wait_until(lambda: client.status(stream).state is IngestState.LIVE
                    and max(captioned(), default=-1) > lost, timeout=120)  # the restarted actor's windows
         status = client.status(stream)
