@@ -47,7 +47,9 @@ class Router:
 
     def poll(self) -> None:
         """One round: send what waits, route new questions and controls, collect answers.
-        Raises an UNREACHABLE error while Redis is down (the caller backs off)."""
+        Raises an UNREACHABLE error while Redis is down (the caller backs off); answers the
+        workers finished are queued first, so an outage delays their replies and loses none."""
+        self._finish_answers(wait_s=0)
         self._send_replies()
         self._route_questions()
         self._handle_controls()

@@ -109,6 +109,19 @@ def test_a_window_the_model_fails_on_is_retried_then_recorded_as_failed(
     assert (tmp_path / "file" / "captions.vtt").read_text().count("-->") == 6
 
 
+def process_of(actor) -> int:
+    """The pid of the actor's process, once a restarting actor is up again."""
+    import ray
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=60)
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            assert time.monotonic() < deadline, "the restarted actor never came up"
+            time.sleep(0.1)
+
+
 @pytest.mark.slow(seconds=25)
 def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_named(
     ray_session, redis_url, tiny_model_dir, clip, tmp_path
@@ -152,7 +165,7 @@ def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_
                 ray.get(running, timeout=120)
             # The restarted actor is paused before it has a window's frames (two seconds of a paced
             # clip): a window of its own would overtake the waiting one before the worker tries it.
-            restarted = ray.get(ingest.__ray_call__.remote(lambda actor: os.getpid()), timeout=60)
+            restarted = process_of(ingest)
             os.kill(restarted, signal.SIGSTOP)
             try:
                 (lost,) = ray.get(worker().__ray_call__.remote(
