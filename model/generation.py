@@ -80,15 +80,16 @@ class PromptBatch:
     """A left-padded batch of prompts with their visual tokens spliced in.
 
     With `prefix`, the rows are the tails of prompts whose heads several rows share (a
-    window's system turn and video tokens): the heads are prefilled once, then each row adds
-    only its own tokens (its question and the assistant's turn), at positions after its head.
+    window's system turn and video tokens): the prefill packs each head with its tails
+    (`PackedPrompts`), so a head is computed once and each row adds only its own tokens (its
+    question and the assistant's turn), at positions after its head.
     """
 
     embeds: torch.Tensor  # [B, L, hidden]
     token_types: torch.Tensor  # [B, L]
     positions: torch.Tensor  # [B, L]
     valid: torch.Tensor  # [B, L] bool, False on left padding
-    slow: SlowTokenContext
+    slow: SlowTokenContext  # a row's slow tokens; with `prefix`, a head's (the rows share them)
     has_visual: torch.Tensor  # [B] bool: the prompt holds video tokens (its head's, when shared)
     prefix: SharedPrefixes | None = None
 
@@ -110,6 +111,104 @@ class SharedPrefixes:
     def row_valid(self) -> torch.Tensor:
         """[B, P] bool: the valid slots of each row's head."""
         return self.batch.valid[self.of_row.clamp(min=0)] & (self.of_row >= 0)[:, None]
+
+
+@dataclass
+class PackedPrompts:
+    """A batch laid out for one prefill: each shared head and every tail that continues it in
+    one row, [head][tail 1][tail 2]..., left-padded. A tail attends to its head and to itself
+    only, at the positions it has after its head alone, so its scores are those of its whole
+    prompt; a head is computed once, and no head's keys/values are copied for its tails."""
+
+    embeds: torch.Tensor  # [R, L, hidden]
+    token_types: torch.Tensor  # [R, L]
+    positions: torch.Tensor  # [R, L]
+    segments: torch.Tensor  # [R, L] long: 0 the head, k >= 1 the row's k-th tail, -1 padding
+    slow: SlowTokenContext  # [R]: the head's slow tokens
+    has_visual: torch.Tensor  # [R] bool
+    row_of: torch.Tensor  # [B] long: the packed row holding each prompt of the batch
+    segment_of: torch.Tensor  # [B] long: the prompt's tail in that row
+    last_slot: torch.Tensor  # [B] long: the slot of the prompt's last token
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.segments >= 0
+
+    def attention_mask(self, total_slots: int) -> torch.Tensor:
+        """[R, 1, L, total_slots] bool: causal, and a tail sees its head and itself only."""
+        rows, length = self.segments.shape
+        device = self.segments.device
+        keys = torch.full((rows, total_slots), -1, dtype=torch.long, device=device)
+        keys[:, :length] = self.segments
+        query_slots = torch.arange(length, device=device)[None, :, None]
+        key_slots = torch.arange(total_slots, device=device)[None, None, :]
+        queries, keys = self.segments[:, :, None], keys[:, None, :]
+        allowed = (keys >= 0) & ((keys == 0) | (keys == queries)) & (key_slots <= query_slots)
+        # Left-padding queries see no real key; let them see themselves so no row is empty.
+        allowed |= key_slots == query_slots
+        return allowed[:, None]
+
+    def prompt_slots(self, prompts: torch.Tensor) -> torch.Tensor:
+        """[len(prompts), L] bool: the slots of each prompt's head and tail in its row."""
+        segments = self.segments[self.row_of[prompts]]
+        return (segments == 0) | (segments == self.segment_of[prompts][:, None])
+
+
+def pack(batch: PromptBatch) -> PackedPrompts:
+    """The batch's prompts, each shared head with its tails in one row (a prompt without a
+    shared head is a row of its own)."""
+    rows, length = batch.valid.shape
+    device = batch.embeds.device
+    if batch.prefix is None:
+        return PackedPrompts(
+            batch.embeds, batch.token_types, batch.positions, torch.where(batch.valid, 1, -1), batch.slow,
+            batch.has_visual, torch.arange(rows, device=device), torch.ones(rows, dtype=torch.long, device=device),
+            torch.full((rows,), length - 1, dtype=torch.long, device=device),
+        )
+    heads, of_row = batch.prefix.batch, batch.prefix.of_row.tolist()
+    groups: dict[int, list[int]] = {}  # head -> its prompts, in batch order; a headless prompt alone
+    for prompt, head in enumerate(of_row):
+        groups.setdefault(head if head >= 0 else -1 - prompt, []).append(prompt)
+    packed_rows, row_of, segment_of, ends = [], [0] * rows, [0] * rows, [0] * rows
+    for packed_row, (head, prompts) in enumerate(groups.items()):
+        parts = []
+        if head >= 0:
+            keep = heads.valid[head]
+            parts.append((heads.embeds[head, keep], heads.token_types[head, keep], heads.positions[head, keep], 0))
+        for segment, prompt in enumerate(prompts, 1):
+            keep = batch.valid[prompt]
+            parts.append((batch.embeds[prompt, keep], batch.token_types[prompt, keep], batch.positions[prompt, keep],
+                          segment))
+            row_of[prompt], segment_of[prompt] = packed_row, segment
+            ends[prompt] = sum(len(part[0]) for part in parts)
+        packed_rows.append(parts)
+    count = len(packed_rows)
+    width = max(sum(len(part[0]) for part in parts) for parts in packed_rows)
+    embeds = batch.embeds.new_zeros(count, width, batch.embeds.shape[2])
+    token_types = torch.full((count, width), PADDING, dtype=torch.long, device=device)
+    positions = torch.zeros(count, width, dtype=torch.long, device=device)
+    segments = torch.full((count, width), -1, dtype=torch.long, device=device)
+    last_slot = [0] * rows
+    for packed_row, parts in enumerate(packed_rows):
+        start = width - sum(len(part[0]) for part in parts)
+        for prompt in (p for p in range(rows) if row_of[p] == packed_row):
+            last_slot[prompt] = start + ends[prompt] - 1
+        for part_embeds, part_types, part_positions, segment in parts:
+            end = start + len(part_embeds)
+            embeds[packed_row, start:end] = part_embeds
+            token_types[packed_row, start:end] = part_types
+            positions[packed_row, start:end] = part_positions
+            segments[packed_row, start:end] = segment
+            start = end
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    head_of_row = as_tensor(list(groups))
+    with_head = head_of_row >= 0  # a headless row gets a head's slow tokens, all masked
+    slow = SlowTokenContext(heads.slow.states[head_of_row.clamp(min=0)],
+                            heads.slow.valid[head_of_row.clamp(min=0)] & with_head[:, None])
+    return PackedPrompts(
+        embeds, token_types, positions, segments, slow, heads.has_visual[head_of_row.clamp(min=0)] & with_head,
+        as_tensor(row_of), as_tensor(segment_of), as_tensor(last_slot),
+    )
 
 
 def _sample_tokens(embed: nn.Embedding, sample: Sample) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,11 +286,8 @@ def assemble_shared(
         visual = len(heads[index].visual.fast) if index >= 0 else 0
         _check_length(head_length + len(tail), visual, context_limit)
     embeds, token_types, positions, valid = _left_padded(embed, tails, head_lengths)
-    # The rows' slow tokens are their heads' (kept as states too, for paths that rebuild them).
-    pick = of_row.clamp(min=0)
-    slow = SlowTokenContext(head_batch.slow.states[pick], head_batch.slow.valid[pick] & (of_row >= 0)[:, None])
-    has_visual = head_batch.has_visual[pick] & (of_row >= 0)
-    return PromptBatch(embeds, token_types, positions, valid, slow, has_visual, prefixes)
+    has_visual = head_batch.has_visual[of_row.clamp(min=0)] & (of_row >= 0)
+    return PromptBatch(embeds, token_types, positions, valid, head_batch.slow, has_visual, prefixes)
 
 
 class AttentionMask:
@@ -369,8 +465,9 @@ class Decoder:
 
     `decode_attention` picks the step's attention kernel ("auto", "sdpa", "flex", "flash":
     decode_attention.py); `self.decode_attention` is the backend it resolved to. For flash,
-    after the prefill each row's valid cache slots are contiguous and end at the prompt's
-    last slot. Rows with nothing to decode (a budget of 0) leave the batch after the prefill.
+    after the prefill each decoding row's valid cache slots are contiguous and end at the
+    prompt's last slot. Rows with nothing to decode (a budget of 0) leave the batch after the
+    prefill.
     """
 
     SLOT_BLOCK = 256
@@ -409,44 +506,24 @@ class Decoder:
             self._slow_buffers[rows, length] = SlowBuffers.allocate(slow, rows, length)
         return self._slow_buffers[rows, length].load(slow, has_visual)
 
-    def _decode_rows_only(self, buffers: DecodeBuffers, keep: torch.Tensor, prompt_len: int, slots: int) -> DecodeBuffers:
-        """The prompt's cache of rows `keep`, copied into the buffers of their own (smaller) size."""
-        rows = len(keep)
-        valid = buffers.key_valid[keep, :prompt_len]  # read first: padded, both sizes can be one bucket
-        smaller = self._decode_buffers(_next_power_of_two(rows) if self.compiled else rows, slots)
-        smaller.key_valid.zero_()
-        smaller.key_valid[:rows, :prompt_len] = valid
-        for source, target in zip((*buffers.keys, *buffers.values), (*smaller.keys, *smaller.values)):
-            target[:rows, :, :prompt_len] = source[keep, :, :prompt_len]
-        return smaller
-
-    def _prefill_heads(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int) -> int:
-        """Prefill each shared head once, then copy its keys/values (and its slow tokens'
-        keys/values) to every row that continues it. Returns the heads' slot count."""
-        heads, of_row = batch.prefix.batch, batch.prefix.of_row
-        count, head_len = heads.valid.shape
-        keys = [k.new_empty(count, k.shape[1], head_len, k.shape[3]) for k in buffers.keys]
-        values = [v.new_empty(count, v.shape[1], head_len, v.shape[3]) for v in buffers.values]
-        heads.slow.token_mask = cross_mask(heads, heads.token_types, decode_cross_attention=False)
-        self.network.model(
-            heads.embeds,
-            heads.positions,
-            AttentionMask(heads.valid, head_len).for_queries(0, head_len),
-            cache=StaticKVCache(keys, values, torch.arange(head_len, device=heads.embeds.device)),
-            slow_context=heads.slow,
-        )
-        pick = of_row.clamp(min=0)
-        for layer, (head_keys, head_values) in enumerate(zip(keys, values)):
-            buffers.keys[layer][:rows, :, :head_len] = head_keys[pick]
-            buffers.values[layer][:rows, :, :head_len] = head_values[pick]
-        buffers.key_valid[:rows, :head_len] = batch.prefix.row_valid
-        batch.slow.kv = {layer: (k[pick], v[pick]) for layer, (k, v) in heads.slow.kv.items()}
-        return head_len
+    def _decode_rows_from(self, buffers: DecodeBuffers, sources: torch.Tensor, valid: torch.Tensor, prompt_len: int,
+                          slots: int) -> DecodeBuffers:
+        """Decode rows copied from the prefill's rows `sources` (a row may be copied more than
+        once), into buffers of their own size; `valid` [rows, prompt_len] are the slots each may
+        attend (its head and its own tail)."""
+        rows = len(sources)
+        target = self._decode_buffers(_next_power_of_two(rows) if self.compiled else rows, slots)
+        target.key_valid.zero_()
+        target.key_valid[:rows, :prompt_len] = valid
+        for source, cache in zip((*buffers.keys, *buffers.values), (*target.keys, *target.values)):
+            # Indexing copies the rows out before they are written: both sizes can be one bucket.
+            cache[:rows, :, :prompt_len] = source[sources, :, :prompt_len]
+        return target
 
     @staticmethod
     def _right_align_prompts(buffers: DecodeBuffers, rows: int, prompt_len: int) -> None:
-        """Move each row's valid prompt slots (a head's and its tail's, with padding before
-        each) to the end of the prompt's slots, in order, so they are contiguous as
+        """Move each row's valid prompt slots (its head's and its tail's, with padding and other
+        tails between) to the end of the prompt's slots, in order, so they are contiguous as
         flash-attn's `cache_leftpad` needs. Attention does not depend on slot order: the keys
         already hold their rotary positions."""
         valid = buffers.key_valid[:rows, :prompt_len]
@@ -456,27 +533,42 @@ class Decoder:
             region.copy_(region.gather(2, order[:, None, :, None].expand_as(region)))
         buffers.key_valid[:rows, :prompt_len] = valid.gather(1, order)
 
-    def _prefill(self, batch: PromptBatch, buffers: DecodeBuffers, rows: int, settings: SamplingSettings) -> tuple[torch.Tensor, int]:
-        """The prompts into the cache (shared heads first, once each); returns the first-token
-        logits [rows, vocab] and the prompt's slot count."""
-        head_len = self._prefill_heads(batch, buffers, rows) if batch.prefix is not None else 0
-        prompt_len = head_len + batch.valid.shape[1]
-        buffers.key_valid[:rows, head_len:prompt_len] = batch.valid
-        batch.slow.token_mask = cross_mask(batch, batch.token_types, settings.decode_cross_attention)
-        device = batch.embeds.device
-        cache = StaticKVCache(buffers.keys, buffers.values, torch.arange(head_len, prompt_len, device=device), rows=rows)
-        masks = AttentionMask(buffers.key_valid[:rows, :prompt_len], buffers.key_valid.shape[1])
-        logits = self.network(
-            batch.embeds,
-            batch.positions,
-            masks.for_queries(head_len, prompt_len - head_len),
-            cache=cache,
-            slow_context=batch.slow,
-            logits_positions=slice(-1, None),
-        )[:, -1].float()
-        if batch.prefix is not None and self.decode_attention == "flash":
-            self._right_align_prompts(buffers, rows, prompt_len)
-        return logits, prompt_len
+    def _prefill(self, packed: PackedPrompts, buffers: DecodeBuffers, settings: SamplingSettings) -> torch.Tensor:
+        """The packed prompts into the cache; returns each prompt's first-token logits [B, vocab]."""
+        rows, length = packed.segments.shape
+        device = packed.embeds.device
+        buffers.key_valid[:rows, :length] = packed.valid
+        packed.slow.token_mask = cross_attention_token_mask(packed.token_types, packed.has_visual,
+                                                            settings.decode_cross_attention)
+        return self.network(
+            packed.embeds,
+            packed.positions,
+            packed.attention_mask(buffers.key_valid.shape[1]),
+            cache=StaticKVCache(buffers.keys, buffers.values, torch.arange(length, device=device), rows=rows),
+            slow_context=packed.slow,
+            logits_positions=(packed.row_of, packed.last_slot),
+        ).float()
+
+    def _prompts_into_cache(self, batch: PromptBatch, settings: SamplingSettings, decoding: torch.Tensor,
+                            steps: int) -> tuple[PackedPrompts, torch.Tensor, DecodeBuffers]:
+        """Prefill the batch, packed; returns the packing, every prompt's first-token logits and
+        the buffers whose first rows hold the prompts `decoding`, each attending its own slots
+        (contiguous and ending at the prompt's last slot for flash). Prompts that produce no
+        token (probability-only questions) leave after the prefill."""
+        packed = pack(batch)
+        packed_rows, prompt_len = packed.segments.shape
+        slots = _round_up(prompt_len + steps, self.SLOT_BLOCK)
+        buffers = self._decode_buffers(_next_power_of_two(packed_rows) if self.compiled else packed_rows, slots)
+        buffers.key_valid.zero_()
+        first_logits = self._prefill(packed, buffers, settings)
+        sources, valid = packed.row_of[decoding], packed.prompt_slots(decoding)
+        if sources.tolist() == list(range(packed_rows)):  # each row decodes its one prompt: in place
+            buffers.key_valid[:packed_rows, :prompt_len] = valid
+        elif len(decoding):
+            buffers = self._decode_rows_from(buffers, sources, valid, prompt_len, slots)
+        if self.decode_attention == "flash":
+            self._right_align_prompts(buffers, len(decoding), prompt_len)
+        return packed, first_logits, buffers
 
     @torch.inference_mode()
     def generate(
@@ -484,29 +576,19 @@ class Decoder:
     ) -> list[GeneratedSequence]:
         """`budgets`: new tokens per row (default `settings.max_new_tokens` each); a row with 0
         only has its first-token scores. The batch stops stepping once every row is done."""
-        rows = batch.valid.shape[0]
         device = batch.embeds.device
-        budgets = budgets if budgets is not None else [settings.max_new_tokens] * rows
-        steps = max(budgets)
-        head_len = batch.prefix.batch.valid.shape[1] if batch.prefix is not None else 0
-        padded_rows = _next_power_of_two(rows) if self.compiled else rows
-        slots = _round_up(head_len + batch.valid.shape[1] + steps, self.SLOT_BLOCK)
-        buffers = self._decode_buffers(padded_rows, slots)
-        buffers.key_valid.zero_()
-        logits, prompt_len = self._prefill(batch, buffers, rows, settings)
-        first_logits = logits.clone()  # the decode steps below overwrite `logits`
-        all_budgets, lengths, has_visual, slow_source = budgets, batch.lengths, batch.has_visual, batch.slow
-        decoding = [row for row, budget in enumerate(budgets) if budget > 0]
-        if 0 < len(decoding) < rows:
-            # Rows that produce no token (probability-only questions) leave before decoding, so
-            # the steps run over the others alone: their cache moves to a bucket of their size.
-            keep = torch.tensor(decoding, device=device)
-            buffers = self._decode_rows_only(buffers, keep, prompt_len, slots)
-            logits, lengths, has_visual = logits[keep], lengths[keep], has_visual[keep]
-            slow_source = SlowTokenContext(None, slow_source.valid[keep], None,
-                                           {layer: (k[keep], v[keep]) for layer, (k, v) in slow_source.kv.items()})
-            rows, budgets = len(decoding), [budgets[row] for row in decoding]
-            padded_rows = buffers.key_valid.shape[0]
+        all_budgets = budgets if budgets is not None else [settings.max_new_tokens] * batch.valid.shape[0]
+        steps = max(all_budgets)
+        decoding = [row for row, budget in enumerate(all_budgets) if budget > 0]
+        keep = torch.tensor(decoding, dtype=torch.long, device=device)
+        packed, first_logits, buffers = self._prompts_into_cache(batch, settings, keep, steps)
+        prompt_len = packed.segments.shape[1]
+        rows, budgets = len(decoding), [all_budgets[row] for row in decoding]
+        padded_rows = buffers.key_valid.shape[0]
+        sources = packed.row_of[keep]
+        logits, lengths, has_visual = first_logits[keep], batch.lengths[keep], packed.has_visual[sources]
+        slow_source = SlowTokenContext(None, packed.slow.valid[sources], None,
+                                       {layer: (k[sources], v[sources]) for layer, (k, v) in packed.slow.kv.items()})
         slow = self._slow_context(slow_source, has_visual, padded_rows) if settings.decode_cross_attention and steps else None
 
         processors = settings.processors()

@@ -64,12 +64,15 @@ class SlowFastForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         slow_context: SlowTokenContext | None = None,
-        logits_positions: slice | None = None,
+        logits_positions: slice | tuple[torch.Tensor, torch.Tensor] | None = None,
         decode_attention: DecodeAttention | None = None,
     ) -> torch.Tensor:
-        """Logits [B, L', vocab] for the positions in `logits_positions` (all by default)."""
+        """Logits [B, L', vocab] for the positions in `logits_positions` (all by default), or
+        [N, vocab] for N (row, position) pairs given as two index tensors."""
         hidden = self.model(inputs_embeds, position_ids, attention_mask, cache=cache, slow_context=slow_context,
                             decode_attention=decode_attention)
-        if logits_positions is not None:
+        if isinstance(logits_positions, tuple):
+            hidden = hidden[logits_positions]
+        elif logits_positions is not None:
             hidden = hidden[:, logits_positions]
         return self.lm_head(hidden)

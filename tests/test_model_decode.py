@@ -17,7 +17,7 @@ def feature_queries(vlm, frame_counts=(2, 4)):
     """Queries from random per-frame features (skips the tower: the decode is under test)."""
     g = torch.Generator().manual_seed(0)
     shape = (vlm.config.tokens_per_frame, vlm.config.hidden_size)
-    questions = ["What?", "Please describe this video in detail."]
+    questions = ["What?", "Please describe this video in detail.", "What moves?"]
     return [VideoQuery(features=torch.randn(n, *shape, generator=g), question=q) for n, q in zip(frame_counts, questions)]
 
 
@@ -136,18 +136,19 @@ def test_rows_with_nothing_to_decode_leave_the_batch_after_the_prefill(tiny_vlm,
 
 
 @torch.inference_mode()
-def test_padded_rows_that_leave_share_the_answering_rows_bucket(tiny_vlm):
-    """Compiled, 4 rows with 3 answering both pad to 4: the answering rows' cache is copied
-    within one bucket, and their tokens are those of decoding every row."""
-    first, second = feature_queries(tiny_vlm, (2, 4))
-    queries = [first, VideoQuery(features=first.features, question="Is it red?", max_new_tokens=0), second,
-               VideoQuery(features=second.features, question="Is it blue?")]
+def test_decoding_rows_copied_within_the_prefills_bucket_decode_as_every_row_would(tiny_vlm):
+    """Compiled: three clips pack into 3 prefill rows (padded to 4); the 4 prompts that decode
+    (two on the first clip) are copied out of those rows into the same bucket, so each copy is
+    read before any is written. Their tokens are those of decoding every prompt."""
+    first, second, third = feature_queries(tiny_vlm, (2, 4, 3))
+    queries = [first, VideoQuery(features=first.features, question="Is it red?", max_new_tokens=0),
+               VideoQuery(features=first.features, question="Is it blue?"), second, third]
     decoder = generation.Decoder(tiny_vlm.network, compile=True, backend=TRACE_ONLY)
     settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS)
-    budgets = [NEW_TOKENS, 0, NEW_TOKENS, NEW_TOKENS]
+    budgets = [NEW_TOKENS, 0, NEW_TOKENS, NEW_TOKENS, NEW_TOKENS]
     mixed = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [], budgets)
     assert decoder.compiled and list(decoder._buffers) == [(4, next(iter(decoder._buffers))[1])]
-    every_row = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [], [NEW_TOKENS] * 4)
+    every_row = decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [], [NEW_TOKENS] * 5)
     assert [row.token_ids for row in mixed] == [r.token_ids if b else [] for r, b in zip(every_row, budgets)]
 
 

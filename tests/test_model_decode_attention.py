@@ -85,20 +85,21 @@ def test_flex_decode_compiled_by_inductor_on_cpu_equals_sdpa(tiny_vlm):
 
 
 def test_after_the_prefill_each_rows_valid_slots_are_contiguous_and_end_at_the_prompt(tiny_vlm):
-    """What flash-attn's cache_leftpad needs: valid slots [start, prompt end) in every row,
-    though shared heads and their tails are each padded on the left."""
+    """What flash-attn's cache_leftpad needs: valid slots [start, prompt end) in every decoding
+    row, though a shared head is packed with several tails and each packed row is padded on the
+    left."""
     queries = mixed_queries(tiny_vlm)
     batch = tiny_vlm._batch(queries, NEW_TOKENS)
     assert batch.prefix is not None
     decoder = generation.Decoder(tiny_vlm.network)
     decoder.decode_attention = "flash"  # the prefill it gets (flash itself cannot run here)
-    prompt_len = batch.prefix.batch.valid.shape[1] + batch.valid.shape[1]
-    buffers = decoder._decode_buffers(len(queries), generation._round_up(prompt_len + 1, decoder.SLOT_BLOCK))
+    every = torch.arange(len(queries))
     with torch.inference_mode():
-        decoder._prefill(batch, buffers, len(queries), generation.SamplingSettings(max_new_tokens=1))
-    valid = buffers.key_valid[:, :prompt_len]
+        packed, _, buffers = decoder._prompts_into_cache(batch, generation.SamplingSettings(max_new_tokens=1), every, 1)
+    prompt_len = packed.segments.shape[1]
+    valid = buffers.key_valid[: len(queries), :prompt_len]
     lengths = batch.lengths
-    assert (lengths < prompt_len).all()  # every row had padding somewhere
+    assert (lengths < prompt_len).all()  # every row had other tails or padding beside its own
     expected = torch.arange(prompt_len)[None, :] >= (prompt_len - lengths)[:, None]
     assert torch.equal(valid, expected)
 

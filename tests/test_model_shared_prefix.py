@@ -59,10 +59,11 @@ def test_a_clip_is_prefilled_once_however_many_questions_ask_about_it(tiny_vlm):
         batch, _ = run(tiny_vlm, queries, share=True, decode_cross_attention=False)
     finally:
         hook.remove()
-    head_tokens = batch.prefix.batch.valid.shape[1]
+    head_tokens, tail_tokens = int(batch.prefix.batch.valid.sum()), batch.valid.sum(1).tolist()
     assert head_tokens > 4 * tiny_vlm.config.tokens_per_frame // 4  # the video tokens are in the head
-    assert seen[0] == (1, head_tokens)  # one row: the head, once
-    assert seen[1] == (3, batch.valid.shape[1]) and batch.valid.shape[1] < head_tokens  # three short tails
+    assert len(tail_tokens) == 3 and max(tail_tokens) < head_tokens  # three short tails
+    assert seen[0] == (1, head_tokens + sum(tail_tokens))  # one prefill, one row: the head once, then each tail
+    assert set(seen[1:]) == {(3, 1)}  # then decode steps, one token for each of the three
 
 
 def test_a_probability_only_question_does_not_decode_and_its_p_yes_is_the_models(tiny_vlm):
