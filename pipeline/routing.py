@@ -69,20 +69,25 @@ class Router:
 
     def _route_questions(self) -> None:
         intake = self.questions
-        for entry_id, question in intake.poll(block_ms=POLL_MS, count=16) + intake.reclaim(count=16):
-            if isinstance(question, InvalidMessage):
-                continue  # the intake already replied with the error and acknowledged it
-            if question.kind in PAST_KINDS:
-                self.past[self.past_executor.submit(self._answer_past, question)] = (entry_id, question)
-                continue
-            handle = self.pipeline.streams.get(question.stream)
-            if handle is None or handle.split:
-                error = error_answer(question, f"stream {question.stream!r} is not running" if handle is None else
-                                     f"stream {question.stream!r} is a file split over the model workers: it has "
-                                     "no latest window; ask about its history")
-                self.replies.append(lambda e=entry_id, q=question, a=error: intake.complete(e, q, a))
-                continue
-            self.pending[self.pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)
+        # New entries are routed before the reclaim is read: if Redis goes away in between, an
+        # entry already read (pending in its group) would otherwise wait for the next reclaim.
+        for read in (lambda: intake.poll(block_ms=POLL_MS, count=16), lambda: intake.reclaim(count=16)):
+            for entry_id, question in read():
+                if not isinstance(question, InvalidMessage):  # else the intake replied with the error
+                    self._route_question(entry_id, question)
+
+    def _route_question(self, entry_id: str, question: Question) -> None:
+        if question.kind in PAST_KINDS:
+            self.past[self.past_executor.submit(self._answer_past, question)] = (entry_id, question)
+            return
+        handle = self.pipeline.streams.get(question.stream)
+        if handle is None or handle.split:
+            error = error_answer(question, f"stream {question.stream!r} is not running" if handle is None else
+                                 f"stream {question.stream!r} is a file split over the model workers: it has "
+                                 "no latest window; ask about its history")
+            self._queue_reply(entry_id, question, error)
+            return
+        self.pending[self.pipeline.workers[handle.worker_index].answer.remote(question)] = (entry_id, question)
 
     def _answer_past(self, question: Question) -> Answer:
         """A question about the stream's past, or a report: read from Redis, answered by the model

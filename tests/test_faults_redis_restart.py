@@ -140,7 +140,7 @@ def first_reply(r, key: str, timeout: float) -> str | None:
 def test_a_question_answered_during_an_outage_is_replied_after_it_and_a_stop_during_one_waits_a_bounded_time(
     ray_session, tiny_model_dir, tmp_path, clips, caplog
 ):
-    """The model is held on a camera's first batch while a question is taken from the intake, so
+    """The model is held on a camera's first batch while a question reaches the model worker, so
     its answer cannot exist before Redis is SIGKILLed; the model is let go during the outage, and
     the driver queues the answer's reply and fails to write it. Redis comes back with its data:
     the asker gets its one reply. Then Redis goes down again and
@@ -161,8 +161,10 @@ def test_a_question_answered_during_an_outage_is_replied_after_it_and_a_stop_dur
         try:
             wait_until(held_on_its_first_batch, timeout=180, what="the model held on a batch")
             asked = r.xadd(K.questions, encode_entry(Question(stream="cam", text="Is anyone there?")))
-            wait_until(lambda: int(r.xpending(K.questions, QUESTION_GROUP)["pending"]) == 1, timeout=120,
-                       what="the question taken from the intake")
+            # At the worker, waiting to ride the next window (one always waits while the model is held).
+            riders = lambda: ray.get(ray.get_actor("worker:0").__ray_call__.remote(  # noqa: E731
+                lambda worker: len(worker.engine.riders.get("cam", []))))
+            wait_until(lambda: riders() == 1, timeout=120, what="the question at the model worker")
             assert not r.exists(K.done(asked))  # the model is held: no answer can exist yet
 
             server.kill()
@@ -179,7 +181,7 @@ def test_a_question_answered_during_an_outage_is_replied_after_it_and_a_stop_dur
             assert reply is not None, f"no answer after the outage; events: {run.events[-10:]}"
             answer = Answer.model_validate_json(reply)
             # The answer from the outage, not one the intake's reclaim (a minute on) had asked again.
-            assert answer.ok and answer.window is not None and answer.window < offered, (answer, offered)
+            assert answer.ok and answer.window is not None and answer.window < offered, (answer, offered, run.events)
             wait_until(lambda: int(r.xpending(K.questions, QUESTION_GROUP)["pending"]) == 0, timeout=120,
                        what="the question acknowledged")
             assert r.llen(K.reply(asked)) == 0  # one reply, none behind it
