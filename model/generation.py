@@ -166,6 +166,8 @@ def pack(batch: PromptBatch) -> PackedPrompts:
             torch.full((rows,), length - 1, dtype=torch.long, device=device),
         )
     heads, of_row = batch.prefix.batch, batch.prefix.of_row.tolist()
+    # Rows are left-padded: a row's tokens are its last `count` (counted on the host once).
+    head_counts, tail_counts = heads.valid.sum(1).tolist(), batch.valid.sum(1).tolist()
     groups: dict[int, list[int]] = {}  # head -> its prompts, in batch order; a headless prompt alone
     for prompt, head in enumerate(of_row):
         groups.setdefault(head if head >= 0 else -1 - prompt, []).append(prompt)
@@ -173,10 +175,10 @@ def pack(batch: PromptBatch) -> PackedPrompts:
     for packed_row, (head, prompts) in enumerate(groups.items()):
         parts = []
         if head >= 0:
-            keep = heads.valid[head]
+            keep = slice(heads.valid.shape[1] - head_counts[head], None)
             parts.append((heads.embeds[head, keep], heads.token_types[head, keep], heads.positions[head, keep], 0))
         for segment, prompt in enumerate(prompts, 1):
-            keep = batch.valid[prompt]
+            keep = slice(length - tail_counts[prompt], None)
             parts.append((batch.embeds[prompt, keep], batch.token_types[prompt, keep], batch.positions[prompt, keep],
                           segment))
             row_of[prompt], segment_of[prompt] = packed_row, segment
