@@ -63,6 +63,11 @@ def wait_until(predicate, timeout: float = 180.0) -> None:
     assert predicate()
 
 
+# Ids of this test's own: Ray's metrics keep the series of a session's earlier runs, and a stream
+# of the same id in an earlier test on this worker's Ray would add its counts to these.
+FILE, CAMERA, DOWN = "monitored-file", "monitored-camera", "camera-down"
+
+
 @pytest.mark.timeout(600)
 def test_events_reach_a_webhook_that_was_down_and_metrics_show_what_an_operator_alerts_on(
     ray_session, redis_url, tiny_model_dir, tmp_path
@@ -85,11 +90,11 @@ stride: 4
 fps: 4.0
 generation: {{max_new_tokens: 4}}
 streams:
-  - id: clip
+  - id: {FILE}
     source: {clip}
     standing_questions:
 {questions}
-  - id: cam
+  - id: {CAMERA}
     source: loop://{static}
     live: true
     gate: {{refresh_every_n_windows: 4}}
@@ -102,7 +107,7 @@ streams:
         trigger: {{p_yes_above: 0.0}}
         notify:
           - webhook: {refusing.url()}
-  - id: down
+  - id: {DOWN}
     source: rtsp://127.0.0.1:{free_port()}/stream1
 """)
     config = load_config(tmp_path / "slowfast.yaml", redis_url=redis_url, model=str(tiny_model_dir),
@@ -117,25 +122,25 @@ streams:
 
         wait_until(lambda: all(arrived(f"/q{i}") == ["opened", "closed"] for i in range(QUESTIONS))
                    and arrived("/cam") == ["opened"], timeout=300)  # Ray's start-up on a loaded machine
-        wait_until(lambda: (st := client.status("cam")) is not None and st.windows_gated >= 3
+        wait_until(lambda: (st := client.status(CAMERA)) is not None and st.windows_gated >= 3
                    and st.deliveries_failed == 1)
-        wait_until(lambda: (st := client.status("down")) is not None and st.reconnects >= 1)
+        wait_until(lambda: (st := client.status(DOWN)) is not None and st.reconnects >= 1)
         # Every sample read below, since Ray exports each on its own period after the status changed.
-        wanted = {"clip": [("slowfast_events_opened_total", "")],
-                  "cam": [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", ""),
+        wanted = {FILE: [("slowfast_events_opened_total", "")],
+                  CAMERA: [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", ""),
                           ("slowfast_events_opened_total", "")],
-                  "down": [("slowfast_reconnects_total", "")]}
+                  DOWN: [("slowfast_reconnects_total", "")]}
         metrics: dict[str, dict] = {}
 
         def caught_up() -> bool:  # the export has every sample, at the counts the statuses show
             metrics.update({sid: exported(sid) for sid in wanted})
             return (all(set(keys) <= metrics[sid].keys() for sid, keys in wanted.items())
-                    and metrics["cam"]["slowfast_windows_gated_total", ""] >= 3
-                    and metrics["clip"]["slowfast_events_opened_total", ""] == QUESTIONS)
+                    and metrics[CAMERA]["slowfast_windows_gated_total", ""] >= 3
+                    and metrics[FILE]["slowfast_events_opened_total", ""] == QUESTIONS)
 
         wait_until(caught_up, timeout=120)
-        cam_status, clip_status = client.status("cam"), client.status("clip")
-        registered = client.stream("cam").config
+        cam_status, clip_status = client.status(CAMERA), client.status(FILE)
+        registered = client.stream(CAMERA).config
     finally:
         stop.set()
         thread.join(timeout=180)
@@ -154,7 +159,7 @@ streams:
     assert len({a.headers["idempotency-key"] for a in receiver.accepted()}) == len(receiver.accepted()) == 2 * QUESTIONS + 1
     assert {a.event["event_id"].split(":")[0] for a in receiver.accepted()} == {*(f"q{i}" for i in range(QUESTIONS)), "anyone"}
     (refused,) = refusing.all()  # the question's own sink, which refuses: not retried, written down
-    (written,) = client.undelivered("cam")
+    (written,) = client.undelivered(CAMERA)
     assert written.error == "HTTP 401 Unauthorized" and written.phase == "opened"
     assert SECRET not in str(registered)  # the registry keeps the config, the secret masked
     # From the window's publish (the record is made just before it) to the webhook's arrival.
@@ -169,7 +174,7 @@ streams:
     assert (cam_status.events_opened, cam_status.events_open) == (1, 1)
     assert (clip_status.events_opened, clip_status.events_open, clip_status.deliveries_failed) == (QUESTIONS, 0, 0)
     assert "HTTP 401" in cam_status.last_delivery_error
-    cam, clip_metrics, down = metrics["cam"], metrics["clip"], metrics["down"]
+    cam, clip_metrics, down = metrics[CAMERA], metrics[FILE], metrics[DOWN]
     assert cam["slowfast_stream_state", "live"] == 1 and cam["slowfast_stream_state", "reconnecting"] == 0
     assert cam["slowfast_windows_gated_total", ""] >= 3
     assert cam["slowfast_events_opened_total", ""] == 1 and cam["slowfast_events_open", ""] == 1
@@ -177,4 +182,4 @@ streams:
     assert clip_metrics["slowfast_events_opened_total", ""] == QUESTIONS and clip_metrics["slowfast_events_open", ""] == 0
     assert down["slowfast_stream_state", "live"] == 0 and down["slowfast_reconnects_total", ""] >= 1
     assert sum(down["slowfast_stream_state", s] for s in ("connecting", "reconnecting")) == 1
-    assert result["cam"].stats.windows_gated >= 3
+    assert result[CAMERA].stats.windows_gated >= 3
