@@ -195,10 +195,12 @@ def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_
     finally:
         run.finish()
     assert client.status(stream).windows_skipped == counts.windows_skipped
-    # A camera's batch is its newest window: one batch for each window done, and one for the
-    # window whose frames were gone.
+    # A camera's batch is its newest window: one batch for each window done, one for the window
+    # whose frames were gone, and one for any other the dead actor had in flight to the worker
+    # (each skipped too; a window overtaken while waiting is skipped without a batch).
     batches, alone, least, most = batch_windows(metrics)
-    assert batches == alone == least == most == counts.windows_done + 1, metrics
+    assert batches == alone == least == most, metrics
+    assert counts.windows_done + 1 <= batches <= counts.windows_done + counts.windows_skipped, (metrics, counts)
     assert metrics.get(("slowfast_windows_failed_total", stream), 0) == 0
 
 
