@@ -171,30 +171,28 @@ def pack(batch: PromptBatch) -> PackedPrompts:
     groups: dict[int, list[int]] = {}  # head -> its prompts, in batch order; a headless prompt alone
     for prompt, head in enumerate(of_row):
         groups.setdefault(head if head >= 0 else -1 - prompt, []).append(prompt)
-    packed_rows, row_of, segment_of, ends = [], [0] * rows, [0] * rows, [0] * rows
+    packed_rows, totals, row_of, segment_of, ends = [], [], [0] * rows, [0] * rows, [0] * rows
     for packed_row, (head, prompts) in enumerate(groups.items()):
-        parts = []
+        parts, total = [], 0
         if head >= 0:
             keep = slice(heads.valid.shape[1] - head_counts[head], None)
             parts.append((heads.embeds[head, keep], heads.token_types[head, keep], heads.positions[head, keep], 0))
+            total = head_counts[head]
         for segment, prompt in enumerate(prompts, 1):
             keep = slice(length - tail_counts[prompt], None)
             parts.append((batch.embeds[prompt, keep], batch.token_types[prompt, keep], batch.positions[prompt, keep],
                           segment))
-            row_of[prompt], segment_of[prompt] = packed_row, segment
-            ends[prompt] = sum(len(part[0]) for part in parts)
+            total += tail_counts[prompt]
+            row_of[prompt], segment_of[prompt], ends[prompt] = packed_row, segment, total
         packed_rows.append(parts)
-    count = len(packed_rows)
-    width = max(sum(len(part[0]) for part in parts) for parts in packed_rows)
+        totals.append(total)
+    count, width = len(packed_rows), max(totals)
     embeds = batch.embeds.new_zeros(count, width, batch.embeds.shape[2])
     token_types = torch.full((count, width), PADDING, dtype=torch.long, device=device)
     positions = torch.zeros(count, width, dtype=torch.long, device=device)
     segments = torch.full((count, width), -1, dtype=torch.long, device=device)
-    last_slot = [0] * rows
     for packed_row, parts in enumerate(packed_rows):
-        start = width - sum(len(part[0]) for part in parts)
-        for prompt in (p for p in range(rows) if row_of[p] == packed_row):
-            last_slot[prompt] = start + ends[prompt] - 1
+        start = width - totals[packed_row]
         for part_embeds, part_types, part_positions, segment in parts:
             end = start + len(part_embeds)
             embeds[packed_row, start:end] = part_embeds
@@ -202,13 +200,13 @@ def pack(batch: PromptBatch) -> PackedPrompts:
             positions[packed_row, start:end] = part_positions
             segments[packed_row, start:end] = segment
             start = end
+    last_slot = [width - totals[row_of[prompt]] + ends[prompt] - 1 for prompt in range(rows)]
     as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
     head_of_row = as_tensor(list(groups))
-    with_head = head_of_row >= 0  # a headless row gets a head's slow tokens, all masked
-    slow = SlowTokenContext(heads.slow.states[head_of_row.clamp(min=0)],
-                            heads.slow.valid[head_of_row.clamp(min=0)] & with_head[:, None])
+    with_head, pick = head_of_row >= 0, head_of_row.clamp(min=0)  # a headless row gets a head's slow tokens, all masked
+    slow = SlowTokenContext(heads.slow.states[pick], heads.slow.valid[pick] & with_head[:, None])
     return PackedPrompts(
-        embeds, token_types, positions, segments, slow, heads.has_visual[head_of_row.clamp(min=0)] & with_head,
+        embeds, token_types, positions, segments, slow, heads.has_visual[pick] & with_head,
         as_tensor(row_of), as_tensor(segment_of), as_tensor(last_slot),
     )
 
