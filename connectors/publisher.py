@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from redis import Redis
 from redis.client import Pipeline
 
 from .redis_conn import UNREACHABLE, connect
@@ -577,3 +578,25 @@ class Publisher:
             self._refresh_ttl(pipe, sid)
         pipe.execute()
         self._pending_drops.clear()
+
+
+def patch_status(redis: Redis, sid: str, change: Callable[[StreamStatus], dict],
+                 keys: Keys = DEFAULT_KEYS) -> StreamStatus | None:
+    """Write some fields (`change` of the status Redis holds) over a stream's status, keeping the
+    rest: the ingest's own side while the stream's model worker, which publishes the whole
+    status, is gone. Nothing is written where Redis holds no status (the stream was never
+    published, or was removed). Returns the status written, or None."""
+    key = keys.status(sid)
+
+    def patch(p: Pipeline) -> StreamStatus | None:
+        raw = p.hget(key, DATA)
+        if raw is None:
+            return None
+        held = StreamStatus.model_validate_json(raw)
+        status = held.model_copy(update=change(held))
+        p.multi()
+        p.hset(key, mapping=encode_hash(status, STATUS_FLAT))
+        p.publish(keys.notify(sid), Notification(kind=NotificationKind.STATUS, stream=sid).to_json())
+        return status
+
+    return redis.transaction(patch, key, value_from_callable=True)

@@ -16,7 +16,9 @@ from typing import Any
 import ray
 from ray.util.metrics import Counter
 
-from connectors.redis_schema import STATUS_INTERVAL_S, IngestState
+from connectors.publisher import patch_status
+from connectors.redis_conn import UNREACHABLE, connect
+from connectors.redis_schema import STATUS_INTERVAL_S, IngestState, StreamStatus
 from connectors.sources import SamplePlan, SourceError, SourceState, open_source
 
 from .config import PipelineConfig, StreamConfig
@@ -31,6 +33,11 @@ log = logging.getLogger("slowfast.pipeline")
 RESUBMIT_WAIT_S = 1.0
 ATTACH_TIMEOUT_S = 5.0
 FINAL_STATUS_TIMEOUT_S = 30.0
+# The worker publishes the stream's status with the ingest's report. Once it has taken none for
+# this long (killed and restarting: a torch import and a model load), the ingest writes its own
+# side straight to Redis, so the status stays fresh and says why captions wait.
+WORKER_SILENT_S = 5.0
+PENDING_REPORTS = 16  # reports awaiting the worker's answer that are kept (an unanswered one is dropped)
 # While the source runs, the stream's state is the source's.
 SOURCE_STATES = {SourceState.CONNECTING: IngestState.CONNECTING, SourceState.LIVE: IngestState.LIVE,
                  SourceState.RECONNECTING: IngestState.RECONNECTING, SourceState.ENDED: IngestState.LIVE,
@@ -67,6 +74,9 @@ class IngestActor:
         self.source_running = False
         self.status_lock = threading.Lock()
         self.final_sent = False
+        self.reports_sent: deque = deque(maxlen=PENDING_REPORTS)  # (sent at, ref)
+        self.report_taken_at = time.time()  # when the worker last took a report
+        self.redis: Any = None  # for the ingest's own status, while the worker takes none
         self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
         self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
         self.thread.start()
@@ -114,7 +124,7 @@ class IngestActor:
                 worker = ray.get_actor(name)
                 next_window = ray.get(worker.resume_point.remote(self.stream.id), timeout=ATTACH_TIMEOUT_S)
                 if next_window is not None and name == self.worker_name:
-                    self.worker = worker
+                    self.worker, self.report_taken_at = worker, time.time()
                     return next_window
             except (ValueError, ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError,
                     ray.exceptions.ActorUnavailableError):
@@ -228,18 +238,58 @@ class IngestActor:
 
     def _send_status(self, final: bool = False) -> None:
         """The ingest's side of the status, to the worker that publishes it with its counts. The
-        final one is awaited, so a drain that saw run() return also sees it in Redis."""
+        final one is awaited, so a drain that saw run() return also sees it in Redis. While the
+        worker takes none, the ingest writes its side to Redis itself."""
         with self.status_lock:
             if self.final_sent or self.worker is None:
                 self.final_sent = final or self.final_sent
                 return
-            ref = self.worker.ingest_report.remote(self.stream.id, self._report(final))
+            report = self._report(final)
+            ref = self.worker.ingest_report.remote(self.stream.id, report)
             self.final_sent = final
+            if not final:
+                self._note_taken_reports()
+                self.reports_sent.append((time.time(), ref))
+                silent_s = time.time() - self.report_taken_at
+                if silent_s > WORKER_SILENT_S:
+                    self._write_own_status(report, silent_s)
         if final:
             try:
                 ray.get(ref, timeout=FINAL_STATUS_TIMEOUT_S)
             except Exception as exc:  # the worker may be gone too; the summary still says it
                 log.warning("final status of %s not published: %s", self.stream.id, exc)
+
+    def _note_taken_reports(self) -> None:
+        while self.reports_sent and ray.wait([self.reports_sent[0][1]], timeout=0)[0]:
+            sent_at, ref = self.reports_sent.popleft()
+            try:
+                ray.get(ref, timeout=0)
+            except Exception:  # the worker died with it: not taken
+                continue
+            self.report_taken_at = max(self.report_taken_at, sent_at)
+
+    def _write_own_status(self, report: IngestReport, silent_s: float) -> None:
+        """The report's fields over the status Redis holds: the counts stay the worker's last, the
+        lag grows from its last processed window, and last_error says why captions wait."""
+        error, error_at = report.last_error, report.last_error_at
+        if report.state is IngestState.LIVE or error is None:
+            error = (f"model worker {self.worker_name} has not answered for {silent_s:.0f} s (restarting?): "
+                     f"captions wait until it is back")
+            error_at = self.report_taken_at
+        def own_side(held: StreamStatus) -> dict:
+            # The latest processed window ended `lag_s` before the worker's last status.
+            lag_s = max(0.0, time.time() - (held.updated_at - held.lag_s)) if report.live and held.lag_s else 0.0
+            return dict(state=report.state, frames_in=report.frames_in, fps_in=report.fps_in, fps_out=0.0,
+                        lag_s=lag_s, frames_corrupt=report.frames_corrupt, windows_emitted=report.windows_emitted,
+                        reconnects=report.reconnects, last_error=error, last_error_at=error_at,
+                        updated_at=time.time())
+
+        try:
+            if self.redis is None:
+                self.redis = connect(self.config.redis_url, retries=0, socket_timeout=2.0, connect_timeout=2.0)
+            patch_status(self.redis, self.stream.id, own_side)
+        except UNREACHABLE as exc:  # Redis is down too: the status is stale until one of them is back
+            log.debug("status of %s not written: %s", self.stream.id, exc)
 
     def _report(self, final: bool) -> IngestReport:
         source = self.source if self.source_running else None

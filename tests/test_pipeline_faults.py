@@ -264,6 +264,42 @@ def status_refreshes(client: SlowFastClient, stream: str, count: int, timeout: f
     return seen
 
 
+@pytest.mark.slow(seconds=30)
+def test_a_camera_whose_model_worker_stops_answering_keeps_a_fresh_status_that_says_why_captions_wait(
+    ray_session, redis_url, tiny_model_dir, clip, tmp_path
+):
+    """The worker publishes each stream's status. While it answers nothing (its process
+    stopped here; killed and restarting in a real run), the camera's ingest actor writes its own
+    side: the status stays fresh and live, keeps the worker's counts and names the worker in
+    `last_error`. Once the worker answers again, its status replaces that, and captions go on."""
+    import ray
+
+    stream = "gate"
+    config = pipeline_config(redis_url, tiny_model_dir, tmp_path, [
+        {"id": stream, "source": f"loop://{clip}", "live": True, "gate": {"enabled": False}}])
+    run = BackgroundRun(config)
+    client = SlowFastClient(redis_url)
+    try:
+        wait_until(lambda: client.history(stream, count=1), timeout=180)
+        worker = process_of(ray.get_actor("worker:0"))
+        os.kill(worker, signal.SIGSTOP)
+        stopped_at = time.time()
+        try:
+            wait_until(lambda: (s := client.status(stream)).updated_at > stopped_at + 6, timeout=60)
+            held = client.status(stream)
+            captions = len(client.history(stream, count=1000))
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        print(f"\nworker stopped {held.updated_at - stopped_at:.1f} s: '{held.last_error}'")
+        assert held.state is IngestState.LIVE and held.fps_in > 0 and held.fps_out == 0
+        assert held.last_error.startswith("model worker worker:0 has not answered for "), held.last_error
+        assert held.windows_done >= 1 and held.windows_done <= captions  # the worker's counts, kept
+        wait_until(lambda: len(client.history(stream, count=1000)) > captions
+                   and client.status(stream).last_error is None, timeout=120)
+    finally:
+        run.finish()
+
+
 @pytest.mark.slow(seconds=40)
 def test_camera_health_follows_outages_and_a_camera_refused_at_start(
     ray_session, redis_url, tiny_model_dir, tmp_path, camera_clip, rtsp_server_factory
