@@ -373,8 +373,11 @@ class Soak:
                     "notify": self.notify} for s in self.live]
         streams.append({"id": long_id, "source": str(self.long_clip), "live": False,
                         "standing_questions": self.questions, "notify": self.notify})
+        # Every stream's ingest actor must fit beside the model worker (the long file's next run
+        # starts as its last ends, so one more), or some would wait for a free CPU all soak long.
+        ingest_cpus = round((os.cpu_count() - load_config(None).worker_cpus) / (len(streams) + 1), 3)
         config = {"window": a.window, "stride": a.stride, "fps": a.fps, "history_len": a.history_len,
-                  "generation": {"max_new_tokens": a.max_new_tokens}, "streams": streams,
+                  "ingest_cpus": ingest_cpus, "generation": {"max_new_tokens": a.max_new_tokens}, "streams": streams,
                   "out_dir": str(out / "run")}
         (out / "soak.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         print(f"soak: {len(self.live)} live streams ({a.cameras} RTSP, {a.loops} looping files), a long file of "
