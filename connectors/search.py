@@ -28,6 +28,7 @@ import math
 import re
 import struct
 import time
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -65,6 +66,7 @@ STOPWORDS = frozenset(
 POSTING = np.dtype([("id", ">u8"), ("tf", "u1"), ("dl", "<u2"), ("us", "<u4"), ("mask", "<u8")])
 _ID = struct.Struct(">Q")
 _REST = struct.Struct("<BHIQ")
+_PAIR_REST = struct.Struct("<IBHIQ")
 assert _ID.size + _REST.size == POSTING.itemsize == 23
 # Head of each term's postings in an hour, in a field of its own (`^term`), so it is read and
 # updated without copying the postings: how many postings the term has in the hour, then up to 4
@@ -75,8 +77,22 @@ HEAD_PAIRS = 4
 HEAD = struct.Struct(">I" + "BH" * HEAD_PAIRS)
 HEAD_FIELD = "^"  # a head's field: this, then the term (never a term's character)
 HOUR_S = 3600
-# An hour's `#` field: first and last entry ids (big-endian, as in POSTING), entries, their words.
-HOUR_STATS = struct.Struct(">QQII")
+# An hour's `#` field: first and last entry ids (big-endian, as in POSTING), entries, their words,
+# and the first entry indexed with word pairs (an hour begun by an index without pairs has later).
+HOUR_STATS = struct.Struct(">QQIIQ")
+# Adjacent word pairs, so that a phrase reads its pairs' postings, not its words' (a phrase of common
+# words otherwise reads postings of nearly every entry). A pair is two consecutive indexed words
+# and the distance between them (stopwords between count); its postings share one of PAIR_BUCKETS
+# fields per hour (`~` and the bucket in hex: a field per distinct pair would cost more than its
+# postings), each record naming its pair by a 32-bit hash. Counts are the two words' own (at most
+# 15 each, in one byte), so a phrase's hits get the same BM25 as from the words' postings; the
+# positions are the first word's.
+PAIR_BUCKETS = 1024
+PAIR_FIELD = "~"
+PAIR_POSTING = np.dtype([("id", ">u8"), ("pair", "<u4"), ("tf", "u1"), ("dl", "<u2"), ("us", "<u4"), ("mask", "<u8")])
+MAX_PAIR_TF = 15
+MAX_PAIRS_PER_ENTRY = 128
+assert _ID.size + _PAIR_REST.size == PAIR_POSTING.itemsize == 27
 
 KIND_MODELS: dict[EntryKind, type] = {
     EntryKind.CAPTION: Caption, EntryKind.ANSWER: Answer, EntryKind.EVENT: Event, EntryKind.SUMMARY: Summary,
@@ -112,12 +128,39 @@ def entry_key(entry_id: str) -> int:
     return int(ms) << 16 | int(seq)
 
 
-def postings_of(text: str, entry_id: str, wall: float) -> tuple[int, dict[str, bytes]]:
-    """(the entry's length in words, term -> its 23-byte posting) for one entry."""
+@dataclass(frozen=True)
+class Pair:
+    """Two consecutive indexed words `gap` positions apart, as the index keys them."""
+
+    first: str
+    gap: int
+    second: str
+
+    @property
+    def hash(self) -> int:
+        return zlib.crc32(f"{self.first} {self.gap} {self.second}".encode())
+
+    @property
+    def field(self) -> str:
+        return f"{PAIR_FIELD}{self.hash % PAIR_BUCKETS:03x}"
+
+
+@dataclass(frozen=True)
+class EntryPostings:
+    """What one entry adds to the index: its length in words, term -> its 23-byte posting, and
+    pair bucket field -> its pairs' 27-byte postings."""
+
+    length: int
+    terms: dict[str, bytes]
+    pairs: dict[str, bytes]
+
+
+def postings_of(text: str, entry_id: str, wall: float) -> EntryPostings:
     key = _ID.pack(entry_key(entry_id))
     us = min(int(round((wall - wall // HOUR_S * HOUR_S) * 1e6)), HOUR_S * 10 ** 6 - 1)
     tokens = words(text)
     stats: dict[str, list[int]] = {}
+    indexed: list[tuple[int, str]] = []
     for position, token in enumerate(tokens):
         if token in STOPWORDS or len(token) > MAX_TERM_CHARS:
             continue
@@ -127,8 +170,20 @@ def postings_of(text: str, entry_id: str, wall: float) -> tuple[int, dict[str, b
             stats[token] = [0, 0]
         stats[token][0] += 1
         stats[token][1] |= 1 << (position % MASK_BITS)
+        indexed.append((position, token))
+    pairs: dict[Pair, int] = {}  # pair -> the first word's positions
+    for (at, first), (then, second) in zip(indexed, indexed[1:]):
+        pair = Pair(first, then - at, second)
+        if pair in pairs or len(pairs) < MAX_PAIRS_PER_ENTRY:
+            pairs[pair] = pairs.get(pair, 0) | 1 << (at % MASK_BITS)
     length = min(len(tokens), 0xFFFF)
-    return length, {t: key + _REST.pack(min(tf, 0xFF), length, us, mask) for t, (tf, mask) in stats.items()}
+    buckets: dict[str, bytes] = {}
+    for pair, mask in pairs.items():
+        counts = min(stats[pair.first][0], MAX_PAIR_TF) << 4 | min(stats[pair.second][0], MAX_PAIR_TF)
+        record = key + _PAIR_REST.pack(pair.hash, counts, length, us, mask)
+        buckets[pair.field] = buckets.get(pair.field, b"") + record
+    return EntryPostings(length, {t: key + _REST.pack(min(tf, 0xFF), length, us, mask)
+                                  for t, (tf, mask) in stats.items()}, buckets)
 
 
 # ---------------------------------------------------------------------------- upkeep (publisher side)
@@ -152,7 +207,8 @@ end
 
 # KEYS: entries stream, hours set, the entry's hour key, the last indexed id's key, the terms set. ARGV: postings TTL
 # (0: none), now, entry id, the id as 8 bytes, the hour, hours to renew, the entry's length in words,
-# one record per term, then the terms in the same order. Nothing is written unless the entry is in
+# the number of terms n and of pair buckets m, one record per term, the terms in the same order, then
+# the records of each pair bucket and the buckets' fields (appended, with no head). Nothing is written unless the entry is in
 # the stream (an XADD of the same MULTI may have been refused) and not indexed yet (ids only grow, so
 # the last indexed id tells, whatever time a retried entry carries). Each term's postings get the
 # record and its head one more posting and maybe a new pair (a term new to the hour joins the terms
@@ -163,17 +219,18 @@ end
 INDEX_ENTRY = _LUA_IDS + """
 local ttl, now, id, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4], ARGV[5]
 local refresh, dl = tonumber(ARGV[6]), tonumber(ARGV[7])
-local n = (#ARGV - 7) / 2
+local n, m = tonumber(ARGV[8]), tonumber(ARGV[9])
 if #redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3], 'COUNT', 1) == 0 then return 0 end
 local last = redis.call('GET', KEYS[4])
 if last and not older(last, id) then return 0 end
 if ttl > 0 then redis.call('SET', KEYS[4], id, 'EX', ttl) else redis.call('SET', KEYS[4], id) end
 local new_terms = {}
 local stats = redis.call('HGET', KEYS[3], '#')
-local first, count, words = id, 0, 0
+local first, count, words, pairs_from = id, 0, 0, id
 if stats then
   first = string.sub(stats, 1, 8)
   count, words = struct.unpack('>I4I4', stats, 17)
+  if #stats >= 32 then pairs_from = string.sub(stats, 25, 32) end
 end
 local function with_pair(head, tf, len)
   local pairs_ = {}
@@ -200,12 +257,21 @@ local function with_pair(head, tf, len)
   return table.concat(out)
 end
 local terms, head_fields = {}, {}
-for i = 1, n do terms[i] = ARGV[7 + n + i]; head_fields[i] = '^' .. terms[i] end
+for i = 1, n do terms[i] = ARGV[9 + n + i]; head_fields[i] = '^' .. terms[i] end
 local old = redis.call('HMGET', KEYS[3], unpack(terms))
 local heads = redis.call('HMGET', KEYS[3], unpack(head_fields))
-local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl)}
+local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl) .. pairs_from}
+if m > 0 then
+  local buckets = {}
+  for j = 1, m do buckets[j] = ARGV[9 + 2 * n + m + j] end
+  local held = redis.call('HMGET', KEYS[3], unpack(buckets))
+  for j = 1, m do
+    set[#set + 1] = buckets[j]
+    set[#set + 1] = (held[j] or '') .. ARGV[9 + 2 * n + j]
+  end
+end
 for i = 1, n do
-  local record, postings, head = ARGV[7 + i], old[i], heads[i]
+  local record, postings, head = ARGV[9 + i], old[i], heads[i]
   local held = 0
   if head then held = struct.unpack('>I4', head) else new_terms[#new_terms + 1] = 0; new_terms[#new_terms + 1] = terms[i] end
   set[#set + 1] = terms[i]
@@ -284,8 +350,8 @@ class IndexedEntry:
 def index_commands(script: Any, pipe: Any, keys: Keys, stream: str, entry: IndexedEntry, ttl_s: int | None,
                    now: float | None = None) -> None:
     """Queue the index upkeep of one entry on `pipe` (after the entry's XADD in the same MULTI)."""
-    length, postings = postings_of(entry.text, entry.entry_id, entry.wall)
-    if not postings:
+    postings = postings_of(entry.text, entry.entry_id, entry.wall)
+    if not postings.terms:
         return
     hour = int(entry.wall // HOUR_S)
     script(
@@ -293,8 +359,9 @@ def index_commands(script: Any, pipe: Any, keys: Keys, stream: str, entry: Index
               keys.index_hour(stream, entry.kind, hour), keys.index_last(stream, entry.kind),
               keys.index_terms(stream, entry.kind)],
         args=[int(ttl_s * POSTINGS_TTL_FACTOR) if ttl_s else 0, now if now is not None else time.time(),
-              entry.entry_id, _ID.pack(entry_key(entry.entry_id)), hour, STALE_REFRESH, length,
-              *postings.values(), *postings],
+              entry.entry_id, _ID.pack(entry_key(entry.entry_id)), hour, STALE_REFRESH, postings.length,
+              len(postings.terms), len(postings.pairs), *postings.terms.values(), *postings.terms,
+              *postings.pairs.values(), *postings.pairs],
         client=pipe,
     )
 
@@ -475,16 +542,18 @@ class SearchResult:
     complete: bool = True  # False: reading stopped early (no hour left could reach the page): total is a floor
 
 
-# KEYS: entries stream, hours set, terms set. ARGV: the number of terms, the terms, then the prefixes. Returns the
-# oldest held entry's id (8 bytes; '' when none), XLEN, the hours holding held entries (4 bytes each),
-# their `#` fields, each prefix's terms (the MAX_PREFIX_TERMS shortest an hour holds), then per term (the query's,
-# then the prefixes' in order) and hour: its head, its count of postings made that of held entries
-# (the postings are read only in the hour holding the oldest held entry). Nothing but these few
+# KEYS: entries stream, hours set, terms set. ARGV: the number of terms n, the most terms a prefix expands to,
+# the number of pair buckets b, the terms, the buckets, then the prefixes. Returns the oldest held
+# entry's id (8 bytes; '' when none), XLEN, the hours holding held entries (4 bytes each), their `#`
+# fields (an hour begun without pairs: its first with pairs unknown, all ones), each prefix's terms
+# (the MAX_PREFIX_TERMS shortest an hour holds), per term (the query's, then the prefixes' in order) and
+# hour: its head, its count of postings made that of held entries (the postings are read only in the
+# hour holding the oldest held entry), then per bucket and hour its bytes. Nothing but these few
 # bytes leaves Redis.
 PLAN = _LUA_IDS + """
-local n, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n, most, b = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local held = oldest_held(KEYS[1])
-if not held then return {'', 0, '', '', {}, ''} end
+if not held then return {'', 0, '', '', {}, '', ''} end
 local prefix = KEYS[2] .. ':'
 local hours, hour_bytes, stats, boundary = {}, {}, {}, {}
 for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
@@ -492,12 +561,13 @@ for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if s and not older(string.sub(s, 9, 16), held) then
     hours[#hours + 1] = h
     hour_bytes[#hours] = struct.pack('>I4', tonumber(h))
+    if #s < 32 then s = s .. string.rep('\\255', 8) end
     stats[#hours] = s
     boundary[#hours] = older(string.sub(s, 1, 8), held)
   end
 end
 local terms = {}
-for i = 1, n do terms[i] = ARGV[2 + i] end
+for i = 1, n do terms[i] = ARGV[3 + i] end
 local function held_anywhere(t)
   for _, h in ipairs(hours) do
     if redis.call('HEXISTS', prefix .. h, t) == 1 then return true end
@@ -505,7 +575,7 @@ local function held_anywhere(t)
   return false
 end
 local expansions = {}
-for p = n + 3, #ARGV do
+for p = n + b + 4, #ARGV do
   local found = redis.call('ZRANGE', KEYS[3], '[' .. ARGV[p], '(' .. ARGV[p] .. '\255', 'BYLEX')
   table.sort(found, function(a, b) if #a ~= #b then return #a < #b end return a < b end)
   local chosen = {}
@@ -540,13 +610,19 @@ for i, h in ipairs(hours) do
 end
 local out = {}
 for j = 1, #terms do out[j] = table.concat(by_term[j]) end
+local bucket_bytes = {}
+for j = 1, b do
+  for _, h in ipairs(hours) do
+    bucket_bytes[#bucket_bytes + 1] = struct.pack('>I4', redis.call('HSTRLEN', prefix .. h, ARGV[3 + n + j]))
+  end
+end
 return {held, redis.call('XLEN', KEYS[1]), table.concat(hour_bytes), table.concat(stats), expansions,
-        table.concat(out)}
+        table.concat(out), table.concat(bucket_bytes)}
 """
 
-# KEYS: hours set. ARGV: the number of hours, the hours, then the terms. Returns how many records
-# each term has in each hour (4 bytes each, term by term), then each term's records of those hours
-# in one string, hours in the order given.
+# KEYS: hours set. ARGV: the number of hours, the hours, then the fields (terms or pair buckets). Returns
+# each field's bytes in each hour (4 bytes each, field by field), then each field's records of those
+# hours in one string, hours in the order given.
 FETCH = """
 local k = tonumber(ARGV[1])
 local prefix = KEYS[1] .. ':'
@@ -560,13 +636,14 @@ for i = 2, k + 1 do
   end
 end
 for j = 1, #records do
-  for i = 1, k do counts[#counts + 1] = struct.pack('>I4', #records[j][i] / 23) end
+  for i = 1, k do counts[#counts + 1] = struct.pack('>I4', #records[j][i]) end
   records[j] = table.concat(records[j])
 end
 return {table.concat(counts), unpack(records)}
 """
 _HEAD_DTYPE = np.dtype([("count", ">u4"), ("pairs", ">u1", (HEAD.size - 4,))])
-_STATS_DTYPE = np.dtype([("first", ">u8"), ("last", ">u8"), ("entries", ">u4"), ("words", ">u4")])
+_STATS_DTYPE = np.dtype([("first", ">u8"), ("last", ">u8"), ("entries", ">u4"), ("words", ">u4"),
+                         ("pairs_from", ">u8")])
 FIRST_HOURS_READ = 2  # hours read in the first round; each next round reads twice as many
 
 
@@ -584,6 +661,8 @@ class _Segment:
     atoms: dict[str, list[str]] = field(default_factory=dict)  # term or prefix -> the terms it reads
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # term -> postings of held entries per hour
     best: dict[str, np.ndarray] = field(default_factory=dict)  # term -> per hour, its head's (count, length) pairs
+    pair_bytes: dict[str, np.ndarray] = field(default_factory=dict)  # pair bucket -> its bytes per hour
+    pairs_held: bool = False  # every held entry was indexed with its pairs
 
 
 @dataclass
@@ -656,14 +735,16 @@ class Searcher:
         segments = [_Segment(s, k) for s in streams for k in request.kinds]
         if not segments:
             return SearchResult([], 0, 0.0)
-        self._plan(segments, parsed)
+        phrase_pairs = [_pairs_of(phrase) for phrase in parsed.phrases]
+        self._plan(segments, parsed, sorted({pair.field for pairs in phrase_pairs for pair in pairs}))
+        cover = _cover(phrase_pairs, segments)
         atoms = list(parsed.terms) + list(parsed.prefixes)
         docs_total = sum(s.docs for s in segments) or 1
         avgdl = (sum(s.words for s in segments) / sum(s.entries for s in segments)
                  if any(s.entries for s in segments) else 1.0)
         df = {a: sum(int(s.counts[t].sum()) for s in segments for t in s.atoms[a]) for a in atoms}
         idf = {a: math.log(1 + (docs_total - df[a] + 0.5) / (df[a] + 0.5)) for a in atoms}
-        work = self._bounds(segments, parsed, request, atoms, idf, avgdl)  # (hour, segment, bound), newest first
+        work = self._bounds(segments, parsed, request, atoms, idf, avgdl, cover)  # (hour, segment, bound), newest first
         found = _Candidates()
         checked: dict[tuple[int, int], Hit | None] = {}
         hits: list[Hit] = []
@@ -673,7 +754,7 @@ class Searcher:
             batch = set(hours[done: done + size])
             done, size = done + len(batch), size * 2
             self._read(segments, [(h, n) for h, n, _ in work if h in batch], parsed, request, atoms, idf, avgdl,
-                       found)
+                       found, cover)
             rest = max((b for h, _, b in work if h < hours[done - 1]), default=None) if done < len(hours) else None
             hits = self._page(segments, found, rest, parsed, request.limit, checked)
             if len(hits) == request.limit or rest is None:
@@ -682,18 +763,24 @@ class Searcher:
         return SearchResult(hits, total, (time.perf_counter() - started) * 1000, complete=done >= len(hours))
 
     # ---- what each hour holds
-    def _plan(self, segments: list[_Segment], parsed: ParsedQuery) -> None:
+    def _plan(self, segments: list[_Segment], parsed: ParsedQuery, buckets: list[str]) -> None:
         pipe = self.binary.pipeline(transaction=False)
         for seg in segments:
             self._plan_script(keys=[self.keys.entries(seg.stream, seg.kind), self.keys.index_hours(seg.stream, seg.kind),
                                     self.keys.index_terms(seg.stream, seg.kind)],
-                              args=[len(parsed.terms), MAX_PREFIX_TERMS, *parsed.terms, *parsed.prefixes], client=pipe)
-        for seg, (first, docs, hours, stats, expansions, heads) in zip(segments, pipe.execute()):
+                              args=[len(parsed.terms), MAX_PREFIX_TERMS, len(buckets), *parsed.terms, *buckets,
+                                    *parsed.prefixes], client=pipe)
+        for seg, (first, docs, hours, stats, expansions, heads, bucket_bytes) in zip(segments, pipe.execute()):
             seg.docs = int(docs)
             seg.first = _ID.unpack(first)[0] if first else np.iinfo(np.int64).max
             seg.hours = np.frombuffer(hours, ">u4").astype(np.int64)
             held = np.frombuffer(stats, _STATS_DTYPE)
             seg.entries, seg.words = int(held["entries"].sum()), int(held["words"].sum())
+            # An hour begun before pairs were indexed holds entries without them, unless those are gone.
+            pairs_from, hour_first = held["pairs_from"].astype(np.uint64), held["first"].astype(np.uint64)
+            seg.pairs_held = bool(np.all((pairs_from == hour_first) | (pairs_from <= np.uint64(max(seg.first, 0)))))
+            per_bucket = np.frombuffer(bucket_bytes, ">u4").reshape(-1, len(seg.hours)) if len(seg.hours) else []
+            seg.pair_bytes = {b: row.astype(np.int64) for b, row in zip(buckets, per_bucket)}
             seg.atoms = {t: [t] for t in parsed.terms} | {p: [] for p in parsed.prefixes}
             seg.atoms.update({p: [t.decode() for t in terms] for p, terms in zip(parsed.prefixes, expansions)})
             per_term = np.frombuffer(heads, _HEAD_DTYPE).reshape(-1, len(seg.hours)) if len(seg.hours) else []
@@ -705,7 +792,7 @@ class Searcher:
                 seg.counts.setdefault(name, np.zeros(len(seg.hours), np.int64))
 
     def _bounds(self, segments: list[_Segment], parsed: ParsedQuery, request: SearchRequest, atoms: list[str],
-                idf: dict[str, float], avgdl: float) -> list[tuple[int, int, float]]:
+                idf: dict[str, float], avgdl: float, cover: list[Pair]) -> list[tuple[int, int, float]]:
         """(hour, segment, the best score any entry of that hour can reach) for each hour that can
         hold a hit (in the range, every atom present for `match_all`), newest first."""
         work = []
@@ -717,6 +804,9 @@ class Searcher:
                 keep &= (seg.hours + 1) * HOUR_S > request.start
             if request.end is not None:
                 keep &= seg.hours * HOUR_S <= request.end
+            if seg.pairs_held:  # a phrase's pair whose bucket is empty in an hour is not in it
+                for pair in cover:
+                    keep &= seg.pair_bytes[pair.field] > 0
             # An entry of length d holds each term at most as often as the term's best pair of
             # length <= d says, so its score is at most the bound at d; the pairs' lengths are the
             # only d worth trying (between them the counts stay and the score only falls).
@@ -746,7 +836,9 @@ class Searcher:
     # ---- reading and scoring some hours
     def _read(self, segments: list[_Segment], chosen: list[tuple[int, int]], parsed: ParsedQuery,
               request: SearchRequest, atoms: list[str], idf: dict[str, float], avgdl: float,
-              found: _Candidates) -> None:
+              found: _Candidates, cover: list[Pair]) -> None:
+        """Read the postings of some hours and score them. A phrase's words come from the pairs
+        in `cover` (where every held entry has its pairs), the other atoms from their terms'."""
         by_segment: dict[int, list[int]] = {}
         for hour, number in chosen:
             by_segment.setdefault(number, []).append(hour)
@@ -754,20 +846,24 @@ class Searcher:
         plan = []
         for number, hours in sorted(by_segment.items()):
             seg = segments[number]
-            terms = list(dict.fromkeys(t for a in atoms for t in seg.atoms[a]))
+            paired = {w for pair in cover for w in (pair.first, pair.second)} if seg.pairs_held else set()
+            fields = list(dict.fromkeys([t for a in atoms if a not in paired for t in seg.atoms[a]]
+                                        + [pair.field for pair in cover if paired]))
             hours = sorted(hours)
             self._fetch_script(keys=[self.keys.index_hours(seg.stream, seg.kind)],
-                               args=[len(hours), *hours, *terms], client=pipe)
-            plan.append((number, hours, terms))
-        for (number, hours, terms), (counts, *blobs) in zip(plan, pipe.execute()):
+                               args=[len(hours), *hours, *fields], client=pipe)
+            plan.append((number, hours, fields, paired))
+        for (number, hours, fields, paired), (sizes, *blobs) in zip(plan, pipe.execute()):
             seg = segments[number]
-            counts = np.frombuffer(counts, ">u4").reshape(len(terms), len(hours))
+            sizes = np.frombuffer(sizes, ">u4").reshape(len(fields), len(hours))
             parts = {}
-            for term, blob, per_hour in zip(terms, blobs, counts):
-                records = np.frombuffer(blob, POSTING)
-                parts[term] = (records, np.repeat(np.asarray(hours, np.int64) * HOUR_S, per_hour) + records["us"] / 1e6)
-            postings = {a: _merge([parts[t] for t in seg.atoms[a]], seg.first)
-                        for a in atoms}
+            for name, blob, per_hour in zip(fields, blobs, sizes):
+                records = np.frombuffer(blob, PAIR_POSTING if name.startswith(PAIR_FIELD) else POSTING)
+                per_hour = per_hour // records.dtype.itemsize
+                parts[name] = (records, np.repeat(np.asarray(hours, np.int64) * HOUR_S, per_hour) + records["us"] / 1e6)
+            postings = {a: _merge([parts[t] for t in seg.atoms[a]], seg.first) for a in atoms if a not in paired}
+            if paired:
+                postings |= _pair_postings(cover, parts, seg.first)
             self._score(number, postings, parsed, request, atoms, idf, avgdl, found)
 
     def _score(self, number: int, postings: dict[str, tuple[np.ndarray, ...]], parsed: ParsedQuery,
@@ -870,6 +966,50 @@ class Searcher:
             elif latest == window_id:
                 pictures[id(hit)] = {"picture_key": self.keys.frame(hit.stream), "picture_id": window_id}
         return [h.model_copy(update=pictures[id(h)]) if id(h) in pictures else h for h in hits]
+
+
+def _pairs_of(phrase: Sequence[tuple[int, str]]) -> list[Pair]:
+    return [Pair(first, then - at, second) for (at, first), (then, second) in zip(phrase, phrase[1:])]
+
+
+def _cover(phrase_pairs: list[list[Pair]], segments: list[_Segment]) -> list[Pair]:
+    """The pairs a search reads for its phrases: for each phrase, its first and last pair and, for
+    each word those leave out, the one of its two pairs whose buckets hold fewer bytes."""
+    def size(pair: Pair) -> int:
+        return sum(int(s.pair_bytes[pair.field].sum()) for s in segments if s.pairs_held and pair.field in s.pair_bytes)
+
+    chosen: dict[Pair, None] = {}
+    for pairs in phrase_pairs:
+        picked = {0, len(pairs) - 1}
+        for word in range(1, len(pairs)):  # word i stands in pairs i - 1 and i
+            if word - 1 not in picked and word not in picked:
+                picked.add(min((word - 1, word), key=lambda i: size(pairs[i])))
+        chosen.update(dict.fromkeys(pairs[i] for i in sorted(picked)))
+    return list(chosen)
+
+
+def _pair_postings(cover: list[Pair], parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                   first: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """Each word of the pairs read: (entry keys, its counts, lengths, times, positions) of the held
+    entries holding every read pair of that word, at the positions those pairs put it."""
+    by_word: dict[str, list[tuple[np.ndarray, ...]]] = {}
+    for pair in cover:
+        records, walls = parts[pair.field]
+        keep = (records["pair"] == pair.hash) & (records["id"].astype(np.int64) >= first)
+        keys, index = np.unique(records["id"][keep].astype(np.int64), return_index=True)  # a hash collision: once
+        records, walls = records[keep][index], walls[keep][index]
+        dl, mask = records["dl"].astype(np.int64), records["mask"].astype(np.uint64)
+        by_word.setdefault(pair.first, []).append((keys, (records["tf"] >> 4).astype(np.int64), dl, walls, mask))
+        by_word.setdefault(pair.second, []).append(
+            (keys, (records["tf"] & MAX_PAIR_TF).astype(np.int64), dl, walls, _rotl(mask, pair.gap)))
+    out = {}
+    for word, (found, *more) in by_word.items():
+        keys, tf, dl, walls, mask = found
+        for other_keys, _, _, _, other_mask in more:
+            keys, mine, theirs = np.intersect1d(keys, other_keys, assume_unique=True, return_indices=True)
+            tf, dl, walls, mask = tf[mine], dl[mine], walls[mine], mask[mine] & other_mask[theirs]
+        out[word] = (keys, tf, dl, walls, mask)
+    return out
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]], first: int) -> tuple[np.ndarray, ...]:

@@ -19,7 +19,9 @@ from connectors.redis_conn import connect
 from connectors.redis_schema import (
     DEFAULT_KEYS as K, Answer, AnswerKind, EntryKind, StreamInfo, Summary, SummaryKind,
 )
-from connectors.search import HEAD, HOUR_S, POSTING, SearchRequest, parse_query, postings_of
+from connectors.search import (
+    HEAD, HOUR_S, PAIR_FIELD, PAIR_POSTING, POSTING, HOUR_STATS, Pair, SearchRequest, parse_query, postings_of,
+)
 from pipeline.cli import app as cli_app
 from pipeline.pictures import window_picture
 from tests.support.records import make_caption, make_event
@@ -96,6 +98,32 @@ def test_words_phrases_prefixes_rank_and_filter(redis_url):
     assert {h.kind for h in answers} == {EntryKind.ANSWER} and sorted(windows(answers)) == [0, 3, 5, 6]
     assert all(h.question == "Is there a red circle?" for h in answers)
     assert sfs.search("cam1").hits == []
+
+
+def test_a_phrase_reads_its_word_pairs_and_an_index_begun_without_pairs_reads_its_words(redis_url):
+    """A phrase's words come from its pairs' postings: with the postings of the word "moves" gone
+    from the index (its head, which plans the search, kept), the phrase is still found. An hour begun by an index without pairs
+    (its `#` field the older 24 bytes, no pair buckets) answers from the words instead."""
+    publish(redis_url, "cam1")
+    publish(redis_url, "cam2")
+    raw = connect(redis_url, decode_responses=False)
+    for key in raw.keys(b"*{cam1}:ix:caption:*"):
+        if raw.type(key) == b"hash":
+            raw.hdel(key, b"moves")
+    for key in raw.keys(b"*{cam2}:ix:caption:*"):
+        if raw.type(key) == b"hash":
+            stats = raw.hget(key, b"#")
+            assert len(stats) == HOUR_STATS.size
+            raw.hset(key, b"#", stats[:24])
+            raw.hdel(key, *[f for f in raw.hkeys(key) if f.startswith(PAIR_FIELD.encode())])
+    sfs = SlowFastClient(redis_url)
+    for query in ('"red circle moves left"', '"circle moves left"'):
+        hits = sfs.search(query, kinds=["caption"]).hits
+        expected = {w for w, t in enumerate(TEXTS) if query.strip('"') in t}
+        assert {(h.stream, h.window) for h in hits} == {(s, w) for s in ("cam1", "cam2") for w in expected}, query
+        scores = {(h.stream, h.window): h.score for h in hits}
+        assert all(scores[("cam1", w)] == scores[("cam2", w)] for w in expected)  # the same BM25 either way
+    assert sfs.search("moves", kinds=["caption"], streams=["cam1"]).hits == []  # its postings really are gone
 
 
 def test_hits_carry_times_and_pictures_while_redis_holds_them(redis_url):
@@ -277,11 +305,21 @@ def test_parse_query_and_postings_units():
     parsed = parse_query('red "moves to the left" circ*')
     assert parsed.terms == ("red", "moves", "left") and parsed.prefixes == ("circ",)
     assert parsed.phrases == (((0, "moves"), (3, "left")),)
-    length, postings = postings_of("A red circle moves; the red circle!", "1700000000000-3", 7205.25)
-    assert length == 7 and set(postings) == {"red", "circle", "moves"}
-    record = np.frombuffer(postings["red"], dtype=POSTING)[0]
+    entry = postings_of("A red circle moves; the red circle!", "1700000000000-3", 7205.25)
+    assert entry.length == 7 and set(entry.terms) == {"red", "circle", "moves"}
+    record = np.frombuffer(entry.terms["red"], dtype=POSTING)[0]
     assert (int(record["id"]), record["tf"], record["dl"], record["us"]) == (1700000000000 << 16 | 3, 2, 7, 5_250_000)
     assert int(record["mask"]) == (1 << 1) | (1 << 5)
+    # Pairs of consecutive indexed words, the gap counting the stopword between: each pair once,
+    # with both words' counts and the first word's positions, in the bucket its hash names.
+    pairs = {int(r["pair"]): (r, field) for field, blob in entry.pairs.items()
+             for r in np.frombuffer(blob, dtype=PAIR_POSTING)}
+    assert len(pairs) == 3
+    for pair, counts, mask in [(Pair("red", 1, "circle"), (2, 2), (1 << 1) | (1 << 5)),
+                               (Pair("circle", 1, "moves"), (2, 1), 1 << 2), (Pair("moves", 2, "red"), (1, 2), 1 << 3)]:
+        found, field = pairs[pair.hash]
+        assert field == pair.field and (found["tf"] >> 4, found["tf"] & 15) == counts and int(found["mask"]) == mask
+        assert (int(found["id"]), found["dl"]) == (1700000000000 << 16 | 3, 7)
     assert SearchRequest.build("red", since="2h", now=10_000.0).start == 10_000.0 - 7200
 
 
