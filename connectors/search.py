@@ -9,7 +9,9 @@ each entry's time (unix s // 3600), so a time range reads only its hours:
   length in words, its time in the hour and the positions (mod 64) the term stands at;
   `^term` -> the term's 16-byte head (`HEAD`: its postings in the hour and their best (count,
   length) pairs, for the bound on the score any of them can reach), read and written without
-  copying the postings; field `#`: the hour's first and last entry ids, its entries and their words;
+  copying the postings; `~bucket` -> the 27-byte postings (`PAIR_POSTING`) of the adjacent word
+  pairs hashed to that bucket, which phrases read instead of their words'; field `#`: the hour's
+  first and last entry ids, its entries and their words, its first entry indexed with pairs;
 - `sfs:{sid}:ix:<kind>` (sorted set): the kind's hours, scored by when each hour key's TTL was set;
 - `sfs:{sid}:ix:<kind>:last` (string): the id of the last entry indexed (a retry adds nothing);
 - `sfs:{sid}:ix:<kind>:terms` (sorted set, in byte order): every term indexed, for prefixes.
