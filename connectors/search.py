@@ -855,24 +855,39 @@ class Searcher:
             self._fetch_script(keys=[self.keys.index_hours(seg.stream, seg.kind)],
                                args=[len(hours), *hours, *fields], client=pipe)
             plan.append((number, hours, fields, paired))
+        # Every segment's postings are scored together: a candidate's key is its segment's number
+        # over its entry id less the oldest held (`keys`).
+        keys = _Keys(segments)
+        by_atom: dict[str, list[tuple[np.ndarray, ...]]] = {a: [] for a in atoms}
+        by_pair: dict[str, list[tuple[np.ndarray, ...]]] = {}
         for (number, hours, fields, paired), (sizes, *blobs) in zip(plan, pipe.execute()):
             seg = segments[number]
             sizes = np.frombuffer(sizes, ">u4").reshape(len(fields), len(hours))
             parts = {}
             for name, blob, per_hour in zip(fields, blobs, sizes):
                 records = np.frombuffer(blob, PAIR_POSTING if name.startswith(PAIR_FIELD) else POSTING)
-                per_hour = per_hour // records.dtype.itemsize
-                parts[name] = (records, np.repeat(np.asarray(hours, np.int64) * HOUR_S, per_hour) + records["us"] / 1e6)
-            postings = {a: _merge([parts[t] for t in seg.atoms[a]], seg.first) for a in atoms if a not in paired}
-            if paired:
-                postings |= _pair_postings(cover, parts, seg.first)
-            self._score(number, postings, parsed, request, atoms, idf, avgdl, found)
+                walls = np.repeat(np.asarray(hours, np.int64) * HOUR_S, per_hour // records.dtype.itemsize)
+                ids = records["id"].astype(np.int64)
+                held = ids >= seg.first
+                records, ids = records[held], ids[held]
+                parts[name] = (keys.of(number, ids), records, walls[held] + records["us"] / 1e6)
+            for atom in atoms:
+                if atom not in paired:
+                    by_atom[atom] += [parts[t] for t in seg.atoms[atom]]
+            for pair in cover if paired else ():
+                by_pair.setdefault(pair.field, []).append(parts[pair.field])
+        postings = {a: _merge(by_atom[a]) for a in atoms}
+        if by_pair:
+            read = {f: tuple(np.concatenate(column) for column in zip(*parts)) for f, parts in by_pair.items()}
+            for word, found_in_pairs in _pair_postings(cover, read).items():
+                postings[word] = _union(postings[word], found_in_pairs)
+        self._score(keys, postings, parsed, request, atoms, idf, avgdl, found)
 
-    def _score(self, number: int, postings: dict[str, tuple[np.ndarray, ...]], parsed: ParsedQuery,
+    def _score(self, keys: _Keys, postings: dict[str, tuple[np.ndarray, ...]], parsed: ParsedQuery,
                request: SearchRequest, atoms: list[str], idf: dict[str, float], avgdl: float,
                found: _Candidates) -> None:
-        keys = [postings[a][0] for a in atoms]
-        present = [k for k in keys if len(k)]
+        atom_keys = [postings[a][0] for a in atoms]
+        present = [k for k in atom_keys if len(k)]
         if request.match_all:
             if len(present) < len(atoms):
                 return
@@ -886,7 +901,7 @@ class Searcher:
         score = np.zeros(len(docs))
         wall = np.zeros(len(docs))
         masks = {}
-        for atom, k in zip(atoms, keys):
+        for atom, k in zip(atoms, atom_keys):
             if not len(k):
                 masks[atom] = np.zeros(len(docs), np.uint64)
                 continue
@@ -905,10 +920,10 @@ class Searcher:
             keep &= _phrase_at(masks, phrase)
         if parsed.bonus is not None:
             score = np.where(_phrase_at(masks, parsed.bonus), score * PHRASE_BONUS, score)
-        found.docs.append(docs[keep])
+        found.docs.append(keys.entry(docs[keep]))
         found.score.append(score[keep])
         found.wall.append(wall[keep])
-        found.segment.append(np.full(int(keep.sum()), number))
+        found.segment.append(keys.segment(docs[keep]))
 
     # ---- the page
     def _page(self, segments: list[_Segment], found: _Candidates, rest: float | None, parsed: ParsedQuery,
@@ -990,16 +1005,16 @@ def _cover(phrase_pairs: list[list[Pair]], segments: list[_Segment]) -> list[Pai
     return list(chosen)
 
 
-def _pair_postings(cover: list[Pair], parts: dict[str, tuple[np.ndarray, np.ndarray]],
-                   first: int) -> dict[str, tuple[np.ndarray, ...]]:
-    """Each word of the pairs read: (entry keys, its counts, lengths, times, positions) of the held
-    entries holding every read pair of that word, at the positions those pairs put it."""
+def _pair_postings(cover: list[Pair], parts: dict[str, tuple[np.ndarray, ...]]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Each word of the pairs read: (keys, its counts, lengths, times, positions) of the entries
+    holding every read pair of that word, at the positions those pairs put it. `parts`: bucket ->
+    (keys, records, times)."""
     by_word: dict[str, list[tuple[np.ndarray, ...]]] = {}
     for pair in cover:
-        records, walls = parts[pair.field]
-        keep = (records["pair"] == pair.hash) & (records["id"].astype(np.int64) >= first)
-        keys, index = np.unique(records["id"][keep].astype(np.int64), return_index=True)  # a hash collision: once
-        records, walls = records[keep][index], walls[keep][index]
+        keys, records, walls = parts.get(pair.field, (np.empty(0, np.int64), np.empty(0, PAIR_POSTING), np.empty(0)))
+        mine = records["pair"] == pair.hash
+        keys, index = np.unique(keys[mine], return_index=True)  # a hash collision within an entry: once
+        records, walls = records[mine][index], walls[mine][index]
         dl, mask = records["dl"].astype(np.int64), records["mask"].astype(np.uint64)
         by_word.setdefault(pair.first, []).append((keys, (records["tf"] >> 4).astype(np.int64), dl, walls, mask))
         by_word.setdefault(pair.second, []).append(
@@ -1014,18 +1029,41 @@ def _pair_postings(cover: list[Pair], parts: dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
-def _merge(parts: list[tuple[np.ndarray, np.ndarray]], first: int) -> tuple[np.ndarray, ...]:
-    """(entry keys, counts, lengths, times, positions) of the held entries in `parts` (records and
-    their times), one per entry in id order: a prefix's terms summed (counts) and or-ed (positions)."""
+def _union(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Two atoms' postings of different segments as one, in key order."""
+    if not len(a[0]):
+        return b
+    order = np.argsort(np.concatenate([a[0], b[0]]), kind="stable")
+    return tuple(np.concatenate([x, y])[order] for x, y in zip(a, b))
+
+
+class _Keys:
+    """One int64 per candidate of a search: its segment's number in the high bits, its entry id
+    less the oldest entry any segment holds in the rest (ids are ms << 16: 2^48 of them span 136
+    years at 65,536 segments)."""
+
+    def __init__(self, segments: list[_Segment]) -> None:
+        self.shift = 63 - max(1, (len(segments) - 1).bit_length())
+        self.base = min((s.first for s in segments if len(s.hours)), default=0)
+
+    def of(self, number: int, ids: np.ndarray) -> np.ndarray:
+        return (number << self.shift) | (ids - self.base)
+
+    def entry(self, keys: np.ndarray) -> np.ndarray:
+        return (keys & ((1 << self.shift) - 1)) + self.base
+
+    def segment(self, keys: np.ndarray) -> np.ndarray:
+        return keys >> self.shift
+
+
+def _merge(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """(keys, counts, lengths, times, positions), one per key in key order, from parts of (keys,
+    records, times): a prefix's terms summed (counts) and or-ed (positions)."""
     parts = [p for p in parts if len(p[0])]
     if not parts:
         empty = np.empty(0, np.int64)
         return empty, empty, empty, np.empty(0), np.empty(0, np.uint64)
-    records = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    walls = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-    keys = records["id"].astype(np.int64)
-    keep = keys >= first
-    records, walls, keys = records[keep], walls[keep], keys[keep]
+    keys, records, walls = (np.concatenate(c) for c in zip(*parts)) if len(parts) > 1 else parts[0]
     tf, dl, mask = records["tf"].astype(np.int64), records["dl"].astype(np.int64), records["mask"].astype(np.uint64)
     if len(keys) > 1 and (keys[1:] <= keys[:-1]).any():
         order = np.argsort(keys, kind="stable")
