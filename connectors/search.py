@@ -130,6 +130,14 @@ def entry_key(entry_id: str) -> int:
     return int(ms) << 16 | int(seq)
 
 
+def pair_hash(first: str, gap: int, second: str) -> int:
+    return zlib.crc32(f"{first} {gap} {second}".encode())
+
+
+def pair_field(hash_: int) -> str:
+    return f"{PAIR_FIELD}{hash_ % PAIR_BUCKETS:03x}"
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two consecutive indexed words `gap` positions apart, as the index keys them."""
@@ -140,11 +148,11 @@ class Pair:
 
     @property
     def hash(self) -> int:
-        return zlib.crc32(f"{self.first} {self.gap} {self.second}".encode())
+        return pair_hash(self.first, self.gap, self.second)
 
     @property
     def field(self) -> str:
-        return f"{PAIR_FIELD}{self.hash % PAIR_BUCKETS:03x}"
+        return pair_field(self.hash)
 
 
 @dataclass(frozen=True)
@@ -173,17 +181,18 @@ def postings_of(text: str, entry_id: str, wall: float) -> EntryPostings:
         stats[token][0] += 1
         stats[token][1] |= 1 << (position % MASK_BITS)
         indexed.append((position, token))
-    pairs: dict[Pair, int] = {}  # pair -> the first word's positions
+    pairs: dict[tuple[str, int, str], int] = {}  # (first, gap, second) -> the first word's positions
     for (at, first), (then, second) in zip(indexed, indexed[1:]):
-        pair = Pair(first, then - at, second)
+        pair = (first, then - at, second)
         if pair in pairs or len(pairs) < MAX_PAIRS_PER_ENTRY:
             pairs[pair] = pairs.get(pair, 0) | 1 << (at % MASK_BITS)
     length = min(len(tokens), 0xFFFF)
     buckets: dict[str, bytes] = {}
-    for pair, mask in pairs.items():
-        counts = min(stats[pair.first][0], MAX_PAIR_TF) << 4 | min(stats[pair.second][0], MAX_PAIR_TF)
-        record = key + _PAIR_REST.pack(pair.hash, counts, length, us, mask)
-        buckets[pair.field] = buckets.get(pair.field, b"") + record
+    for (first, gap, second), mask in pairs.items():
+        hash_ = pair_hash(first, gap, second)
+        counts = min(stats[first][0], MAX_PAIR_TF) << 4 | min(stats[second][0], MAX_PAIR_TF)
+        field_ = pair_field(hash_)
+        buckets[field_] = buckets.get(field_, b"") + key + _PAIR_REST.pack(hash_, counts, length, us, mask)
     return EntryPostings(length, {t: key + _REST.pack(min(tf, 0xFF), length, us, mask)
                                   for t, (tf, mask) in stats.items()}, buckets)
 
