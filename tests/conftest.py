@@ -1,4 +1,11 @@
 """Shared fixtures: each area keeps its fixtures in tests/support/ and they are imported here."""
+import os
+
+# Before torch loads (the fixtures import it), for this process and every process it starts (Ray's
+# workers, `slowfast run`): pytest-xdist's workers and their Ray workers share the machine's cores,
+# and a torch thread pool per process (as many threads as cores, each spinning a while after every
+# parallel region) oversubscribes them. One thread each; set OMP_NUM_THREADS to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 from tests.support.random_model import *  # noqa: E402,F401,F403
 from tests.support.media import *  # noqa: E402,F401,F403
 from tests.support.redis_server import *  # noqa: F401,F403
