@@ -92,8 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="target: seconds from a fault's end to every live stream live again")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSVs, report and plot")
     args = parse_args(parser, argv, smoke=dict(
-        minutes=1.0, cameras=1, loops=1, long_scenes=3, questions=1, window=8, stride=4, max_new_tokens=8,
-        faults="rtsp,redis", fault_every=15.0, down=3.0, sample_every=5.0, warmup=10.0, live_within=30.0))
+        minutes=0.6, cameras=1, loops=1, long_scenes=3, questions=1, window=8, stride=4, max_new_tokens=8,
+        faults="rtsp,redis", fault_every=10.0, down=3.0, sample_every=3.0, warmup=6.0, live_within=30.0))
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
