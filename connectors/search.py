@@ -655,6 +655,7 @@ return {table.concat(counts), unpack(records)}
 _HEAD_DTYPE = np.dtype([("count", ">u4"), ("pairs", ">u1", (HEAD.size - 4,))])
 _STATS_DTYPE = np.dtype([("first", ">u8"), ("last", ">u8"), ("entries", ">u4"), ("words", ">u4"),
                          ("pairs_from", ">u8")])
+assert _STATS_DTYPE.itemsize == HOUR_STATS.size  # the `#` field, as the index script writes it
 FIRST_HOURS_READ = 2  # hours read in the first round; each next round reads twice as many
 
 

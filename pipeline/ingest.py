@@ -276,6 +276,7 @@ class IngestActor:
             error = (f"model worker {self.worker_name} has not answered for {silent_s:.0f} s (restarting?): "
                      f"captions wait until it is back")
             error_at = self.report_taken_at
+
         def own_side(held: StreamStatus) -> dict:
             # The latest processed window ended `lag_s` before the worker's last status.
             lag_s = max(0.0, time.time() - (held.updated_at - held.lag_s)) if report.live and held.lag_s else 0.0
