@@ -72,7 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=60.0, help="soak time, from the first caption")
     parser.add_argument("--cameras", type=int, default=4, help="live RTSP cameras")
     parser.add_argument("--loops", type=int, default=2, help="live looping files (loop://)")
-    parser.add_argument("--long-scenes", type=int, default=30, help="4-s scenes in the long file")
+    # An hour of video: a long file, as users caption them (a run takes minutes). A short one
+    # would add and remove a stream every few seconds, far more churn than any deployment.
+    parser.add_argument("--long-scenes", type=int, default=900, help="4-s scenes in the long file")
     parser.add_argument("--questions", type=int, default=2, choices=range(len(QUESTIONS) + 1),
                         help="standing questions per stream")
     parser.add_argument("--window", type=int, default=16)

@@ -95,6 +95,16 @@ PAIR_POSTING = np.dtype([("id", ">u8"), ("pair", "<u4"), ("tf", "u1"), ("dl", "<
 MAX_PAIR_TF = 15
 MAX_PAIRS_PER_ENTRY = 128
 assert _ID.size + _PAIR_REST.size == PAIR_POSTING.itemsize == 27
+# A field's postings (a term's or a pair bucket's) are its value then its tail's (`+` and the field):
+# new records go to the tail, which joins the value once it holds TAIL_BYTES. Redis has no append to
+# a hash field, so an append rewrites the value it lands in: into a small tail, not into postings
+# that grow all hour (a frequent word's hour of captions every second is 80 KB).
+TAIL_FIELD = "+"
+TAIL_BYTES = 512
+
+
+def tail_field(field_: str) -> str:
+    return TAIL_FIELD + field_
 
 KIND_MODELS: dict[EntryKind, type] = {
     EntryKind.CAPTION: Caption, EntryKind.ANSWER: Answer, EntryKind.EVENT: Event, EntryKind.SUMMARY: Summary,
@@ -222,12 +232,11 @@ end
 # the records of each pair bucket and the buckets' fields (appended, with no head). Nothing is written unless the entry is in
 # the stream (an XADD of the same MULTI may have been refused) and not indexed yet (ids only grow, so
 # the last indexed id tells, whatever time a retried entry carries). Each term's postings get the
-# record and its head one more posting and maybe a new pair (a term new to the hour joins the terms
-# set); a new hour key
-# gets its TTL and its place in the hours set (scored by when its TTL was set). As an hour starts and
+# record (through its tail) and its head one more posting and maybe a new pair (a term new to the
+# hour joins the terms set); a new hour key gets its TTL and its place in the hours set (scored by when its TTL was set). As an hour starts and
 # every 16th entry of it, hours whose last entry the stream trimmed are dropped; each call renews
 # the TTL of a few hour keys set longest ago, so none expires under a stream still written.
-INDEX_ENTRY = _LUA_IDS + """
+INDEX_ENTRY = _LUA_IDS + f"local TAIL_BYTES = {TAIL_BYTES}\n" + """
 local ttl, now, id, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4], ARGV[5]
 local refresh, dl = tonumber(ARGV[6]), tonumber(ARGV[7])
 local n, m = tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -267,28 +276,38 @@ local function with_pair(head, tf, len)
   end
   return table.concat(out)
 end
-local terms, head_fields = {}, {}
-for i = 1, n do terms[i] = ARGV[9 + n + i]; head_fields[i] = '^' .. terms[i] end
-local old = redis.call('HMGET', KEYS[3], unpack(terms))
-local heads = redis.call('HMGET', KEYS[3], unpack(head_fields))
 local set = {'#', first .. id .. struct.pack('>I4I4', count + 1, words + dl) .. pairs_from}
-if m > 0 then
-  local buckets = {}
-  for j = 1, m do buckets[j] = ARGV[9 + 2 * n + m + j] end
-  local held = redis.call('HMGET', KEYS[3], unpack(buckets))
-  for j = 1, m do
-    set[#set + 1] = buckets[j]
-    set[#set + 1] = (held[j] or '') .. ARGV[9 + 2 * n + j]
+-- append records to fields: into each one's tail, and the tail into the field once it is full
+local function append(fields, records)
+  local tail_fields = {}
+  for j, f in ipairs(fields) do tail_fields[j] = '+' .. f end
+  local tails = redis.call('HMGET', KEYS[3], unpack(tail_fields))
+  for j, f in ipairs(fields) do
+    local tail = (tails[j] or '') .. records[j]
+    if #tail >= TAIL_BYTES then
+      set[#set + 1] = f
+      set[#set + 1] = (redis.call('HGET', KEYS[3], f) or '') .. tail
+      tail = ''
+    end
+    set[#set + 1] = tail_fields[j]
+    set[#set + 1] = tail
   end
 end
+local terms, head_fields, records = {}, {}, {}
+for i = 1, n do terms[i] = ARGV[9 + n + i]; head_fields[i] = '^' .. terms[i]; records[i] = ARGV[9 + i] end
+local heads = redis.call('HMGET', KEYS[3], unpack(head_fields))
+append(terms, records)
+if m > 0 then
+  local buckets, bucket_records = {}, {}
+  for j = 1, m do buckets[j] = ARGV[9 + 2 * n + m + j]; bucket_records[j] = ARGV[9 + 2 * n + j] end
+  append(buckets, bucket_records)
+end
 for i = 1, n do
-  local record, postings, head = ARGV[9 + i], old[i], heads[i]
+  local head = heads[i]
   local held = 0
   if head then held = struct.unpack('>I4', head) else new_terms[#new_terms + 1] = 0; new_terms[#new_terms + 1] = terms[i] end
-  set[#set + 1] = terms[i]
-  set[#set + 1] = (postings or '') .. record
   set[#set + 1] = head_fields[i]
-  set[#set + 1] = struct.pack('>I4', held + 1) .. with_pair(head and string.sub(head, 5), string.byte(record, 9), dl)
+  set[#set + 1] = struct.pack('>I4', held + 1) .. with_pair(head and string.sub(head, 5), string.byte(records[i], 9), dl)
 end
 redis.call('HSET', KEYS[3], unpack(set))
 if #new_terms > 0 then redis.call('ZADD', KEYS[5], unpack(new_terms)) end
@@ -581,7 +600,7 @@ local terms = {}
 for i = 1, n do terms[i] = ARGV[3 + i] end
 local function held_anywhere(t)
   for _, h in ipairs(hours) do
-    if redis.call('HEXISTS', prefix .. h, t) == 1 then return true end
+    if redis.call('HEXISTS', prefix .. h, '^' .. t) == 1 then return true end
   end
   return false
 end
@@ -607,7 +626,7 @@ for i, h in ipairs(hours) do
       head = none
     elseif boundary[i] then
       -- the hour's oldest entries were trimmed: count the postings of held entries (ids in order)
-      local v = redis.call('HGET', prefix .. h, t)
+      local v = (redis.call('HGET', prefix .. h, t) or '') .. (redis.call('HGET', prefix .. h, '+' .. t) or '')
       local lo, hi = 0, #v / R
       local total = hi
       while lo < hi do
@@ -624,7 +643,9 @@ for j = 1, #terms do out[j] = table.concat(by_term[j]) end
 local bucket_bytes = {}
 for j = 1, b do
   for _, h in ipairs(hours) do
-    bucket_bytes[#bucket_bytes + 1] = struct.pack('>I4', redis.call('HSTRLEN', prefix .. h, ARGV[3 + n + j]))
+    local f = ARGV[3 + n + j]
+    local bytes = redis.call('HSTRLEN', prefix .. h, f) + redis.call('HSTRLEN', prefix .. h, '+' .. f)
+    bucket_bytes[#bucket_bytes + 1] = struct.pack('>I4', bytes)
   end
 end
 return {held, redis.call('XLEN', KEYS[1]), table.concat(hour_bytes), table.concat(stats), expansions,
@@ -633,17 +654,20 @@ return {held, redis.call('XLEN', KEYS[1]), table.concat(hour_bytes), table.conca
 
 # KEYS: hours set. ARGV: the number of hours, the hours, then the fields (terms or pair buckets). Returns
 # each field's bytes in each hour (4 bytes each, field by field), then each field's records of those
-# hours in one string, hours in the order given.
+# hours (each hour's value, then its tail) in one string, hours in the order given.
 FETCH = """
 local k = tonumber(ARGV[1])
 local prefix = KEYS[1] .. ':'
-local counts, records = {}, {}
-for j = 1, #ARGV - k - 1 do records[j] = {} end
+local counts, records, fields = {}, {}, {}
+for j = 1, #ARGV - k - 1 do
+  records[j] = {}
+  fields[2 * j - 1] = ARGV[k + 1 + j]
+  fields[2 * j] = '+' .. ARGV[k + 1 + j]
+end
 for i = 2, k + 1 do
-  local values = redis.call('HMGET', prefix .. ARGV[i], unpack(ARGV, k + 2))
+  local values = redis.call('HMGET', prefix .. ARGV[i], unpack(fields))
   for j = 1, #ARGV - k - 1 do
-    local v = values[j] or ''
-    records[j][i - 1] = v
+    records[j][i - 1] = (values[2 * j - 1] or '') .. (values[2 * j] or '')
   end
 end
 for j = 1, #records do

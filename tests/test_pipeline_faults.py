@@ -109,6 +109,43 @@ def test_a_window_the_model_fails_on_is_retried_then_recorded_as_failed(
     assert (tmp_path / "file" / "captions.vtt").read_text().count("-->") == 6
 
 
+def _title(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")[0].decode(errors="replace")
+    return ""
+
+
+def _children(parent: int) -> list[int]:
+    children = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
+                    children.append(int(entry))
+    return children
+
+
+def siblings_titled(pid: int, part: str) -> tuple[int, set[int]]:
+    """The Ray raylet that started the worker process `pid`, and those of its workers whose
+    process title names `part` (an actor class)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        raylet = int(stat.read().rsplit(")", 1)[1].split()[1])
+    return raylet, {child for child in _children(raylet) if part in _title(child)}
+
+
+def new_child_titled(raylet: int, part: str, known: set[int], timeout: float = 120) -> int:
+    """The first worker of `raylet` not in `known` whose title names `part`: an actor's process
+    as soon as it takes the actor's part (Ray sets the title before the actor's __init__)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in _children(raylet):
+            if child not in known and part in _title(child):
+                return child
+        time.sleep(0.005)
+    raise AssertionError(f"no new {part} process within {timeout} s")
+
+
 def process_of(actor) -> int:
     """The pid of the actor's process, once a restarting actor is up again."""
     import ray
@@ -160,14 +197,16 @@ def test_a_live_window_whose_frames_died_with_their_ingest_actor_is_skipped_and_
             wait_until(lambda: (s := lane()) is not None and s.queued >= 1, timeout=120)  # window 0 held, one waits
             ingest = ray.get_actor(f"ingest:{stream}")
             running = ingest.run.remote()  # fails once the incarnation that owns the frames is gone
+            raylet, ingest_processes = siblings_titled(process_of(ingest), "IngestActor")
             ray.kill(ingest, no_restart=False)  # Ray restarts it (max_restarts)
-            with pytest.raises(ray.exceptions.RayActorError):
-                ray.get(running, timeout=120)
-            # The restarted actor is paused before it has a window's frames (two seconds of a paced
-            # clip): a window of its own would overtake the waiting one before the worker tries it.
-            restarted = process_of(ingest)
+            # The restarted actor is paused as soon as its process takes the part, long before it
+            # has a window's frames (two seconds of a paced clip): a window of its own would
+            # overtake the waiting one before the worker tries it.
+            restarted = new_child_titled(raylet, "IngestActor", ingest_processes)
             os.kill(restarted, signal.SIGSTOP)
             try:
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(running, timeout=120)
                 (lost,) = ray.get(worker().__ray_call__.remote(
                     lambda worker: [w.seq for w in worker.engine.scheduler.lanes[stream].waiting]))
                 overtaken = lane().windows_skipped  # windows the newest overtook while window 0 was held

@@ -190,9 +190,9 @@ def test_a_worker_or_ingest_killed_mid_segment_loses_no_window(
 
 
 
-@pytest.mark.slow(seconds=185)
+@pytest.mark.slow(seconds=130)
 @pytest.mark.timeout(1500)
-def test_a_split_run_killed_outright_resumes_with_only_the_missing_windows_and_restart_starts_over(
+def test_a_split_run_killed_outright_resumes_with_only_the_missing_windows(
     redis_url, tiny_model_dir, film, single_worker, tmp_path
 ):
     config = tmp_path / "split.yaml"  # the stream with its question and summaries, on two workers
@@ -213,12 +213,4 @@ def test_a_split_run_killed_outright_resumes_with_only_the_missing_windows_and_r
     left_split = bool(plan_segments(round(SECONDS * FPS), WINDOW, STRIDE, FPS, 20.0, 2, next_window=done_before))
     assert ("stream film split into" in second.stdout) == left_split, second.stdout
     assert outputs(redis_url, out) == single_worker  # the missing windows only, each once, in order
-    (run,) = {c.run for c in client.history("film", count=1000)}
     check_rolling_and_final_summaries(redis_url)
-
-    third = subprocess.run(command + ["--restart"], capture_output=True, text=True, timeout=900)
-    assert third.returncode == 0, third.stdout + third.stderr
-    assert "restart: cleared stream film" in third.stdout and "resumes" not in third.stdout
-    assert "split into" in third.stdout
-    assert {c.run for c in client.history("film", count=1000)} != {run}  # a new run, from window 0
-    assert outputs(redis_url, out) == single_worker

@@ -122,22 +122,20 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
     assert {signum: signal.getsignal(signum) for signum in before} == before  # put back
 
 
-@pytest.mark.slow(seconds=70)
-def test_the_runs_ray_workers_run_at_normal_priority(clip, tmp_path, tiny_model_dir):
+def assert_ray_processes_at_normal_priority_with_two_malloc_arenas(sid: int) -> None:
     """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
-    starved by whatever else the host runs."""
-    # Its own local Ray; the test's Redis, since close() kills the run's session and an
-    # embedded server lives in a session of its own.
-    with EmbeddedRedis() as server:
-        run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir, server.url))
-        try:
-            run.wait_for_line(CAPTIONED)
-            actors = [line.split(None, 2) for line in session_processes(run.pid, "ni=,args=")]
-            actors = [(nice, name) for _, nice, name in actors if name.startswith("ray::")]
-            assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
-            assert all(nice == "0" for nice, _ in actors), actors
-        finally:
-            run.close()
+    starved by whatever else the host runs. Each gets the driver's MALLOC_ARENA_MAX (an actor's
+    RSS creeps over hours with glibc's default)."""
+    processes = [line.split(None, 3) for line in session_processes(sid, "pid=,ni=,args=")]
+    actors = [(nice, name) for _, _, nice, name in processes if name.startswith("ray::")]
+    assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
+    assert all(nice == "0" for nice, _ in actors), actors
+    # The actors' raylet (Ray's processes run in a session of their own), whose environment each
+    # worker it starts inherits (/proc shows a worker's own overwritten by its long process title).
+    (model_worker,) = [int(pid) for _, pid, _, name in processes if name.startswith("ray::ModelWorker")]
+    raylet = int(Path(f"/proc/{model_worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert "raylet" in Path(f"/proc/{raylet}/cmdline").read_text(), raylet
+    assert b"MALLOC_ARENA_MAX=2" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
 
 
 @pytest.mark.slow(seconds=80)
@@ -160,12 +158,15 @@ def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_mode
 
 @pytest.mark.slow(seconds=80)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_runs_whole_process_group_drains_like_one_to_the_driver(signum, clip, tmp_path, tiny_model_dir):
+def test_the_runs_ray_processes_run_at_normal_priority_and_drain_on_a_signal_to_the_whole_group(
+    signum, clip, tmp_path, tiny_model_dir
+):
     """`kill -TERM -PGID`, `tini -g` and a terminal's Ctrl-C signal every process of the run's
     group: Ray's processes must not get it (a dead GCS hung the driver 60 s, exit 1, no summary)."""
     run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
     try:
         run.wait_for_line(CAPTIONED)
+        assert_ray_processes_at_normal_priority_with_two_malloc_arenas(run.pid)
         sent = time.monotonic()
         os.killpg(run.pid, signum)
         code = run.proc.wait(timeout=90)
