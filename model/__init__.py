@@ -7,7 +7,7 @@ first use, so processes that never run the model (ingest actors, the CLI's follo
 `model.prompt` and `model.errors` without paying for them (about 450 MB and seconds per process).
 """
 
-from importlib import import_module
+from importlib import import_module, metadata
 
 from packaging.version import Version
 
@@ -39,12 +39,10 @@ def check_versions(found: dict[str, str]) -> None:
 
 
 def check_installed_versions() -> None:
-    """check_versions on the installed torch and transformers; model/config.py runs it on import,
-    and every module that builds or loads the model imports that one."""
-    import torch
-    import transformers
-
-    check_versions({"torch": torch.__version__, "transformers": transformers.__version__})
+    """check_versions on the installed torch and transformers, read from their metadata (so
+    without importing them); model/config.py runs it on import, and every module that builds
+    or loads the model imports that one."""
+    check_versions({package: metadata.version(package) for package in MIN_VERSIONS})
 
 
 def __getattr__(name: str):

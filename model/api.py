@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from . import generation
-from .checkpoint import expected_keys, iter_tensors, load_weights, resolve_checkpoint
+from .checkpoint import expected_keys, iter_tensors, load_weights
+from .checkpoint_folder import resolve_checkpoint
 from .compiled import CompiledOrEager
 from .decode_attention import DecodeAttentionChoice
 from .config import SlowFastConfig

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from transformers import Qwen2Config
 
 from common.validation import describe_validation_error
 
 from . import check_installed_versions
 from .errors import UnsupportedConfigError
+
+if TYPE_CHECKING:  # the driver reads configs without transformers; text_config imports it
+    from transformers import Qwen2Config
 
 check_installed_versions()  # a clear message for a too-old torch or transformers, before they are used
 
@@ -177,6 +179,8 @@ class SlowFastConfig(BaseModel):
 
     def text_config(self, attn_implementation: str = "sdpa") -> Qwen2Config:
         """The Qwen2Config that transformers' Qwen2 building blocks expect."""
+        from transformers import Qwen2Config
+
         rope_parameters = dict(self.rope_scaling or {}) | {"rope_theta": self.rope_theta}
         rope_parameters.setdefault("rope_type", rope_parameters.pop("type", "default"))
         config = Qwen2Config(

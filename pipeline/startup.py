@@ -13,7 +13,7 @@ import redis
 
 from connectors.embedded import EmbeddedRedis
 from connectors.redis_conn import check_reachable, describe_redis_error
-from model.checkpoint import check_checkpoint
+from model.checkpoint_folder import check_checkpoint
 
 from .config import ConfigError, PipelineConfig
 from .signals import forced_exit_cleanups

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from model import CheckpointError, SlowFastConfig, SlowFastVLM, UnsupportedConfigError, VideoQuery
-from model.checkpoint import checkpoint_files
+from model.checkpoint_folder import checkpoint_files
 from model.random_checkpoint import RANDOM_CHECKPOINT_CONFIG, save_sharded
 from model.released import RELEASED_7B_CONFIG
 from tests.support.random_model import random_frames

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from model.checkpoint import checkpoint_files
+from model.checkpoint_folder import checkpoint_files
 from model.config import VisionConfig
 from model.vision import VisionTower
 

@@ -122,10 +122,12 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
     assert {signum: signal.getsignal(signum) for signum in before} == before  # put back
 
 
-def assert_ray_processes_at_normal_priority_with_two_malloc_arenas(sid: int) -> None:
+def assert_run_processes_as_deployed(sid: int) -> None:
     """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
     starved by whatever else the host runs. Each gets the driver's MALLOC_ARENA_MAX (an actor's
-    RSS creeps over hours with glibc's default)."""
+    RSS creeps over hours with glibc's default). The driver (the session's leader) never loads
+    torch: only the model workers run the model."""
+    assert "libtorch" not in Path(f"/proc/{sid}/maps").read_text()
     processes = [line.split(None, 3) for line in session_processes(sid, "pid=,ni=,args=")]
     actors = [(nice, name) for _, _, nice, name in processes if name.startswith("ray::")]
     assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
@@ -158,7 +160,7 @@ def test_sigterm_drains_prints_the_summary_and_exits_0(clip, tmp_path, tiny_mode
 
 @pytest.mark.slow(seconds=80)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_the_runs_ray_processes_run_at_normal_priority_and_drain_on_a_signal_to_the_whole_group(
+def test_a_runs_processes_are_set_up_as_deployed_and_drain_on_a_signal_to_the_whole_group(
     signum, clip, tmp_path, tiny_model_dir
 ):
     """`kill -TERM -PGID`, `tini -g` and a terminal's Ctrl-C signal every process of the run's
@@ -166,7 +168,7 @@ def test_the_runs_ray_processes_run_at_normal_priority_and_drain_on_a_signal_to_
     run = SlowfastProcess(run_args(clip, tmp_path, tiny_model_dir))  # embedded Redis
     try:
         run.wait_for_line(CAPTIONED)
-        assert_ray_processes_at_normal_priority_with_two_malloc_arenas(run.pid)
+        assert_run_processes_as_deployed(run.pid)
         sent = time.monotonic()
         os.killpg(run.pid, signum)
         code = run.proc.wait(timeout=90)
