@@ -7,13 +7,13 @@ import argparse
 import platform
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-import torch
 
-from model.random_checkpoint import write_random_checkpoint
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
@@ -47,12 +47,20 @@ def write_test_clip(path: Path, seconds: float, size: tuple[int, int] = (1920, 1
     return path
 
 
+# torch is imported where it is used: the benches without a model (search, soak, decode, gate)
+# import this module, and torch would cost each of them seconds and hundreds of MB.
+
+
 def checkpoint(model: str | None, scratch: Path) -> str:
     """`model`, else the random-weight checkpoint written under `scratch`."""
+    from model.random_checkpoint import write_random_checkpoint
+
     return model or str(write_random_checkpoint(scratch / "random-checkpoint"))
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
