@@ -26,12 +26,6 @@ log = logging.getLogger("slowfast.pipeline")
 # default, some 3 KB each) for Ray's dashboard and state API, which a run does not serve: with
 # a few actor calls per stream and second it grew about 1 MB a minute, towards some 300 MB.
 LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_max_num_task_in_gcs": 1000}
-# glibc gives a process up to 8 malloc arenas per core, one per thread that allocates at once;
-# an actor runs many threads (gRPC, the core worker's, decoding), and freed memory scattered over
-# arenas is seldom returned, so its RSS creeps for hours. A local Ray's workers inherit the
-# driver's environment: two arenas each, unless the environment chooses otherwise (Ray's own
-# raylet and GCS use the jemalloc it ships).
-LOCAL_RAY_ENVIRONMENT = {"MALLOC_ARENA_MAX": "2"}
 
 
 # Ray waits a fixed 30 s for a new local raylet to register with its GCS and gives up, the GCS
@@ -92,8 +86,6 @@ def start_ray(config: PipelineConfig) -> bool:
     options: dict[str, Any] = {}
     if config.ray_address is None:  # a cluster's nodes get it from `ray start` (RAY_worker_niceness)
         options["_system_config"] = LOCAL_RAY_SYSTEM_CONFIG
-        for name, value in LOCAL_RAY_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
         if config.metrics_port:
             options["_metrics_export_port"] = config.metrics_port
     main = threading.current_thread() is threading.main_thread()

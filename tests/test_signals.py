@@ -124,20 +124,13 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
 
 def assert_run_processes_as_deployed(sid: int) -> None:
     """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
-    starved by whatever else the host runs. Each gets the driver's MALLOC_ARENA_MAX (an actor's
-    RSS creeps over hours with glibc's default). The driver (the session's leader) never loads
-    torch: only the model workers run the model."""
+    starved by whatever else the host runs. The driver (the session's leader) never loads torch:
+    only the model workers run the model."""
     assert "libtorch" not in Path(f"/proc/{sid}/maps").read_text()
     processes = [line.split(None, 3) for line in session_processes(sid, "pid=,ni=,args=")]
     actors = [(nice, name) for _, _, nice, name in processes if name.startswith("ray::")]
     assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
     assert all(nice == "0" for nice, _ in actors), actors
-    # The actors' raylet (Ray's processes run in a session of their own), whose environment each
-    # worker it starts inherits (/proc shows a worker's own overwritten by its long process title).
-    (model_worker,) = [int(pid) for _, pid, _, name in processes if name.startswith("ray::ModelWorker")]
-    raylet = int(Path(f"/proc/{model_worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    assert "raylet" in Path(f"/proc/{raylet}/cmdline").read_text(), raylet
-    assert b"MALLOC_ARENA_MAX=2" in Path(f"/proc/{raylet}/environ").read_bytes().split(b"\0")
 
 
 @pytest.mark.slow(seconds=80)
