@@ -36,7 +36,7 @@ print(sorted(n for n in sys.modules if n.split(".")[0] in {MODEL_PACKAGES!r}))
     assert done.stdout.strip() == "[]"
 
 
-def test_a_runs_driver_checks_the_checkpoint_without_a_model_library(tiny_model_dir):
+def test_a_runs_driver_checks_the_checkpoint_without_a_model_library(tiny_model_dir, tmp_path):
     """The driver (`slowfast run`) only checks the checkpoint (its config and weight files) and
     starts the actors: the model libraries are the model workers' alone."""
     done = subprocess.run([sys.executable, "-c", f"""
@@ -44,7 +44,7 @@ import sys
 import pipeline.cli, pipeline.runner, pipeline.running
 from pipeline.config import load_config
 from pipeline.startup import preflight
-preflight(load_config(None, model={str(tiny_model_dir)!r}, redis_url=None, out_dir={str(tiny_model_dir / "out")!r}))
+preflight(load_config(None, model={str(tiny_model_dir)!r}, redis_url=None, out_dir={str(tmp_path)!r}))
 print(sorted(n for n in sys.modules if n.split(".")[0] in {MODEL_PACKAGES!r}))
 """], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
