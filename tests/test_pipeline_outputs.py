@@ -65,3 +65,25 @@ def test_a_failed_window_shows_nothing_for_its_stretch(tmp_path):
     assert [c[:2] for c in read_vtt_cues(tmp_path / "captions.vtt")] == [(0.0, 4.0), (6.0, 8.0)]
     records = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
     assert [r.get("error") for r in records] == [None, "model failed: CUDA OOM", None]
+
+
+def test_a_restart_keeps_the_windows_redis_no_longer_holds_from_the_files_own_lines(tmp_path):
+    """Redis keeps only the last `history_len` captions: a worker restarted late in a long file
+    gets the last few from Redis, and the windows before them stay as the file had them."""
+    captions = [window_caption(w, 2.0 * w) for w in range(7)]
+    first = CaptionFiles(tmp_path / "restarted", DT)
+    for caption in captions[:6]:
+        first.write(caption)
+    first.close()
+    jsonl = tmp_path / "restarted" / "captions.jsonl"
+    jsonl.write_text(jsonl.read_text() + '{"window": 6, "sta')  # killed mid-line
+    second = CaptionFiles(tmp_path / "restarted", DT, earlier=captions[3:6])  # what Redis still holds
+    second.write(captions[6])
+    second.close()
+    reference = CaptionFiles(tmp_path / "whole", DT)  # one writer from start to end
+    for caption in captions:
+        reference.write(caption)
+    reference.close()
+    for name in ("captions.jsonl", "captions.vtt"):
+        assert (tmp_path / "restarted" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    assert [json.loads(line)["window"] for line in jsonl.read_text().splitlines()] == list(range(7))
