@@ -116,21 +116,24 @@ def _title(pid: int) -> str:
     return ""
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])  # the field after the state
+
+
 def _children(parent: int) -> list[int]:
     children = []
     for entry in os.listdir("/proc"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[1]) == parent:
-                    children.append(int(entry))
+            if _parent(int(entry)) == parent:
+                children.append(int(entry))
     return children
 
 
 def siblings_titled(pid: int, part: str) -> tuple[int, set[int]]:
     """The Ray raylet that started the worker process `pid`, and those of its workers whose
     process title names `part` (an actor class)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        raylet = int(stat.read().rsplit(")", 1)[1].split()[1])
+    raylet = _parent(pid)
     return raylet, {child for child in _children(raylet) if part in _title(child)}
 
 
