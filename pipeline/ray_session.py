@@ -22,10 +22,12 @@ log = logging.getLogger("slowfast.pipeline")
 # Ray starts its worker processes at nice 15, below everything else on the host. Here the
 # actors are the real-time work (camera ingest, the model), so any busy process beside the
 # run would starve them: frames dropped, windows skipped. They run at the driver's priority.
-# The GCS keeps the events of the last `task_events_max_num_task_in_gcs` tasks (100,000 by
-# default, some 3 KB each) for Ray's dashboard and state API, which a run does not serve: with
-# a few actor calls per stream and second it grew about 1 MB a minute, towards some 300 MB.
-LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_max_num_task_in_gcs": 1000}
+# Ray records every task's state changes for its dashboard and state API, which a run does not
+# serve. The GCS keeps the last 100,000 tasks' events by default (some 3 KB each, about 1 MB a
+# minute at a few actor calls per stream and second); under a smaller cap it instead remembers
+# every evicted task, a set that grows to a million entries a job (+18 %/h in an hour's soak).
+# Recording is off: the GCS stays flat and no worker spends time sending the events.
+LOCAL_RAY_SYSTEM_CONFIG = {"worker_niceness": 0, "task_events_report_interval_ms": 0}
 
 
 # Ray waits a fixed 30 s for a new local raylet to register with its GCS and gives up, the GCS
