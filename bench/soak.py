@@ -105,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not args.cameras:  # no RTSP server to kill
         faults = [f for f in faults if f != "rtsp"]
+    # Stopped early (SIGTERM, as `timeout` sends): unwind, so the pipeline and the RTSP servers
+    # it started stop too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = args.out or Path(tempfile.mkdtemp(prefix="soak-"))
     out.mkdir(parents=True, exist_ok=True)
     with Soak(args, faults, out) as soak:

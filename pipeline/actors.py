@@ -22,6 +22,7 @@ from connectors.redis_schema import IngestState, Question, StreamStatus
 from .config import PipelineConfig, StreamConfig
 from .engine.batch_rows import batch_row_counts
 from .messages import IngestReport, StreamStats
+from .metric_labels import stream_label
 from .notify import Notifier
 from .resume import EarlierOutputs, earlier_outputs, summary_every
 from .scheduler import Outcome, Resolution
@@ -34,7 +35,8 @@ log = logging.getLogger("slowfast.pipeline")
 class StatusMetrics:
     """What an operator alerts on, read from each status the worker publishes (one source for
     both): the state as a 0/1 gauge per state, the status's running counts as counters (by
-    how much each grew), and its present values as gauges."""
+    how much each grew), and its present values as gauges. Files add to the counters only:
+    their state and present values, one gauge for them all, would be whichever file wrote last."""
 
     COUNTED = {
         "reconnects": "times the source reconnected",
@@ -55,18 +57,24 @@ class StatusMetrics:
         self.gauges = {name: Gauge(f"slowfast_{name}", text, tag_keys=tags) for name, text in self.PRESENT.items()}
         self.seen: dict[tuple[str, str], int] = {}  # (stream, count) -> its value in the last status
 
-    def export(self, status: StreamStatus) -> None:
-        sid = status.stream
-        for state in IngestState:
-            self.state.set(1.0 if status.state == state else 0.0, tags={"stream": sid, "state": str(state)})
+    def export(self, status: StreamStatus, live: bool) -> None:
+        sid, label = status.stream, stream_label(status.stream, live)
         for name, counter in self.counters.items():
             value = getattr(status, name)
             grown = value - self.seen.get((sid, name), 0)
             if grown > 0:  # a smaller value is a count that started over (a restarted source)
-                counter.inc(grown, tags={"stream": sid})
+                counter.inc(grown, tags={"stream": label})
             self.seen[sid, name] = value
+        if not live:
+            return
+        for state in IngestState:
+            self.state.set(1.0 if status.state == state else 0.0, tags={"stream": label, "state": str(state)})
         for name, gauge in self.gauges.items():
-            gauge.set(getattr(status, name), tags={"stream": sid})
+            gauge.set(getattr(status, name), tags={"stream": label})
+
+    def forget(self, stream: str) -> None:
+        for name in self.COUNTED:
+            self.seen.pop((stream, name), None)
 
 
 def _fetch_frames(refs: list[FrameRef]) -> list:
@@ -168,6 +176,7 @@ class ModelWorker:
     async def remove_stream(self, stream: str) -> None:
         self._resolve(await asyncio.to_thread(self.engine.remove_stream, stream))
         self.segment_lanes.remove(stream)
+        self.status_metrics.forget(stream)
 
     async def resume_point(self, stream: str) -> int | None:
         return self.engine.resume_point(stream)
@@ -186,7 +195,7 @@ class ModelWorker:
         """Offer a window; resolves to its Outcome once decided."""
         future = asyncio.get_running_loop().create_future()
         self._resolve(self.engine.submit(window, future))
-        self.queue_depth.set(self.engine.scheduler.waiting(window.stream), tags={"stream": window.stream})
+        self._export_queue_depth(window.stream)
         self.wakeup.set()
         return await future
 
@@ -207,7 +216,7 @@ class ModelWorker:
         with self.status_lock:
             status = self.engine.publish_status(stream)
             if status is not None:
-                self.status_metrics.export(status)
+                self.status_metrics.export(status, self.engine.is_live(stream))
 
     async def answer(self, question: Question):
         # Its own threads: an answer may wait for the next batch, and must never hold a thread
@@ -247,17 +256,23 @@ class ModelWorker:
                 if step.windows:
                     self.batch_windows.observe(len(step.windows))
                 for stream in step.streams:
-                    self.queue_depth.set(self.engine.scheduler.waiting(stream), tags={"stream": stream})
+                    self._export_queue_depth(stream)
                     await asyncio.to_thread(self._publish_status, stream)
+
+    def _export_queue_depth(self, stream: str) -> None:
+        # A gauge per live stream; files wait in order and their progress is in their status.
+        if self.engine.is_live(stream):
+            self.queue_depth.set(self.engine.scheduler.waiting(stream), tags={"stream": stream})
 
     def _resolve(self, resolutions: list[Resolution]) -> None:
         for resolution in resolutions:
             window = resolution.item.payload if resolution.item else None
             metric = self.outcomes.get(resolution.outcome)
             if metric is not None and window is not None:
-                metric.inc(tags={"stream": window.stream})
+                tags = {"stream": stream_label(window.stream, window.live)}
+                metric.inc(tags=tags)
                 if resolution.outcome is Outcome.DONE:
-                    self.latency.observe(time.time() - window.closed_at, tags={"stream": window.stream})
+                    self.latency.observe(time.time() - window.closed_at, tags=tags)
             if not resolution.token.done():
                 resolution.token.set_result(resolution.outcome)
 

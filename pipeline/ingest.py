@@ -24,6 +24,7 @@ from connectors.sources import SamplePlan, SourceError, SourceState, open_source
 from .config import PipelineConfig, StreamConfig
 from .gate import StreamGate
 from .messages import IngestReport, StreamSummary
+from .metric_labels import stream_label
 from .rates import RateMeter
 from .scheduler import FINAL
 from .segments import Segment
@@ -78,6 +79,7 @@ class IngestActor:
         self.report_taken_at = time.time()  # when the worker last took a report
         self.redis: Any = None  # for the ingest's own status, while the worker takes none
         self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
+        self.metrics_label = stream_label(stream.id, self.live)
         self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
         self.thread.start()
         self.heartbeat = threading.Thread(target=self._heartbeat, name=f"status-{stream.id}", daemon=True)
@@ -163,7 +165,7 @@ class IngestActor:
                         break
                     ref = ray.put(frame.image)
                     self.frames_in += 1
-                    self.frames_counter.inc(tags={"stream": self.stream.id})
+                    self.frames_counter.inc(tags={"stream": self.metrics_label})
                     if gate is not None:
                         gate.add_frame(frame.seq, frame.image)
                     window = windows.push(FrameRef(frame.seq, frame.pts, frame.wall_time, ref))

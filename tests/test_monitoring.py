@@ -16,6 +16,7 @@ import pytest
 
 from connectors.client import SlowFastClient
 from pipeline.config import load_config
+from pipeline.metric_labels import FILES_LABEL
 from pipeline.runner import run_pipeline
 from tests.support.media import cfr_times, free_port, make_clip
 from tests.support.webhook import WebhookReceiver
@@ -64,7 +65,8 @@ def wait_until(predicate, timeout: float = 180.0) -> None:
 
 
 # Ids of this test's own: Ray's metrics keep the series of a session's earlier runs, and a stream
-# of the same id in an earlier test on this worker's Ray would add its counts to these.
+# of the same id in an earlier test on this worker's Ray would add its counts to these. Files
+# count together (FILES_LABEL): the file's are what this run added to them.
 FILE, CAMERA, DOWN = "monitored-file", "monitored-camera", "camera-down"
 
 
@@ -112,6 +114,11 @@ streams:
 """)
     config = load_config(tmp_path / "slowfast.yaml", redis_url=redis_url, model=str(tiny_model_dir),
                          out_dir=tmp_path / "out")
+    files_before = exported(FILES_LABEL)
+
+    def files_added(now: dict[tuple[str, str], float], name: str) -> float:
+        return now.get((name, ""), 0.0) - files_before.get((name, ""), 0.0)
+
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(run_pipeline(config, stop=stop)))
     thread.start()
@@ -126,7 +133,7 @@ streams:
                    and st.deliveries_failed == 1)
         wait_until(lambda: (st := client.status(DOWN)) is not None and st.reconnects >= 1)
         # Every sample read below, since Ray exports each on its own period after the status changed.
-        wanted = {FILE: [("slowfast_events_opened_total", "")],
+        wanted = {FILES_LABEL: [("slowfast_events_opened_total", "")],
                   CAMERA: [("slowfast_deliveries_failed_total", ""), ("slowfast_windows_gated_total", ""),
                           ("slowfast_events_opened_total", "")],
                   DOWN: [("slowfast_reconnects_total", "")]}
@@ -136,10 +143,11 @@ streams:
             metrics.update({sid: exported(sid) for sid in wanted})
             return (all(set(keys) <= metrics[sid].keys() for sid, keys in wanted.items())
                     and metrics[CAMERA]["slowfast_windows_gated_total", ""] >= 3
-                    and metrics[FILE]["slowfast_events_opened_total", ""] == QUESTIONS)
+                    and files_added(metrics[FILES_LABEL], "slowfast_events_opened_total") == QUESTIONS)
 
         wait_until(caught_up, timeout=120)
         cam_status, clip_status = client.status(CAMERA), client.status(FILE)
+        by_file_id = exported(FILE)
         registered = client.stream(CAMERA).config
     finally:
         stop.set()
@@ -174,12 +182,16 @@ streams:
     assert (cam_status.events_opened, cam_status.events_open) == (1, 1)
     assert (clip_status.events_opened, clip_status.events_open, clip_status.deliveries_failed) == (QUESTIONS, 0, 0)
     assert "HTTP 401" in cam_status.last_delivery_error
-    cam, clip_metrics, down = metrics[CAMERA], metrics[FILE], metrics[DOWN]
+    cam, files, down = metrics[CAMERA], metrics[FILES_LABEL], metrics[DOWN]
     assert cam["slowfast_stream_state", "live"] == 1 and cam["slowfast_stream_state", "reconnecting"] == 0
     assert cam["slowfast_windows_gated_total", ""] >= 3
     assert cam["slowfast_events_opened_total", ""] == 1 and cam["slowfast_events_open", ""] == 1
     assert cam["slowfast_deliveries_failed_total", ""] == 1
-    assert clip_metrics["slowfast_events_opened_total", ""] == QUESTIONS and clip_metrics["slowfast_events_open", ""] == 0
+    # A file's counts add to the files' (its windows among them); no series carries its id, so
+    # files that come and go leave no label sets behind in Ray's metrics.
+    assert files_added(files, "slowfast_events_opened_total") == QUESTIONS
+    assert files_added(files, "slowfast_windows_done_total") == clip_status.windows_done > 0
+    assert by_file_id == {}
     assert down["slowfast_stream_state", "live"] == 0 and down["slowfast_reconnects_total", ""] >= 1
     assert sum(down["slowfast_stream_state", s] for s in ("connecting", "reconnecting")) == 1
     assert result[CAMERA].stats.windows_gated >= 3

@@ -19,6 +19,7 @@ import pytest
 from connectors.client import SlowFastClient
 from connectors.redis_schema import STATUS_INTERVAL_S, IngestState
 from model.random_checkpoint import write_random_checkpoint
+from pipeline.metric_labels import FILES_LABEL
 from tests.support.background_run import BackgroundRun, wait_until
 from tests.support.media import cfr_times, damage, free_port, make_clip
 from tests.support.model_faults import HoldWhileFileExists, worker_with
@@ -74,8 +75,8 @@ def test_a_window_the_model_fails_on_is_retried_then_recorded_as_failed(
         client.add_stream("file", str(clip), live=False, config={"standing_questions": [question]}, timeout=120)
         wait_until(lambda: (s := client.status("file")) is not None and s.state is IngestState.ENDED, timeout=240)
         ended = client.status("file")
-        metrics = wait_for_export(before, {("slowfast_windows_failed_total", "file"): ended.windows_failed,
-                                           ("slowfast_windows_done_total", "file"): ended.windows_done})
+        metrics = wait_for_export(before, {("slowfast_windows_failed_total", FILES_LABEL): ended.windows_failed,
+                                           ("slowfast_windows_done_total", FILES_LABEL): ended.windows_done})
     finally:
         summaries = run.finish()
     summary = summaries["file"]
@@ -87,7 +88,8 @@ def test_a_window_the_model_fails_on_is_retried_then_recorded_as_failed(
     batches, alone, least, most = batch_windows(metrics)
     assert alone >= failed and batches > alone, metrics
     assert least <= 2 * (done + failed) and most >= done + 2 * failed, metrics
-    assert metrics.get(("slowfast_windows_skipped_total", "file"), 0) == 0
+    assert metrics.get(("slowfast_windows_skipped_total", FILES_LABEL), 0) == 0
+    assert not any(stream == "file" for _, stream in metrics)  # files count together: no label set of its own
 
     status = client.status("file")
     assert status.state is IngestState.ENDED

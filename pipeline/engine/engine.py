@@ -107,6 +107,11 @@ class Engine:
                 self.files_ended.remove(stream)
         return resolutions
 
+    def is_live(self, stream: str) -> bool:
+        """Whether `stream` is a running live stream (its lane keeps only the newest windows)."""
+        lane = self.scheduler.lanes.get(stream)
+        return lane is not None and lane.policy is Policy.NEWEST
+
     @property
     def stream_count(self) -> int:
         return len(self.scheduler.lanes)
