@@ -123,14 +123,16 @@ def test_sigint_and_sigterm_set_the_stop_event_in_process():
 
 
 def assert_run_processes_as_deployed(sid: int) -> None:
-    """Ray starts its workers at nice 15; a run's actors (camera ingest, the model) must not be
-    starved by whatever else the host runs. The driver (the session's leader) never loads torch:
-    only the model workers run the model."""
+    """Ray starts its workers at nice 15 and on glibc's malloc; a run's actors (camera ingest, the
+    model) must not be starved by whatever else the host runs, and run on Ray's jemalloc, under
+    which their memory stays flat. The driver (the session's leader) never loads torch: only the
+    model workers run the model."""
     assert "libtorch" not in Path(f"/proc/{sid}/maps").read_text()
     processes = [line.split(None, 3) for line in session_processes(sid, "pid=,ni=,args=")]
-    actors = [(nice, name) for _, _, nice, name in processes if name.startswith("ray::")]
-    assert any("IngestActor" in name for _, name in actors) and any("ModelWorker" in name for _, name in actors)
-    assert all(nice == "0" for nice, _ in actors), actors
+    actors = [(pid, nice, name) for _, pid, nice, name in processes if name.startswith("ray::")]
+    assert any("IngestActor" in name for *_, name in actors) and any("ModelWorker" in name for *_, name in actors)
+    assert all(nice == "0" for _, nice, _ in actors), actors
+    assert all("libjemalloc" in Path(f"/proc/{pid}/maps").read_text() for pid, _, _ in actors), actors
 
 
 @pytest.mark.slow(seconds=80)
