@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import nn
@@ -37,6 +37,7 @@ from .prompt import PromptIds
 from .visual_tokens import VisualTokens
 
 FinishReason = Literal["stop", "length"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -449,13 +450,24 @@ def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
 
 
+def _kept(kept: dict[tuple[int, int], T], size: tuple[int, int], most: int, allocate: Callable[[], T]) -> T:
+    """The buffers of `size` from `kept`, allocated if missing; `kept` keeps the `most` sizes used
+    last (a dict keeps its order of insertion: the first key is the least recently used)."""
+    buffers = kept.pop(size, None)
+    kept[size] = buffers if buffers is not None else allocate()
+    while len(kept) > most:
+        del kept[next(iter(kept))]
+    return kept[size]
+
+
 class Decoder:
     """Prefill + cached decode over a static KV cache, eager or with a compiled step.
 
     Shapes are bucketed so a compiled step meets few distinct shapes: cache slots are
     rounded up to SLOT_BLOCK, and with compilation the batch is padded up to a power of
     two (padding rows decode a dummy token whose output is discarded). Buffers of each
-    size are kept for the next call. Rows that have finished keep stepping until the
+    size are kept for the next call, those of the KEPT_SIZES sizes used last (each size
+    met once otherwise stayed for good: a long run meets many). Rows that have finished keep stepping until the
     whole batch has: the host checks that every STOP_CHECK_EVERY steps (one sync), so a
     batch that finishes early costs at most that many extra steps.
 
@@ -472,6 +484,9 @@ class Decoder:
 
     SLOT_BLOCK = 256
     STOP_CHECK_EVERY = 8
+    # Compiled, the batch sizes are powers of two: this holds a deployment's usual sizes. Eager
+    # (CPU), every row count is a size of its own and the least recently used go.
+    KEPT_SIZES = 8
 
     def __init__(self, network: SlowFastForCausalLM, compile: bool = False, mode: str | None = None,
                  backend: str | Callable = "inductor", decode_attention: DecodeAttentionChoice = "auto"):
@@ -493,18 +508,15 @@ class Decoder:
         self._slow_buffers.clear()
 
     def _decode_buffers(self, rows: int, slots: int) -> DecodeBuffers:
-        if (rows, slots) not in self._buffers:
-            weight = self.network.model.embed_tokens.weight
-            self._buffers[rows, slots] = DecodeBuffers.allocate(
-                self.network.model.text_config, rows, slots, weight.dtype, weight.device
-            )
-        return self._buffers[rows, slots]
+        weight = self.network.model.embed_tokens.weight
+        return _kept(self._buffers, (rows, slots), self.KEPT_SIZES, lambda: DecodeBuffers.allocate(
+            self.network.model.text_config, rows, slots, weight.dtype, weight.device))
 
     def _slow_context(self, slow: SlowTokenContext, has_visual: torch.Tensor, rows: int) -> SlowTokenContext:
         length = _round_up(slow.valid.shape[1], self.SLOT_BLOCK)
-        if (rows, length) not in self._slow_buffers:
-            self._slow_buffers[rows, length] = SlowBuffers.allocate(slow, rows, length)
-        return self._slow_buffers[rows, length].load(slow, has_visual)
+        buffers = _kept(self._slow_buffers, (rows, length), self.KEPT_SIZES,
+                        lambda: SlowBuffers.allocate(slow, rows, length))
+        return buffers.load(slow, has_visual)
 
     def _decode_rows_from(self, buffers: DecodeBuffers, sources: torch.Tensor, valid: torch.Tensor, prompt_len: int,
                           slots: int) -> DecodeBuffers:

@@ -75,6 +75,26 @@ def test_batch_padding_rows_do_not_change_the_answers(tiny_vlm):
     assert [b.token_ids for b in batched] == [s.token_ids for s in single]
 
 
+def test_the_decoder_keeps_the_buffers_of_the_sizes_it_used_last_and_decodes_the_same(tiny_vlm):
+    """Each batch size used to keep its cache buffers for good, and a long run meets many sizes:
+    only the KEPT_SIZES used last stay, and a size met again after its buffers went decodes as
+    it did the first time, and as a fresh decoder does."""
+    settings = generation.SamplingSettings(max_new_tokens=NEW_TOKENS, decode_cross_attention=True)
+    decoder = generation.Decoder(tiny_vlm.network)
+    most = decoder.KEPT_SIZES
+
+    def decode(decoder, rows: int) -> list[list[int]]:
+        queries = (feature_queries(tiny_vlm, (2, 4, 3)) * rows)[:rows]
+        return [a.token_ids for a in decoder.generate(tiny_vlm._batch(queries, NEW_TOKENS), settings, [])]
+
+    first = {rows: decode(decoder, rows) for rows in range(1, most + 4)}
+    for kept in (decoder._buffers, decoder._slow_buffers):
+        assert len(kept) <= most and (most + 3) in {rows for rows, _ in kept}
+        assert 1 not in {rows for rows, _ in kept}  # the least recently used went
+    assert decode(decoder, 1) == first[1] == decode(generation.Decoder(tiny_vlm.network), 1)
+    assert 1 in {rows for rows, _ in decoder._buffers} and len(decoder._buffers) <= most
+
+
 def test_compiler_failure_falls_back_to_eager_with_a_warning(tiny_vlm, caplog):
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")

@@ -195,3 +195,21 @@ streams:
     assert down["slowfast_stream_state", "live"] == 0 and down["slowfast_reconnects_total", ""] >= 1
     assert sum(down["slowfast_stream_state", s] for s in ("connecting", "reconnecting")) == 1
     assert result[CAMERA].stats.windows_gated >= 3
+
+
+def test_metrics_keep_no_state_of_removed_streams_and_no_label_set_per_file():
+    """Ray's metrics cannot drop a label set: files share one, and what the worker remembers to
+    turn each status into counter increments goes when its stream does."""
+    from connectors.redis_schema import IngestState, StreamStatus
+    from pipeline.actors import StatusMetrics
+    from pipeline.metric_labels import stream_label
+
+    assert stream_label("cam", live=True) == "cam"
+    assert stream_label("file-1", live=False) == stream_label("file-2", live=False) == FILES_LABEL
+    metrics = StatusMetrics()
+    for index in range(3):
+        sid = f"file-{index}"
+        metrics.export(StreamStatus(stream=sid, state=IngestState.LIVE, reconnects=1, events_opened=2), live=False)
+        metrics.forget(sid)
+    metrics.export(StreamStatus(stream="cam", state=IngestState.LIVE, reconnects=1), live=True)
+    assert {sid for sid, _ in metrics.seen} == {"cam"}
