@@ -140,9 +140,9 @@ class SlowFastClient:
         status = decode_entry(StreamStatus, fields)
         return status.model_copy(update={"offline_dropped": int(fields.get(OFFLINE_DROPPED) or 0)})
 
-    def history(self, stream: str, since: str | None = None, count: int = 100) -> list[Caption]:
+    def history(self, stream: str, since: str | None = None, count: int | None = 100) -> list[Caption]:
         """Captions in window order: the last `count`, or the first `count` after entry id
-        `since` (exclusive; use a previous caption's `entry_id`)."""
+        `since` (exclusive; use a previous caption's `entry_id`); `count=None`: all of them."""
         return self._range(self.keys.captions(stream), Caption, since, count)
 
     def answers(self, stream: str, since: str | None = None, count: int = 100) -> list[Answer]:
@@ -412,7 +412,7 @@ class SlowFastClient:
             if popped:
                 return popped[1]
 
-    def _range(self, key: str, cls: type[M], since: str | None, count: int) -> list[M]:
+    def _range(self, key: str, cls: type[M], since: str | None, count: int | None) -> list[M]:
         if since is None:
             entries = list(reversed(self.redis.xrevrange(key, count=count)))
         else:

@@ -102,7 +102,10 @@ def earlier_outputs(config: PipelineConfig, stream: str, run: int, live: bool, e
         def this_run(captions):
             return [c for c in captions if c.run == run]
 
-        captions = [] if live else this_run(client.history(stream, since=f"{run - 1}-0", count=config.history_len))
+        # Every caption of the run that Redis holds. Trimming is approximate (up to ~100 more than
+        # history_len), and the newest are what a killed worker's files may lack: the first
+        # history_len of them lost the last few windows of a file whose worker was killed.
+        captions = [] if live else this_run(client.history(stream, since=f"{run - 1}-0", count=None))
         open_events = [e for e in client.open_events(stream) if e.run == run]
         if not every:
             return EarlierOutputs(captions=captions, open_events=open_events)

@@ -110,7 +110,7 @@ class Pipeline:
             if index in self.dead:
                 continue
             try:
-                incarnation, stream_count = ray.get(worker.health.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
+                incarnation, _ = ray.get(worker.health.remote(), timeout=WORKER_HEALTH_TIMEOUT_S)
             except ray.exceptions.ActorDiedError:
                 self.dead.add(index)
                 messages += self.move_streams(index, "died")
@@ -122,10 +122,10 @@ class Pipeline:
                 continue  # restarting: look again next round
             self.unreachable_since.pop(index, None)
             if self.incarnations.get(index) not in (None, incarnation):
-                for sid, handle in self.streams.items():
-                    if handle.worker_index == index and not handle.split:
-                        self.attach(handle, index)
-                log.warning("model worker %d restarted; %d streams re-added", index, stream_count)
+                its_streams = [h for h in self.streams.values() if h.worker_index == index and not h.split]
+                for handle in its_streams:
+                    self.attach(handle, index)
+                log.warning("model worker %d restarted; %d streams re-added", index, len(its_streams))
             self.incarnations[index] = incarnation
         for handle in self.streams.values():  # an ingest actor restarted after a move asks its first worker
             if handle.moved:

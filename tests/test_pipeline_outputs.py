@@ -6,9 +6,13 @@ import json
 
 import pytest
 
+from connectors.client import SlowFastClient
+from connectors.publisher import Publisher
+from pipeline.config import load_config
 from pipeline.outputs import CaptionFiles
+from pipeline.resume import earlier_outputs
 from tests.support.media import read_vtt_cues
-from tests.support.records import make_caption
+from tests.support.records import RUN, make_caption
 
 FPS = 4.0
 DT = 1 / FPS
@@ -87,3 +91,18 @@ def test_a_restart_keeps_the_windows_redis_no_longer_holds_from_the_files_own_li
     for name in ("captions.jsonl", "captions.vtt"):
         assert (tmp_path / "restarted" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
     assert [json.loads(line)["window"] for line in jsonl.read_text().splitlines()] == list(range(7))
+
+
+def test_a_restarted_worker_gets_every_caption_of_the_run_that_redis_holds(redis_url, tmp_path):
+    """Redis trims approximately, so it may hold more than `history_len` captions, and the newest
+    are what a killed worker's files may lack (their last lines not yet written): a soak lost
+    the 5 windows before a kill when the restart took the first `history_len` of them."""
+    config = load_config(None, redis_url=redis_url, out_dir=tmp_path, history_len=12)
+    with Publisher(redis_url, history_len=config.history_len) as publisher:
+        for window in range(30):
+            publisher.publish_window(make_caption(window, stream="held"))
+    with SlowFastClient(redis_url) as client:
+        held = [c.window for c in client.history("held", count=None)]
+    assert len(held) > config.history_len and held[-1] == 29  # the premise: more than history_len held
+    earlier = earlier_outputs(config, "held", RUN, live=False, every=0)
+    assert [c.window for c in earlier.captions] == held
