@@ -466,10 +466,10 @@ class Decoder:
     Shapes are bucketed so a compiled step meets few distinct shapes: cache slots are
     rounded up to SLOT_BLOCK, and with compilation the batch is padded up to a power of
     two (padding rows decode a dummy token whose output is discarded). Buffers of each
-    size are kept for the next call, those of the KEPT_SIZES sizes used last (each size
-    met once otherwise stayed for good: a long run meets many). Rows that have finished keep stepping until the
-    whole batch has: the host checks that every STOP_CHECK_EVERY steps (one sync), so a
-    batch that finishes early costs at most that many extra steps.
+    size are kept for the next call, those of the KEPT_SIZES sizes used last (a long run
+    meets many sizes). Rows that have finished keep stepping until the whole batch has:
+    the host checks that every STOP_CHECK_EVERY steps (one sync), so a batch that
+    finishes early costs at most that many extra steps.
 
     With `compile=True` the step is compiled (`fullgraph=True`, `mode` e.g.
     "reduce-overhead" for CUDA graphs) on first use per shape; if that fails, a warning is
