@@ -62,9 +62,10 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 @pytest.mark.slow(seconds=110)
 def test_two_nodes_placement_and_recovery_from_node_loss(redis_url, tiny_model_dir, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="sfray", dir="/tmp")  # short: Ray's socket paths are length-limited
-    # RAY_worker_niceness and task events as the image sets them for `ray start` nodes (deploy/Dockerfile).
+    # Ray's settings as the image sets them for `ray start` nodes (deploy/Dockerfile).
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0",
-                        "RAY_task_events_report_interval_ms": "0", "RAY_LD_PRELOAD_ON_WORKERS": "1"}
+                        "RAY_task_events_report_interval_ms": "0", "RAY_LD_PRELOAD_ON_WORKERS": "1",
+                        "RAY_metrics_report_interval_ms": "30000"}
     port, node_manager_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     clip = make_clip(tmp_path / "cam.mp4", cfr_times(8, 10.0)).path

@@ -392,7 +392,13 @@ def test_long_looping_run_keeps_object_store_flat_and_exports_metrics(
         wait_until(lambda: client.status("loop").frames_in >= frames_before + 120, timeout=120)
         frames_after = client.status("loop").frames_in
         mib_after, objects_after = plasma_usage(gcs)
-        metrics = exported_metrics("loop")
+        metrics: dict[str, float] = {}
+
+        def exported_since_frames_before() -> bool:
+            metrics.update(exported_metrics("loop"))
+            return metrics.get("slowfast_frames_in_total", 0.0) >= frames_before
+
+        wait_until(exported_since_frames_before, timeout=120)  # Ray exports the metrics every 30 s
     finally:
         result = run.finish()
     assert frames_after - frames_before >= 120  # the camera kept running meanwhile
