@@ -177,6 +177,17 @@ def test_gate_bench_prints_windows_and_frames_with_and_without_the_gate(tmp_path
     assert windows == round(with_gate[0] / without[0], 3) and 0 < frames < 1
 
 
+@pytest.mark.slow(seconds=40)
+def test_ray_memory_bench_prints_each_settings_growth_against_rays_default(tmp_path):
+    out = run_bench("ray_memory_bench", tmp_path)
+    assert "ratio: against metrics every 10 s (Ray's default)" in out
+    rows = {name: line for name in ("metrics every 10 s (Ray's default)", "the run's", "metrics off")
+            for line in out.splitlines() if line.strip().startswith(name)}
+    assert len(rows) == 3, out
+    for line in rows.values():  # one growth figure per process, each with its ratio
+        assert len(re.findall(r"[+-]\d+\.\d\d \(", line)) == 5, line
+
+
 @pytest.mark.slow(seconds=120)
 @pytest.mark.timeout(1200)
 def test_soak_keeps_every_stream_and_file_window_through_two_faults(tmp_path):
