@@ -1,10 +1,11 @@
 """What more than one bench needs: the smoke mode, a generated camera-like clip, the
-checkpoint to measure, the device's name and percentiles."""
+checkpoint to measure, the device's name, percentiles and growth rates."""
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -69,3 +70,10 @@ def device_name(device: torch.device) -> str:
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def slope_per_hour(ts: Sequence[float], ys: Sequence[float]) -> float:
+    """Least-squares slope of ys over ts (seconds), per hour."""
+    mt, my = statistics.mean(ts), statistics.mean(ys)
+    var = sum((t - mt) ** 2 for t in ts)
+    return 0.0 if not var else sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var * 3600

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
 
 from pipeline.ray_session import JEMALLOC_ON_WORKERS, LOCAL_RAY_SYSTEM_CONFIG
 
-from .common import parse_args
+from .common import parse_args, slope_per_hour
 
 SAMPLE_EVERY_S = 10.0
 PROCESSES = ("actor in a call", "actor never called", "driver", "gcs_server", "raylet")
@@ -72,11 +71,7 @@ def settings() -> dict[str, dict]:
 
 
 def growth_mb_per_hour(samples: list[tuple[float, dict[str, float]]], name: str) -> float:
-    ts, ys = [t for t, _ in samples], [s[name] for _, s in samples]
-    if len(ts) < 3:
-        return 0.0
-    mt, my = statistics.mean(ts), statistics.mean(ys)
-    return sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / sum((t - mt) ** 2 for t in ts) * 3600
+    return slope_per_hour([t for t, _ in samples], [s[name] for _, s in samples]) if len(samples) >= 3 else 0.0
 
 
 def ratio(value: float, baseline: float) -> str:

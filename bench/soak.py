@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import yaml
 
-from bench.common import parse_args, percentile
+from bench.common import parse_args, percentile, slope_per_hour
 from bench.rtsp import RtspServer, rtsp_server_available, write_loop_clip
 from bench.soak_plot import plot
 from connectors.client import QuestionError, SlowFastClient
@@ -868,13 +868,6 @@ class Soak:
 def kind_of(role: str) -> str:
     """An actor's class (ingest:cam1:IngestActor -> IngestActor); other roles as they are."""
     return role.rsplit(":", 1)[-1]
-
-
-def slope_per_hour(ts: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of ys over ts (seconds), per hour."""
-    mt, my = statistics.mean(ts), statistics.mean(ys)
-    var = sum((t - mt) ** 2 for t in ts)
-    return 0.0 if not var else sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / var * 3600
 
 
 def growth_per_hour(series: Sequence[tuple[float, float]]) -> float:
