@@ -31,12 +31,9 @@ CHILD = """
 import json, os, time
 from pathlib import Path
 import ray
+from bench.soak import proc_stats
 
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _system_config={config})
-
-def rss_mb(pid):
-    status = Path(f"/proc/{{pid}}/status").read_text()
-    return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
 
 def child(name):
     for p in os.listdir("/proc"):
@@ -58,7 +55,7 @@ call = called.sleep.remote({settle} + {minutes} * 60 + 60)
 time.sleep({settle})
 start, samples = time.time(), []
 while time.time() - start < {minutes} * 60:
-    samples.append((time.time() - start, {{name: rss_mb(pid) for name, pid in pids.items()}}))
+    samples.append((time.time() - start, {{name: proc_stats(pid)[0] for name, pid in pids.items()}}))
     time.sleep({every})
 print(json.dumps(samples))
 """

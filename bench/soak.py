@@ -695,8 +695,8 @@ class Soak:
             lived = series[-1][0] - series[0][0] if series else 0.0
             if len(series) < 3 or lived < min(300.0, 0.8 * span):
                 continue
-            growth.append((growth_per_hour([(s[0], s[1]) for s in series]),
-                           growth_per_hour(second_half([(s[0], s[1]) for s in series])), role, pid, series[0][1],
+            rss_series = [(s[0], s[1]) for s in series]
+            growth.append((growth_per_hour(rss_series), growth_per_hour(second_half(rss_series)), role, pid, series[0][1],
                            series[-1][1], drift([s[2] for s in series]), drift([s[3] for s in series]), lived / 60,
                            lived >= 0.8 * span))
         growth.sort(reverse=True)
