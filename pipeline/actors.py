@@ -27,7 +27,7 @@ from .notify import Notifier
 from .resume import EarlierOutputs, earlier_outputs, summary_every
 from .scheduler import Outcome, Resolution
 from .split import SegmentLanes
-from .window import FrameRef, FramesLost, Window
+from .window import FrameRef, FramesLost, Window, frames_from_objects
 
 log = logging.getLogger("slowfast.pipeline")
 
@@ -81,7 +81,7 @@ def _fetch_frames(refs: list[FrameRef]) -> list:
     """The frames from the object store. A frame's owner is the ingest actor that put it: if
     that actor died, the frame is gone with it (ObjectLostError and its kin)."""
     try:
-        return ray.get([f.ref for f in refs])
+        return frames_from_objects(refs, ray.get)
     except ray.exceptions.ObjectLostError as exc:
         raise FramesLost(f"frames gone with their ingest actor ({type(exc).__name__})") from exc
 

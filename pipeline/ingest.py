@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
 import ray
 from ray.util.metrics import Counter
 
@@ -28,7 +29,7 @@ from .metric_labels import stream_label
 from .rates import RateMeter
 from .scheduler import FINAL
 from .segments import Segment
-from .window import FrameRef, SlidingWindow, Window
+from .window import FrameGroups, SlidingWindow, Window, frames_per_object
 
 log = logging.getLogger("slowfast.pipeline")
 RESUBMIT_WAIT_S = 1.0
@@ -160,21 +161,21 @@ class IngestActor:
                 gate = None
                 if settings.enabled if settings.enabled is not None else self.live:
                     gate = StreamGate(settings.threshold, settings.refresh_every_n_windows, self.config.window)
+                groups = FrameGroups(frames_per_object(self.config.window, self.config.stride),
+                                     lambda images: ray.put(np.stack(images)))
                 for frame in source:
                     if self.stop_event.is_set():
                         break
-                    ref = ray.put(frame.image)
                     self.frames_in += 1
                     self.frames_counter.inc(tags={"stream": self.metrics_label})
                     if gate is not None:
                         gate.add_frame(frame.seq, frame.image)
-                    window = windows.push(FrameRef(frame.seq, frame.pts, frame.wall_time, ref))
-                    if window is not None:
-                        self._submit(gate.mark(window) if gate is not None else window, in_flight)
-                        if self.segment is not None and self.segment.ends_with(window.seq):
-                            break
+                    if self._push(groups.add(frame.seq, frame.pts, frame.wall_time, frame.image), windows, gate,
+                                  in_flight):
+                        break
                 if not self.stop_event.is_set() and not self.live and (
                         self.segment is None or self.segment.end_window is None):
+                    self._push(groups.flush(), windows, gate, in_flight)  # the file's last, short group
                     tail = windows.finish()
                     if tail is not None:
                         self._submit(tail, in_flight)
@@ -190,6 +191,17 @@ class IngestActor:
         while in_flight and not self.live:
             self._wait_oldest(in_flight)
         self.state = IngestState.STOPPED if self.stop_event.is_set() else IngestState.ENDED
+
+    def _push(self, refs: list, windows: SlidingWindow, gate: StreamGate | None, in_flight: deque) -> bool:
+        """Push a stored group's frames; submit the windows they end. True once the segment's
+        last window is sent."""
+        for ref in refs:
+            window = windows.push(ref)
+            if window is not None:
+                self._submit(gate.mark(window) if gate is not None else window, in_flight)
+                if self.segment is not None and self.segment.ends_with(window.seq):
+                    return True
+        return False
 
     def _set_error(self, error: str) -> None:
         self.error, self.error_at = error, time.time()

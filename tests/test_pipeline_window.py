@@ -9,7 +9,7 @@ import pytest
 from connectors.redis_schema import MAX_QUESTION_CHARS
 from model.prompt import MAX_PROMPT_CHARS
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.window import FrameRef, SlidingWindow, expected_windows
+from pipeline.window import FrameGroups, FrameRef, SlidingWindow, expected_windows, frames_from_objects, frames_per_object
 
 
 def push_all(windows: SlidingWindow, count: int) -> list:
@@ -40,6 +40,56 @@ def test_short_file_gives_one_window_and_nothing_before_full():
     tail = windows.finish()
     assert tail is not None and len(tail.frames) == 10
     assert SlidingWindow("s", 64, 16, live=False).finish() is None
+
+
+class ObjectStore:
+    """Stands for the frame store in these plain-logic tests: a handle per stored group."""
+
+    def __init__(self):
+        self.objects, self.gets = {}, []
+
+    def put(self, images):
+        handle = f"obj{len(self.objects)}"
+        self.objects[handle] = list(images)
+        return handle
+
+    def get(self, handles):
+        self.gets.append(list(handles))
+        return [self.objects[h] for h in handles]
+
+
+@pytest.mark.parametrize("size,stride,count", [(16, 8, 101), (64, 16, 200), (16, 6, 77), (12, 12, 50), (16, 7, 40)])
+def test_grouped_frames_give_the_same_windows_at_the_same_frame(size, stride, count):
+    """Frames stored in groups of gcd(size, stride): each window comes at the frame that ends it
+    (no window waits for a group to fill) and holds the same frames, the file's tail too."""
+    store = ObjectStore()
+    groups = FrameGroups(frames_per_object(size, stride), store.put)
+    per_frame, grouped = SlidingWindow("s", size, stride, live=False), SlidingWindow("s", size, stride, live=False)
+    for i in range(count):
+        expected = per_frame.push(FrameRef(i, i * 0.25, 1000 + i * 0.25, ref=f"image{i}"))
+        got = [w for w in map(grouped.push, groups.add(i, i * 0.25, 1000 + i * 0.25, f"image{i}")) if w is not None]
+        assert [w.seq for w in got] == ([expected.seq] if expected else [])
+        if expected:
+            assert [f.seq for f in got[0].frames] == [f.seq for f in expected.frames]
+            assert frames_from_objects(got[0].frames, store.get) == [f.ref for f in expected.frames]
+    for ref in groups.flush():
+        assert grouped.push(ref) is None  # a short last group never ends a window
+    expected_tail, tail = per_frame.finish(), grouped.finish()
+    assert (tail is None) == (expected_tail is None)
+    if tail:
+        assert frames_from_objects(tail.frames, store.get) == [f.ref for f in expected_tail.frames]
+    assert len(store.objects) == -(-count // frames_per_object(size, stride))
+
+
+def test_frames_from_objects_gets_each_object_once_in_order():
+    store = ObjectStore()
+    groups = FrameGroups(4, store.put)
+    refs = [r for i in range(8) for r in groups.add(i, 0.0, 0.0, f"image{i}")]
+    lone = FrameRef(99, 0.0, 0.0, "alone")  # a frame stored alone (index None)
+    store.objects["alone"] = "image99"
+    assert frames_from_objects(refs[2:7] + [lone], store.get) == [f"image{i}" for i in range(2, 7)] + ["image99"]
+    assert store.gets == [["obj0", "obj1", "alone"]]
+    assert frames_per_object(16, 8) == 8 and frames_per_object(64, 16) == 16 and frames_per_object(16, 7) == 1
 
 
 def test_stride_larger_than_window_is_rejected():
