@@ -29,17 +29,10 @@ PROCESSES = ("actor in a call", "actor never called", "driver", "gcs_server", "r
 # One setting's Ray: {config}, {settle} and {minutes} are filled in; prints one JSON line.
 CHILD = """
 import json, os, time
-from pathlib import Path
 import ray
-from bench.soak import proc_stats
+from bench.soak import child_process, proc_stats
 
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, _system_config={config})
-
-def child(name):
-    for p in os.listdir("/proc"):
-        if p.isdigit() and Path(f"/proc/{{p}}/comm").read_text().strip() == name:
-            if Path(f"/proc/{{p}}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
-                return int(p)
 
 @ray.remote(num_cpus=0)
 class Idle:
@@ -50,7 +43,7 @@ class Idle:
 
 called, never = Idle.remote(), Idle.remote()
 pids = dict(zip({processes!r}, [ray.get(called.pid.remote()), ray.get(never.pid.remote()), os.getpid(),
-                                 child("gcs_server"), child("raylet")]))
+                                 child_process("gcs_server", os.getpid()), child_process("raylet", os.getpid())]))
 call = called.sleep.remote({settle} + {minutes} * 60 + 60)
 time.sleep({settle})
 start, samples = time.time(), []

@@ -137,6 +137,18 @@ def proc_stats(pid: int) -> tuple[float, int, int] | None:
     return int(fields["VmRSS"].split()[0]) / 1024, fds, int(fields["Threads"])
 
 
+def child_process(name: str, parent: int) -> int | None:
+    """The pid of `parent`'s child process named `name` (its `comm`, as `gcs_server` or `raylet`)."""
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() == name and \
+                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
+                return int(entry)
+        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+            continue
+    return None
+
+
 def session_roles(sid: int) -> dict[int, str]:
     """{pid: role} of the processes of session `sid`: `driver` (the session leader), an actor
     or Ray worker by its title (ray::IngestActor or ray::ingest:cam1:IngestActor -> the same,

@@ -188,6 +188,17 @@ def test_ray_memory_bench_prints_each_settings_growth_against_rays_default(tmp_p
         assert len(re.findall(r"[+-]\d+\.\d\d \(", line)) == 5, line
 
 
+@pytest.mark.slow(seconds=30)
+def test_frame_store_bench_prints_the_pipelines_groups_against_one_object_per_frame(tmp_path):
+    out = run_bench("frame_store_bench", tmp_path)
+    assert "ratio against the baseline" in out
+    rows = [line for line in out.splitlines() if line.strip().startswith(("one object per frame", "groups of 8"))]
+    assert len(rows) == 2, out
+    for line in rows:  # the owner's live heap (jemalloc, with its ratio) and anonymous RSS, each per frame
+        assert re.search(r"live heap +[+-]\d+ B/frame \([+-]\d+\.\d\d MB/h, +(-?\d+\.\d\d|nan)x\)", line), line
+        assert re.search(r"anonymous RSS +[+-]\d+ B/frame", line), line
+
+
 @pytest.mark.slow(seconds=120)
 @pytest.mark.timeout(1200)
 def test_soak_keeps_every_stream_and_file_window_through_two_faults(tmp_path):

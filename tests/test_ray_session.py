@@ -12,19 +12,16 @@ CALLS = 20_000
 # In a process of its own: a fresh local Ray, whatever this test session started.
 SCRIPT = f"""
 import os, time
-from pathlib import Path
 import ray
+from bench.soak import child_process, proc_stats
 from pipeline.config import load_config
 from pipeline.ray_session import start_ray
 
 start_ray(load_config(None, metrics_port=0))
-gcs = next(int(p) for p in os.listdir("/proc") if p.isdigit()
-           and Path(f"/proc/{{p}}/comm").read_text().strip() == "gcs_server"
-           and Path(f"/proc/{{p}}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid()))
+gcs = child_process("gcs_server", os.getpid())
 
 def rss_mb():
-    status = Path(f"/proc/{{gcs}}/status").read_text()
-    return int(next(l for l in status.splitlines() if l.startswith("VmRSS")).split()[1]) / 1024
+    return proc_stats(gcs)[0]
 
 @ray.remote
 class Echo:
