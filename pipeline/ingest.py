@@ -49,9 +49,10 @@ SOURCE_STATES = {SourceState.CONNECTING: IngestState.CONNECTING, SourceState.LIV
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class IngestActor:
     """Runs one stream's source: each sampled frame goes to the object store once, in groups
-    (`frames_per_object`); windows of references go to the stream's model worker. Files wait when too many windows are in
-    flight (nothing skipped); live streams never wait (the worker keeps the newest). A
-    heartbeat thread sends the stream's status every STATUS_INTERVAL_S, frames or not."""
+    (`frames_per_object`); windows of references go to the stream's model worker. Files wait
+    when too many windows are in flight (nothing skipped); live streams never wait (the worker
+    keeps the newest). A heartbeat thread sends the stream's status every STATUS_INTERVAL_S,
+    frames or not."""
 
     def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int,
                  segment: Segment | None = None, plan: SamplePlan | None = None):

@@ -25,9 +25,9 @@ def frames_per_object(size: int, stride: int) -> int:
     """How many consecutive frames share one object in the frame store. Every window starts
     and ends on a multiple of gcd(size, stride) frames, so a window is made of whole groups and
     never waits for a frame. Fewer objects is less memory for good: a Ray process keeps a few
-    hundred bytes for every object it owns that another process borrowed (measured in an
-    ingest actor, about 340 B each; ray-project/ray#47273), which one object per frame made
-    ~5 MB an hour for a 4-fps camera."""
+    hundred bytes for good for every object it owns that another process borrowed (Ray 2.60,
+    ~360 B; bench/frame_store_bench.py), which one object per frame made ~5 MB an hour for a
+    4-fps camera."""
     return math.gcd(size, stride)
 
 

@@ -9,7 +9,8 @@ import pytest
 from connectors.redis_schema import MAX_QUESTION_CHARS
 from model.prompt import MAX_PROMPT_CHARS
 from pipeline.config import ConfigError, PipelineConfig, load_config
-from pipeline.window import FrameGroups, FrameRef, SlidingWindow, expected_windows, frames_from_objects, frames_per_object
+from pipeline.window import (FrameGroups, FrameRef, SlidingWindow, expected_windows, frames_from_objects,
+                             frames_per_object)
 
 
 def push_all(windows: SlidingWindow, count: int) -> list:
