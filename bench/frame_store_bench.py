@@ -132,12 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.size}x{args.size} frames, {args.frames - args.warmup} frames sampled after {args.warmup} "
           f"(bytes per frame measured; MB/h of a {CAMERA_FPS:g}-fps camera derived; ratio against the baseline):")
     for name, (heap, anon, has_jemalloc) in kept.items():
-        heap_text = f"{heap:+8.0f} B/frame ({heap * CAMERA_FPS * 3600 / 1e6:+5.2f} MB/h, "\
-                    f"{heap / baseline[0] if abs(baseline[0]) > 1 else float('nan'):5.2f}x)" if has_jemalloc else \
-                    "no jemalloc in the actor"
-        print(f"  {name:<40} live heap {heap_text}; anonymous RSS {anon:+8.0f} B/frame "
-              f"({anon * CAMERA_FPS * 3600 / 1e6:+5.2f} MB/h)")
+        heap_text = per_frame(heap, f", {ratio(heap, baseline[0])}") if has_jemalloc else "no jemalloc in the actor"
+        print(f"  {name:<40} live heap {heap_text}; anonymous RSS {per_frame(anon)}")
     return 0
+
+
+def per_frame(kept_bytes: float, more: str = "") -> str:
+    """Bytes kept per frame and, derived, MB an hour of a CAMERA_FPS camera (then `more`)."""
+    return f"{kept_bytes:+8.0f} B/frame ({kept_bytes * CAMERA_FPS * 3600 / 1e6:+5.2f} MB/h{more})"
+
+
+def ratio(value: float, baseline: float) -> str:
+    return f"{value / baseline if abs(baseline) > 1 else float('nan'):5.2f}x"
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def child_process(name: str, parent: int) -> int | None:
             if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() == name and \
                     Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
                 return int(entry)
-        except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+        except OSError:  # exited meanwhile, or not ours to read
             continue
     return None
 
