@@ -238,3 +238,16 @@ def test_soak_keeps_every_stream_and_file_window_through_two_faults(tmp_path):
     assert len(rows) >= 10 and {"driver_rss_mb", "ModelWorker_rss_mb", "redis_used_mb", "cam1_p99_s",
                                 "cam1_state", "object_store_mb"} <= set(rows[0])
     assert (out / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow(seconds=30)
+def test_actor_churn_bench_prints_each_ray_process_per_actor_against_per_call(tmp_path):
+    out = run_bench("actor_churn_bench", tmp_path)
+    assert "ratio: per actor created, called and killed, against the same calls on one actor" in out
+    per_actor = {}
+    for name in ("driver", "gcs_server", "raylet"):
+        row = figure(rf"^  {name} +([+-]\d+\.\d) KB/actor +[+-]\d+\.\d\d KB/call pair +(?:-?\d+\.\d+x|n/a)$", out)
+        per_actor[name] = row[0]
+    total, per_day = figure(r"^  together +\+?{N} KB/actor: \+?{N} MB a day at a file every 2 minutes \(derived\)$", out)
+    assert total == pytest.approx(sum(per_actor.values()), abs=0.15)
+    assert per_day == pytest.approx(total * 720 / 1024, abs=0.1)
