@@ -137,16 +137,27 @@ def proc_stats(pid: int) -> tuple[float, int, int] | None:
     return int(fields["VmRSS"].split()[0]) / 1024, fds, int(fields["Threads"])
 
 
-def child_process(name: str, parent: int) -> int | None:
-    """The pid of `parent`'s child process named `name` (its `comm`, as `gcs_server` or `raylet`)."""
+def parent_pid(pid: int) -> int:
+    """A process's parent: the field after the state in /proc/PID/stat (OSError once it is gone)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def child_pids(parent: int, name: str | None = None) -> list[int]:
+    """`parent`'s child processes; with `name`, those whose `comm` it is (cut at 15 characters)."""
+    children = []
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_text().strip() == name and \
-                    Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(parent):
-                return int(entry)
+            if entry.isdigit() and parent_pid(int(entry)) == parent and (
+                    name is None or Path(f"/proc/{entry}/comm").read_text().strip() == name):
+                children.append(int(entry))
         except OSError:  # exited meanwhile, or not ours to read
             continue
-    return None
+    return children
+
+
+def child_process(name: str, parent: int) -> int | None:
+    """The pid of `parent`'s child process named `name` (as `gcs_server` or `raylet`)."""
+    return next(iter(child_pids(parent, name)), None)
 
 
 def session_roles(sid: int) -> dict[int, str]:

@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from bench.soak import child_pids, parent_pid
 from connectors.client import SlowFastClient
 from connectors.redis_schema import STATUS_INTERVAL_S, IngestState
 from model.random_checkpoint import write_random_checkpoint
@@ -118,25 +119,11 @@ def _title(pid: int) -> str:
     return ""
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        return int(stat.read().rsplit(")", 1)[1].split()[1])  # the field after the state
-
-
-def _children(parent: int) -> list[int]:
-    children = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if _parent(int(entry)) == parent:
-                children.append(int(entry))
-    return children
-
-
 def siblings_titled(pid: int, part: str) -> tuple[int, set[int]]:
     """The Ray raylet that started the worker process `pid`, and those of its workers whose
     process title names `part` (an actor class)."""
-    raylet = _parent(pid)
-    return raylet, {child for child in _children(raylet) if part in _title(child)}
+    raylet = parent_pid(pid)
+    return raylet, {child for child in child_pids(raylet) if part in _title(child)}
 
 
 def new_child_titled(raylet: int, part: str, known: set[int], timeout: float = 120) -> int:
@@ -144,7 +131,7 @@ def new_child_titled(raylet: int, part: str, known: set[int], timeout: float = 1
     as soon as it takes the actor's part (Ray sets the title before the actor's __init__)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in _children(raylet):
+        for child in child_pids(raylet):
             if child not in known and part in _title(child):
                 return child
         time.sleep(0.005)

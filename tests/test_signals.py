@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.soak import child_pids
 from connectors.embedded import EmbeddedRedis, find_server_binary, free_port
 from tests.support.media import cfr_times, make_clip
 
@@ -208,12 +209,6 @@ def test_a_second_signal_exits_within_5_s(clip, tmp_path, tiny_model_dir):
             run.close()
 
 
-def child_processes(pid: int, name: str) -> list[int]:
-    out = subprocess.run(["ps", "-e", "-o", "ppid=,pid=,comm="], capture_output=True, text=True).stdout
-    return [int(child) for ppid, child, comm in (line.split(None, 2) for line in out.splitlines())
-            if int(ppid) == pid and comm.strip() == name]
-
-
 def is_running(pid: int) -> bool:
     """Alive and not a zombie (a reparented child may wait a while to be reaped)."""
     try:
@@ -230,7 +225,7 @@ def test_a_killed_run_takes_its_embedded_redis_with_it(clip, tmp_path, tiny_mode
     servers: list[int] = []
     try:
         run.wait_for_line(CAPTIONED)
-        servers = child_processes(run.pid, Path(find_server_binary()).name[:15])  # comm is cut at 15
+        servers = child_pids(run.pid, Path(find_server_binary()).name[:15])  # comm is cut at 15
         assert len(servers) == 1
         os.kill(run.pid, signal.SIGKILL)
         run.proc.wait()
