@@ -1,12 +1,12 @@
-"""Memory Ray keeps for every actor a run creates: what one ingest actor per stream (and per
-run of a file) costs a run that stays up for days.
+"""Memory Ray keeps for every actor a run creates: what an ingest actor for every file would
+cost a run that stays up for days, against the pipeline's way, files taking turns on one.
 
-A local Ray; its driver creates, calls and kills actors the way the pipeline runs a file: a
-named actor (restartable, as ingest actors are), its run() and node_id() called, killed once
-run() returned. After a warm-up round, each round of actors is followed by a pause and the RSS
+A local Ray; its driver creates, calls and kills actors the way a run with an ingest actor for
+every file would: a named actor (restartable, as ingest actors are), its run() and node_id()
+called, killed once run() returned. After a warm-up round, each round of actors is followed by a pause and the RSS
 of the driver, the GCS and the raylet is read; the kept KB per actor is the least-squares
 slope over the rounds. Baseline, in the same Ray: run() and node_id() called on one actor (25
-pairs for each actor created), the cost per call. Both are measured; the MB a day of a run
+pairs for each actor created), the cost per call and the pipeline's way for files. Both are measured; the MB a day of a run
 that takes a file every few minutes is derived from them.
 
     python -m bench.actor_churn_bench [--rounds 5] [--actors 40] [--smoke]

@@ -1,5 +1,5 @@
-"""The ingest actor: one per stream, it runs the stream's source and sends windows of frame
-references to the stream's model worker.
+"""The ingest actor: it runs a stream's source and sends windows of frame references to the
+stream's model worker. Every live stream has one of its own; files take turns on few.
 
 It lives apart from the model worker (pipeline/actors.py) so that its process imports neither the
 engine nor torch: a killed ingest actor, or a new stream's, runs again in seconds."""
@@ -48,20 +48,72 @@ SOURCE_STATES = {SourceState.CONNECTING: IngestState.CONNECTING, SourceState.LIV
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class IngestActor:
+    """A Ray shell around `StreamIngest`: the stream comes with run(), so one actor can run
+    files one after another. Ray keeps memory for good in the driver, the GCS and the raylet for
+    every actor a run creates (some 80 KB: bench/actor_churn_bench.py), which a run that took a
+    new actor for every file would keep for each file.
+
+    Restarted by Ray after a crash, the actor runs nothing until its caller, whose run() call
+    failed with the old process, calls run() again with the same job: the stream resumes there."""
+
+    def __init__(self, config: PipelineConfig, frame_size: int):
+        self.config, self.frame_size = config, frame_size
+        self.current: StreamIngest | None = None
+        self.stopped_early: set[str] = set()  # jobs stopped before their run() came (a restart at a drain)
+        self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
+
+    async def run(self, stream: StreamConfig | None = None, worker_name: str = "", job: str = "",
+                  segment: Segment | None = None, plan: SamplePlan | None = None) -> StreamSummary:
+        """Run `stream` as `job` (an id its caller gives each run of a stream) until its source
+        ends, fails or stop() is called; returns its summary. A call for the job that runs (or
+        with no stream: for whatever runs) waits on the same ingest. `segment` (with the file's
+        `plan`): the windows of one segment of a split file, from its first (the source seeks
+        there) to its last, under the segment's lane id."""
+        if stream is not None and (self.current is None or self.current.job != job):
+            if self.current is not None and self.current.thread.is_alive():
+                raise RuntimeError(f"ingest of {self.current.stream.id} still runs; {stream.id} not started")
+            self.current = StreamIngest(stream, self.config, worker_name, self.frame_size, job, self.frames_counter,
+                                        segment, plan)
+            if job in self.stopped_early:
+                self.stopped_early.discard(job)
+                self.current.stop()
+        current = self.current
+        if current is None:
+            raise RuntimeError("this ingest actor runs no stream")
+        while current.thread.is_alive():
+            await asyncio.sleep(0.2)
+        return current.summary()
+
+    async def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    async def retarget(self, worker_name: str, job: str | None = None) -> None:
+        """Send `job`'s windows (without one: whatever runs) to another model worker from now
+        on (the driver moved the stream)."""
+        if self.current is not None and job in (None, self.current.job):
+            await asyncio.to_thread(self.current.retarget, worker_name)
+
+    async def stop(self, job: str | None = None) -> None:
+        """Stop `job` (without one: whatever runs). A job not started yet never starts."""
+        if self.current is not None and job in (None, self.current.job):
+            self.current.stop()
+        elif job is not None and self.current is None:  # restarted: its run() may come next
+            self.stopped_early.add(job)
+
+
+class StreamIngest:
     """Runs one stream's source: each sampled frame goes to the object store once, in groups
     (`frames_per_object`); windows of references go to the stream's model worker. Files wait
     when too many windows are in flight (nothing skipped); live streams never wait (the worker
     keeps the newest). A heartbeat thread sends the stream's status every STATUS_INTERVAL_S,
     frames or not."""
 
-    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int,
-                 segment: Segment | None = None, plan: SamplePlan | None = None):
-        """`segment` (with the file's `plan`): the windows of one segment of a split file, from
-        its first (the source seeks there) to its last, under the segment's lane id."""
+    def __init__(self, stream: StreamConfig, config: PipelineConfig, worker_name: str, frame_size: int, job: str,
+                 frames_counter: Counter, segment: Segment | None = None, plan: SamplePlan | None = None):
         # The worker goes by name, not handle: a handle argument would sit in the object store
         # and break restarts (ray#53727), and the driver may move the stream (retarget()).
         self.stream, self.config, self.worker_name, self.frame_size = stream, config, worker_name, frame_size
-        self.segment, self.plan = segment, plan
+        self.job, self.segment, self.plan = job, segment, plan
         self.worker: Any = None
         self.stop_event = threading.Event()
         self.state = IngestState.STARTING  # until the source runs, and once it is over
@@ -80,18 +132,12 @@ class IngestActor:
         self.reports_sent: deque = deque(maxlen=PENDING_REPORTS)  # (sent at, ref)
         self.report_taken_at = time.time()  # when the worker last took a report
         self.redis: Any = None  # for the ingest's own status, while the worker takes none
-        self.frames_counter = Counter("slowfast_frames_in", "sampled frames ingested", tag_keys=("stream",))
+        self.frames_counter = frames_counter
         self.metrics_label = stream_label(stream.id, self.live)
         self.thread = threading.Thread(target=self._ingest_and_finish, name=f"ingest-{stream.id}", daemon=True)
         self.thread.start()
         self.heartbeat = threading.Thread(target=self._heartbeat, name=f"status-{stream.id}", daemon=True)
         self.heartbeat.start()
-
-    async def run(self) -> StreamSummary:
-        """Wait until the source ends, fails or stop() is called; returns a summary."""
-        while self.thread.is_alive():
-            await asyncio.sleep(0.2)
-        return self.summary()
 
     def _ingest_and_finish(self) -> None:
         try:
@@ -108,20 +154,16 @@ class IngestActor:
         return StreamSummary(stream=self.stream.id, state=str(self.state), live=self.live, frames_in=self.frames_in,
                              windows=self.windows_emitted, error=self.error)
 
-    async def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    async def retarget(self, worker_name: str) -> None:
-        """Send windows to another model worker from now on (the driver moved the stream)."""
+    def retarget(self, worker_name: str) -> None:
         if worker_name != self.worker_name:
             self.worker_name = worker_name
-            self.worker = await asyncio.to_thread(ray.get_actor, worker_name)
+            self.worker = ray.get_actor(worker_name)
 
     def _attach(self) -> int:
         """Wait until the assigned worker holds this stream; return the next window number.
-        A restarted actor (max_restarts) resumes by itself: live streams continue their
-        window numbering, files start over and their already-published windows are
-        recognised as duplicates by the publisher."""
+        Run again in a restarted actor (max_restarts), live streams continue their window
+        numbering, files start over and their already-published windows are recognised as
+        duplicates by the publisher."""
         while not self.stop_event.is_set():
             name = self.worker_name
             try:
@@ -136,7 +178,7 @@ class IngestActor:
             time.sleep(RESUBMIT_WAIT_S)
         return 0
 
-    async def stop(self) -> None:
+    def stop(self) -> None:
         self.stop_event.set()
         if self.source is not None:
             self.source.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,6 +33,9 @@ DRAIN_TIMEOUT_S = 60.0
 DRAIN_FLUSH_S = 10.0  # at a stop, how long workers wait for an unreachable Redis to take their buffer
 DRAIN_NOTIFY_S = 5.0  # at a stop, how long workers keep trying event notifications still due
 PLACEMENT_WARN_S = 15.0
+# A file's ingest actor, once the file is over, waits for the next file instead of being killed
+# (see IngestActor). One waits at most: its ingest_cpus stay reserved while it waits.
+IDLE_FILE_INGESTS = 1
 
 
 @dataclass
@@ -41,11 +45,12 @@ class StreamHandle:
     live: bool
     worker_index: int
     ingest: Any
+    ingest_name: str
+    job: str  # this run of the stream on its ingest actor (files take turns on one)
     done_ref: Any
     placed_ref: Any  # resolves once Ray has placed the ingest actor
     added_at: float = field(default_factory=time.monotonic)
     unplaced_reported: bool = False
-    moved: bool = False  # now on another worker than its ingest actor was created with
     summary: StreamSummary | None = None  # once its ingest is over
     split: bool = False  # a file split over the workers: its SplitFile actor minds its workers
 
@@ -65,6 +70,8 @@ class Pipeline:
         self.dead: set[int] = set()  # workers that died for good
         self.started_ms = int(time.time() * 1000)  # this run's id in the registry
         self.frame_size = 0
+        self.idle_file_ingests: list[tuple[Any, str]] = []  # (actor, name): the next file runs there
+        self.file_ingests_made = 0
         self.publisher = Publisher(config.redis_url, history_len=config.history_len)
         self.client = SlowFastClient(config.redis_url)
 
@@ -127,9 +134,6 @@ class Pipeline:
                     self.attach(handle, index)
                 log.warning("model worker %d restarted; %d streams re-added", index, len(its_streams))
             self.incarnations[index] = incarnation
-        for handle in self.streams.values():  # an ingest actor restarted after a move asks its first worker
-            if handle.moved:
-                handle.ingest.retarget.remote(f"worker:{handle.worker_index}")
         return messages
 
     def attach(self, handle: StreamHandle, index: int) -> None:
@@ -147,8 +151,8 @@ class Pipeline:
             if target is None:
                 return [f"model worker {index} {reason} and no other worker is reachable; its streams wait"]
             self.attach(handle, target)
-            handle.worker_index, handle.moved = target, True
-            ray.get(handle.ingest.retarget.remote(f"worker:{target}"))
+            handle.worker_index = target  # a restarted ingest actor gets it with its next run() call
+            ray.get(handle.ingest.retarget.remote(f"worker:{target}", handle.job))
             messages.append(f"stream {sid} moved from model worker {index} ({reason}) to worker {target}")
             log.warning(messages[-1])
         return messages
@@ -203,18 +207,30 @@ class Pipeline:
             if index is None:
                 raise RuntimeError("no model worker is reachable")
             ray.get(self.workers[index].add_stream.remote(stream, info.run, live, next_window))
-            ingest = IngestActor.options(name=f"ingest:{stream.id}", **self.ingest_options()).remote(
-                stream.model_copy(update={"live": live}), self.config, f"worker:{index}", self.frame_size
-            )
         stream = stream.model_copy(update={"live": live})
-        self.streams[stream.id] = StreamHandle(
-            stream, info.run, live, index, ingest, done_ref=ingest.run.remote(), placed_ref=ingest.node_id.remote(),
-            split=split is not None,
-        )
+        if split is not None:
+            ingest_name = f"ingest:{stream.id}"
+        elif live or not self.idle_file_ingests:
+            ingest_name = f"ingest:{stream.id}" if live else f"ingest:files-{self.file_ingests_made}"
+            self.file_ingests_made += 0 if live else 1
+            ingest = IngestActor.options(name=ingest_name, **self.ingest_options()).remote(self.config, self.frame_size)
+        else:
+            ingest, ingest_name = self.idle_file_ingests.pop()
+        handle = StreamHandle(stream, info.run, live, index, ingest, ingest_name, job=uuid.uuid4().hex, done_ref=None,
+                              placed_ref=ingest.node_id.remote(), split=split is not None)
+        handle.done_ref = self.run_ingest(handle)
+        self.streams[stream.id] = handle
         log.info("stream %s added (%s)", stream.id, "live" if live else "file")
         if resume:
             lines.insert(0, f"stream {stream.id} resumes after window {resume.next_window - 1}")
         return "; ".join(lines) or None
+
+    def run_ingest(self, handle: StreamHandle) -> Any:
+        """The ingest's run() call: it starts the stream's job, waits on it where it runs, and
+        starts it again in an actor that Ray restarted."""
+        if handle.split:
+            return handle.ingest.run.remote()
+        return handle.ingest.run.remote(handle.config, f"worker:{handle.worker_index}", handle.job)
 
     def report_failure(self, stream_id: str, exc: Exception) -> None:
         self.failed[stream_id] = StreamSummary(stream=stream_id, state="failed", error=str(exc))
@@ -222,11 +238,11 @@ class Pipeline:
 
     def shutdown(self) -> None:
         """Kill this run's actors and wait until their names are free for the next run."""
-        actors = [h.ingest for h in self.streams.values()] + self.workers
-        for actor in actors:
+        ingests = [(h.ingest, h.ingest_name) for h in self.streams.values()] + self.idle_file_ingests
+        for actor in [a for a, _ in ingests] + self.workers:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
-        names = [f"ingest:{sid}" for sid in self.streams] + [f"worker:{i}" for i in range(len(self.workers))]
+        names = [n for _, n in ingests] + [f"worker:{i}" for i in range(len(self.workers))]
         deadline = time.monotonic() + ACTOR_EXIT_TIMEOUT_S
         while names and time.monotonic() < deadline:
             names = [n for n in names if actor_exists(n)]
@@ -236,8 +252,8 @@ class Pipeline:
         handle = self.streams.pop(stream_id, None)
         if handle is None:
             raise ValueError(f"stream {stream_id!r} is not running")
-        if handle.summary is None:  # still running (a finished stream's actor is gone already)
-            ray.get(handle.ingest.stop.remote())
+        if handle.summary is None:  # still running (a finished stream's actor is gone, or runs the next file)
+            ray.get(handle.ingest.stop.remote(None if handle.split else handle.job))
             with contextlib.suppress(Exception):
                 ray.get(handle.done_ref, timeout=30)
             ray.kill(handle.ingest, no_restart=True)
@@ -246,8 +262,9 @@ class Pipeline:
 
     def finished_streams(self) -> list[str]:
         """Streams whose ingest ended or failed since the last call. Each one's ingest actor is
-        killed at once, so its CPUs go to the next stream; its final status, published before
-        run() returned, stays in Redis, and the worker keeps its counts for the summary."""
+        killed at once, so its CPUs go to the next stream, or for a file waits for the next file;
+        its final status, published before run() returned, stays in Redis, and the worker keeps
+        its counts for the summary."""
         finished = []
         for sid, handle in self.streams.items():
             if handle.summary is not None:
@@ -256,12 +273,23 @@ class Pipeline:
             if ready:
                 try:
                     handle.summary = ray.get(handle.done_ref)
-                except ray.exceptions.RayActorError:  # died mid-run: Ray restarts it, wait again
-                    handle.done_ref = handle.ingest.run.remote()
+                except ray.exceptions.RayActorError:  # died mid-run: Ray restarts it, run it there
+                    handle.done_ref = self.run_ingest(handle)
                     continue
-                ray.kill(handle.ingest, no_restart=True)
+                if self.keeps_for_the_next_file(handle):
+                    self.idle_file_ingests.append((handle.ingest, handle.ingest_name))
+                else:
+                    ray.kill(handle.ingest, no_restart=True)
                 finished.append(sid)
         return finished
+
+    def keeps_for_the_next_file(self, handle: StreamHandle) -> bool:
+        """A file's ingest actor waits for the next file, unless one waits already or a stream
+        waits for Ray to place its ingest actor (the CPUs this one holds may be what it lacks)."""
+        if handle.live or handle.split or len(self.idle_file_ingests) >= IDLE_FILE_INGESTS:
+            return False
+        unplaced = [h.placed_ref for h in self.streams.values() if h.summary is None]
+        return not unplaced or len(ray.wait(unplaced, num_returns=len(unplaced), timeout=0)[0]) == len(unplaced)
 
     def files_pending(self) -> bool:
         return any(not h.live and h.summary is None for h in self.streams.values())
@@ -269,13 +297,14 @@ class Pipeline:
     def drain(self) -> None:
         """Stop ingest, let in-flight windows finish, then add the workers' counts to the summaries."""
         for handle in self.streams.values():
-            handle.ingest.stop.remote()
+            if handle.summary is None:
+                handle.ingest.stop.remote(None if handle.split else handle.job)
         placed_refs = [h.placed_ref for h in self.streams.values()]
         placed = set(ray.wait(placed_refs, num_returns=len(placed_refs), timeout=0)[0]) if placed_refs else set()
-        # A fresh run() call: it waits on the same ingest thread, or on the restarted actor's
-        # thread where Ray restarted it (the first call then failed with the old actor).
+        # A fresh run() call: it waits on the same ingest thread; where Ray restarted the actor
+        # (the first call then failed with the old one) the job was stopped before it started.
         running = {
-            h.ingest.run.remote(): h for h in self.streams.values() if h.summary is None and h.placed_ref in placed
+            self.run_ingest(h): h for h in self.streams.values() if h.summary is None and h.placed_ref in placed
         }
         for ref, summary in results_within(list(running), DRAIN_TIMEOUT_S).items():
             running[ref].summary = summary

@@ -192,7 +192,7 @@ class SplitFile:
         for lane in self.split.cancel_all():
             actor, _ = self.ingests.get(lane, (None, None))
             if actor is not None:
-                actor.stop.remote()
+                actor.stop.remote(lane)
 
     async def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -228,14 +228,19 @@ class SplitFile:
     async def _start(self, lane: str, assignment) -> None:
         await self._add_lane(lane, assignment.worker)
         config = _lane_config(self.stream, lane)
-        actor = IngestActor.options(name=f"ingest:{lane}", **self.ingest_options).remote(
-            config, self.config, self.worker_names[assignment.worker], self.frame_size, assignment.segment, self.plan)
-        self.ingests[lane] = (actor, asyncio.ensure_future(actor.run.remote()))
+        actor = IngestActor.options(name=f"ingest:{lane}", **self.ingest_options).remote(self.config, self.frame_size)
+        self.ingests[lane] = (actor, self._run_lane(actor, lane))
         if self.stopping:  # stopped while it started
-            actor.stop.remote()
+            actor.stop.remote(lane)
         self.state = IngestState.LIVE
         log.info("%s: segment %d (windows %d-%s) on model worker %d", self.stream.id, assignment.segment.index,
                  assignment.segment.first_window, assignment.segment.end_window or "end", assignment.worker)
+
+    def _run_lane(self, actor: Any, lane: str) -> asyncio.Future:
+        """The lane's run() call, to the worker its segment is on now (it may have moved)."""
+        assignment = self.split.active[lane]
+        return asyncio.ensure_future(actor.run.remote(
+            _lane_config(self.stream, lane), self.worker_names[assignment.worker], lane, assignment.segment, self.plan))
 
     async def _add_lane(self, lane: str, worker: int) -> None:
         """(Re)add the lane at the worker, from its first window not received. A worker that
@@ -255,12 +260,11 @@ class SplitFile:
                 continue
             try:
                 summary: StreamSummary = done.result()
-            except ray.exceptions.RayActorError:  # died mid-segment: Ray restarts it, wait again
-                # The restart is made with the worker the lane started on, which may since have
-                # died for good (its segment moved): it would wait for that worker forever.
-                if (assignment := self.split.active.get(lane)) is not None:
-                    actor.retarget.remote(self.worker_names[assignment.worker])
-                self.ingests[lane] = (actor, asyncio.ensure_future(actor.run.remote()))
+            except ray.exceptions.RayActorError:  # died mid-segment: Ray restarts it, run it there
+                if lane in self.split.active:
+                    self.ingests[lane] = (actor, self._run_lane(actor, lane))
+                else:  # cancelled meanwhile (a stop): nothing left to run
+                    await self._end_segment(lane, None)
                 continue
             workers = {lane: a.worker for lane, a in self.split.active.items()}
             if summary.state == IngestState.FAILED:
@@ -280,7 +284,7 @@ class SplitFile:
         if actor is not None:
             if stop:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(actor.stop.remote(), CALL_TIMEOUT_S)
+                    await asyncio.wait_for(actor.stop.remote(lane), CALL_TIMEOUT_S)
             ray.kill(actor, no_restart=True)
         for index in ([worker] if worker is not None else range(len(self.worker_names))):
             with contextlib.suppress(*GONE, *NOT_NOW):
@@ -313,9 +317,10 @@ class SplitFile:
         for lane, assignment in self.split.worker_lost(index):
             await self._add_lane(lane, assignment.worker)
             actor, _ = self.ingests[lane]
-            # An ingest dying meanwhile gets the new worker when its restart is watched again.
+            # An ingest dying meanwhile gets the new worker with its next run() call.
             with contextlib.suppress(*GONE, *NOT_NOW):
-                await asyncio.wait_for(actor.retarget.remote(self.worker_names[assignment.worker]), CALL_TIMEOUT_S)
+                await asyncio.wait_for(actor.retarget.remote(self.worker_names[assignment.worker], lane),
+                                       CALL_TIMEOUT_S)
             log.warning("%s: segment %d moved from model worker %d (%s) to worker %d", self.stream.id,
                         assignment.segment.index, index, reason, assignment.worker)
 

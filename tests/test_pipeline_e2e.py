@@ -237,7 +237,7 @@ def test_streams_added_removed_and_restarted_at_run_time(ray_session, redis_url,
 
 
 @pytest.mark.slow(seconds=50)
-@pytest.mark.parametrize("actor", ["worker:0", "ingest:long"])
+@pytest.mark.parametrize("actor", ["worker:0", "ingest:files-0"])  # files take turns on ingest:files-N
 def test_a_restarted_actor_loses_no_file_window_and_writes_none_twice(
     ray_session, redis_url, tiny_model_dir, tmp_path, actor
 ):
@@ -281,7 +281,7 @@ def test_a_window_whose_frames_died_with_their_ingest_actor_is_captioned_once_af
     killed = False
     try:
         wait_until(lambda: queued() >= 1, timeout=120)  # window 0 held, window 1 accepted and waiting
-        ingest = ray.get_actor("ingest:long")
+        ingest = ray.get_actor("ingest:files-0")  # the run's first file ingest actor
         running = ingest.run.remote()  # fails once the incarnation that owns the frames is gone
         ray.kill(ingest, no_restart=False)  # Ray restarts it (max_restarts)
         with pytest.raises(ray.exceptions.RayActorError):

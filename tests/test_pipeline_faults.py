@@ -400,7 +400,8 @@ def test_camera_health_follows_outages_and_a_camera_refused_at_start(
 def test_more_file_streams_than_the_cluster_has_room_for_all_run(ray_session, redis_url, tiny_model_dir, tmp_path):
     """2 CPUs: the model worker takes 1, each ingest actor 0.25, so 4 streams fit at once. Eight
     files added one after another at run time (as `slowfast streams add` does) all run, because
-    a stream that ended frees its actor at once; each one's status stays in Redis."""
+    a file that ended frees its actor at once, or runs the next file on it (never while another
+    file's actor waits for room); each one's status stays in Redis."""
     import ray
 
     count = 8
@@ -418,17 +419,38 @@ def test_more_file_streams_than_the_cluster_has_room_for_all_run(ray_session, re
             status = client.status(sid)
             assert (status.windows_emitted, status.windows_done, status.windows_failed) == (1, 1, 0), status
             assert [c.window for c in client.history(sid)] == [0]
-        # the ended streams' actors are gone: their reservations are free
-        wait_until(lambda: not any(_actor_alive(ray, f"ingest:{sid}") for sid in ids))
+        # the ended files' actors are gone but the one that waits for the next file
+        wait_until(lambda: len(_file_ingests(ray)) <= 1)
         assert {s.id for s in client.streams()} >= set(ids)
     finally:
         summaries = run.finish()
     assert all(summaries[sid].state == "ended" and summaries[sid].stats.windows_done == 1 for sid in ids)
 
 
-def _actor_alive(ray, name: str) -> bool:
+@pytest.mark.slow(seconds=40)
+def test_files_one_after_another_run_on_one_ingest_actor(ray_session, redis_url, tiny_model_dir, tmp_path):
+    """Ray keeps memory for good in the driver, the GCS and the raylet for every actor a run
+    creates: the next file runs on the actor of the file before."""
+    import ray
+
+    short = make_clip(tmp_path / "short.mp4", cfr_times(8, 2.0)).path  # 8 frames at 4 fps: one window
+    run = BackgroundRun(pipeline_config(redis_url, tiny_model_dir, tmp_path, []))
+    client = SlowFastClient(redis_url)
+    processes = []
     try:
-        ray.get_actor(name)
-    except ValueError:
-        return False
-    return True
+        for index in range(3):
+            client.add_stream(f"f{index}", str(short), live=False, timeout=60)
+            wait_until(lambda: any(e.startswith(f"stream f{index} done") for e in run.events), timeout=120)
+            assert _file_ingests(ray) == ["ingest:files-0"]
+            processes.append(ray.get(ray.get_actor("ingest:files-0").__ray_call__.remote(lambda _: os.getpid())))
+    finally:
+        summaries = run.finish()
+    assert len(set(processes)) == 1
+    for index in range(3):
+        assert summaries[f"f{index}"].state == "ended" and summaries[f"f{index}"].stats.windows_done == 1
+        assert [c.window for c in client.history(f"f{index}")] == [0]
+
+
+def _file_ingests(ray) -> list[str]:
+    """Names of the file ingest actors alive."""
+    return sorted(n for n in ray.util.list_named_actors() if n.startswith("ingest:files-"))
