@@ -451,6 +451,25 @@ def test_files_one_after_another_run_on_one_ingest_actor(ray_session, redis_url,
         assert [c.window for c in client.history(f"f{index}")] == [0]
 
 
+@pytest.mark.slow(seconds=40)
+def test_an_ended_files_actor_makes_room_for_a_stream_that_waits_for_it(ray_session, redis_url, tiny_model_dir,
+                                                                       tmp_path):
+    """2 CPUs: the model worker takes 1, an ingest actor 1 here, so one stream runs at a time. The
+    second file's actor waits for room; the first file's actor, once its file is over, is killed
+    to make it, not kept for a next file."""
+    short = make_clip(tmp_path / "short.mp4", cfr_times(8, 2.0)).path  # 8 frames at 4 fps: one window
+    run = BackgroundRun(pipeline_config(redis_url, tiny_model_dir, tmp_path, [], ingest_cpus=1.0))
+    client = SlowFastClient(redis_url)
+    try:
+        for sid in ("first", "second"):
+            client.add_stream(sid, str(short), live=False, timeout=60)
+        wait_until(lambda: all((s := client.status(sid)) is not None and s.state is IngestState.ENDED
+                               for sid in ("first", "second")), timeout=120)
+    finally:
+        summaries = run.finish()
+    assert all(summaries[sid].state == "ended" and summaries[sid].stats.windows_done == 1 for sid in ("first", "second"))
+
+
 def _file_ingests(ray) -> list[str]:
     """Names of the file ingest actors alive."""
     return sorted(n for n in ray.util.list_named_actors() if n.startswith("ingest:files-"))
