@@ -3,11 +3,12 @@ cost a run that stays up for days, against the pipeline's way, files taking turn
 
 A local Ray; its driver creates, calls and kills actors the way a run with an ingest actor for
 every file would: a named actor (restartable, as ingest actors are), its run() and node_id()
-called, killed once run() returned. After a warm-up round, each round of actors is followed by a pause and the RSS
-of the driver, the GCS and the raylet is read; the kept KB per actor is the least-squares
-slope over the rounds. Baseline, in the same Ray: run() and node_id() called on one actor (25
-pairs for each actor created), the cost per call and the pipeline's way for files. Both are measured; the MB a day of a run
-that takes a file every few minutes is derived from them.
+called, killed once run() returned. After a warm-up round, each round of actors is followed by
+a pause and the RSS of the driver, the GCS and the raylet is read; the kept KB per actor is the
+least-squares slope over the rounds. Baseline, in the same Ray: run() and node_id() called on
+one actor (25 pairs for each actor created), the cost per call and the pipeline's way for
+files. Both are measured; the MB a day of a run that takes a file every few minutes is derived
+from them.
 
     python -m bench.actor_churn_bench [--rounds 5] [--actors 40] [--smoke]
 """

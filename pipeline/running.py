@@ -210,12 +210,15 @@ class Pipeline:
         stream = stream.model_copy(update={"live": live})
         if split is not None:
             ingest_name = f"ingest:{stream.id}"
-        elif live or not self.idle_file_ingests:
-            ingest_name = f"ingest:{stream.id}" if live else f"ingest:files-{self.file_ingests_made}"
-            self.file_ingests_made += 0 if live else 1
-            ingest = IngestActor.options(name=ingest_name, **self.ingest_options()).remote(self.config, self.frame_size)
-        else:
+        elif not live and self.idle_file_ingests:
             ingest, ingest_name = self.idle_file_ingests.pop()
+        else:
+            if live:
+                ingest_name = f"ingest:{stream.id}"
+            else:
+                ingest_name = f"ingest:files-{self.file_ingests_made}"
+                self.file_ingests_made += 1
+            ingest = IngestActor.options(name=ingest_name, **self.ingest_options()).remote(self.config, self.frame_size)
         handle = StreamHandle(stream, info.run, live, index, ingest, ingest_name, job=uuid.uuid4().hex, done_ref=None,
                               placed_ref=ingest.node_id.remote(), split=split is not None)
         handle.done_ref = self.run_ingest(handle)
@@ -224,6 +227,10 @@ class Pipeline:
         if resume:
             lines.insert(0, f"stream {stream.id} resumes after window {resume.next_window - 1}")
         return "; ".join(lines) or None
+
+    def stop_ingest(self, handle: StreamHandle) -> Any:
+        """The ingest's stop() call, for the stream's job only (its actor may run the next file)."""
+        return handle.ingest.stop.remote(None if handle.split else handle.job)
 
     def run_ingest(self, handle: StreamHandle) -> Any:
         """The ingest's run() call: it starts the stream's job, waits on it where it runs, and
@@ -253,7 +260,7 @@ class Pipeline:
         if handle is None:
             raise ValueError(f"stream {stream_id!r} is not running")
         if handle.summary is None:  # still running (a finished stream's actor is gone, or runs the next file)
-            ray.get(handle.ingest.stop.remote(None if handle.split else handle.job))
+            ray.get(self.stop_ingest(handle))
             with contextlib.suppress(Exception):
                 ray.get(handle.done_ref, timeout=30)
             ray.kill(handle.ingest, no_restart=True)
@@ -298,7 +305,7 @@ class Pipeline:
         """Stop ingest, let in-flight windows finish, then add the workers' counts to the summaries."""
         for handle in self.streams.values():
             if handle.summary is None:
-                handle.ingest.stop.remote(None if handle.split else handle.job)
+                self.stop_ingest(handle)
         placed_refs = [h.placed_ref for h in self.streams.values()]
         placed = set(ray.wait(placed_refs, num_returns=len(placed_refs), timeout=0)[0]) if placed_refs else set()
         # A fresh run() call: it waits on the same ingest thread; where Ray restarted the actor

@@ -227,7 +227,6 @@ class SplitFile:
 
     async def _start(self, lane: str, assignment) -> None:
         await self._add_lane(lane, assignment.worker)
-        config = _lane_config(self.stream, lane)
         actor = IngestActor.options(name=f"ingest:{lane}", **self.ingest_options).remote(self.config, self.frame_size)
         self.ingests[lane] = (actor, self._run_lane(actor, lane))
         if self.stopping:  # stopped while it started
